@@ -1,0 +1,94 @@
+"""The paper's setup: MSConvLSTM-Att on BraTS'18 (MSD Task01_BrainTumour or the challenge folder).
+
+Usage:
+  python -m msatt_jax.train --config=configs/brats18.py --workdir=runs/msconvlstm_att \
+      --config.data.source_dir=/path/to/Task01_BrainTumour
+  python -m msatt_jax.train --config=configs/brats18.py:unet ...   # also :attunet, :fcn
+
+Every key below may be overridden on the command line as --config.<key>=<value>.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+MODEL_NAMES = ("msconvlstm_att", "unet", "attunet", "fcn")
+
+
+def get_data_config() -> ml_collections.ConfigDict:
+  """Raw data location and the paper's preprocessing (Section IV)."""
+  d = ml_collections.ConfigDict()
+  # Raw NIfTI folder: MSD Task01_BrainTumour or a BraTS challenge training folder.
+  d.source_dir = config_dict.placeholder(str)
+  # Prepared TFDS data; default: <source_dir>/../prepared when unset.
+  d.data_dir = config_dict.placeholder(str)
+  d.layout = "auto"  # 'auto' | 'msd' | 'brats': how case folders are laid out.
+  d.label_convention = "auto"  # 'auto' (the layout's own) | 'msd' | 'brats'.
+  d.modalities = ("flair", "t1", "t1ce", "t2")  # Any subset/order; the paper's four by default.
+  d.slice_start = 30  # First axial slice kept (inclusive), as in the paper.
+  d.slice_stop = 120  # Last axial slice kept (inclusive): 91 slices.
+  d.crop_size = 190  # Square in-plane crop of the 240x240 slices.
+  d.crop_center = config_dict.placeholder(tuple)  # (x, y) crop centre; None = volume centre.
+  d.normalize = "zscore"  # Per modality per volume over brain (non-zero) voxels; 0 stays 0.
+  d.split_seed = 0  # Seed of the patient-level train/validation/test split.
+  d.num_validation_cases = -1  # -1: 30 of 285 (the paper), proportional to the case count.
+  d.num_test_cases = -1  # -1: 30 of 285 (the paper), proportional to the case count.
+  d.augment = False  # Random flips + small intensity scale/shift (off in the paper).
+  d.shuffle_buffer = 4096  # Slices held for shuffling within an epoch.
+  d.prefetch = 2  # Batches prepared ahead of the train step.
+  return d
+
+
+def get_model_config(name: str) -> ml_collections.ConfigDict:
+  """Constructor fields of each model (num_classes, dtype and axis_name are set by the trainer)."""
+  m = ml_collections.ConfigDict()
+  m.name = name
+  if name == "msconvlstm_att":
+    m.lstm_features = 32  # Scale 1: ConvLSTM hidden width over the four quadrant patches.
+    m.inception_features = 64  # Scale 2: SE-Inception output width.
+    m.resnet_features = 128  # Scale 3: SE-ResNet block output width (stride 2).
+    m.fused_features = 64  # C: width of single-scale, multi-scale and refined features.
+    m.attention_stride = 4  # SAM runs at H/stride x W/stride (full size needs N^2 = 36,100^2).
+    m.se_ratio = 16  # Squeeze-and-Excitation reduction ratio r.
+  elif name in ("unet", "attunet"):
+    m.base_width = 32  # Width of the first level; doubles at each of the 4 poolings.
+    m.depth = 4  # Number of poolings.
+  elif name == "fcn":
+    m.base_width = 64  # VGG16 widths (64, 128, 256, 512, 512) scaled by base_width / 64.
+    m.fc_width = 1024  # Width of the convolutional fc6/fc7 layers (4096 in VGG16).
+  else:
+    raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
+  return m
+
+
+def get_config(model: str = "msconvlstm_att") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, data order and augmentation.
+
+  config.data = get_data_config()
+  config.model = get_model_config(model or "msconvlstm_att")
+  config.dtype = "float32"  # Compute dtype: 'float32', or 'bfloat16' on GPU (params stay float32).
+
+  # Loss: 'dice' (the paper's soft multi-class Dice), 'dice_ce' (+ cross-entropy), or
+  # 'region_dice' (sigmoid outputs for the overlapping ET/TC/WT regions).
+  config.loss = "dice"
+  config.ce_weight = 1.0  # Weight of the cross-entropy term of 'dice_ce'.
+  config.deep_supervision_weight = 0.0  # Weight of per-scale losses (MSConvLSTM-Att only).
+
+  # 16 slices of 190x190x4: about 4 GB of activations for MSConvLSTM-Att in float32, which fits
+  # the paper's 12 GB K80 with room for the optimizer (the paper does not state its batch size).
+  config.batch_size = 16  # Global batch, split over devices.
+  config.num_epochs = 500  # The paper's schedule.
+  config.num_train_steps = -1  # -1: num_epochs * steps_per_epoch.
+  config.learning_rate = 1e-3  # Adam's initial learning rate (the paper).
+  config.lr_decay_factor = 0.5  # Multiplied into the learning rate ...
+  config.lr_decay_epochs = 30  # ... every this many epochs (the paper).
+
+  config.eval_every_epochs = 10  # Validation Dice (ET/TC/WT) and the best checkpoint.
+  config.checkpoint_every_epochs = 50  # The paper saved every 50 epochs.
+  config.max_checkpoints_to_keep = 3  # Periodic checkpoints kept besides the best one.
+  config.log_every_steps = 50  # Console, TensorBoard and metrics.jsonl.
+  config.nan_policy = "stop"  # 'stop': halt on a NaN/Inf loss; 'skip': drop that update.
+
+  config.parallel = "auto"  # 'auto' | 'single' | 'pmap' | 'sharding'.
+  config.num_devices = -1  # -1: all local devices.
+  return config

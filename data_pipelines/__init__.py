@@ -1,0 +1,1 @@
+"""BraTS data: NIfTI readers, preprocessing, the TFDS builder, the tf.data input pipeline."""

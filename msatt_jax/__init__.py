@@ -1,0 +1,3 @@
+"""msatt-jax: Multi-Scale ConvLSTM Attention brain-tumour segmentation in JAX/Flax."""
+
+__version__ = "0.1.0"
