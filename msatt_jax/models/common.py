@@ -1,0 +1,57 @@
+"""Layers and shape helpers shared by every model."""
+
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class ConvBN(nn.Module):
+  """Conv -> BatchNorm -> optional activation (no conv bias: BatchNorm's shift replaces it)."""
+  features: int
+  kernel_size: Tuple[int, int] = (3, 3)
+  strides: Tuple[int, int] = (1, 1)
+  act: Optional[Callable[[jax.Array], jax.Array]] = nn.relu
+  dtype: Dtype = jnp.float32
+  axis_name: Optional[str] = None  # Averages BatchNorm statistics over this device axis.
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = nn.Conv(self.features, self.kernel_size, self.strides, padding="SAME", use_bias=False,
+                dtype=self.dtype, name="conv")(x)
+    x = batch_norm(train, self.dtype, self.axis_name, self.momentum, name="bn")(x)
+    return self.act(x) if self.act is not None else x
+
+
+def batch_norm(train: bool, dtype: Dtype, axis_name: Optional[str], momentum: float = 0.9,
+               name: Optional[str] = None) -> nn.BatchNorm:
+  """BatchNorm with float32 statistics whatever the compute dtype."""
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=1e-5,
+                      dtype=dtype, param_dtype=jnp.float32, axis_name=axis_name, name=name)
+
+
+def pad_to_multiple(x: jax.Array, multiple: int) -> Tuple[jax.Array, Tuple[int, int]]:
+  """Zero-pads H and W of (B,H,W,C) up to a multiple; returns the padded array and (H, W)."""
+  h, w = x.shape[1:3]
+  ph, pw = -h % multiple, -w % multiple
+  if ph or pw:
+    x = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+  return x, (h, w)
+
+
+def crop_to(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """Undoes `pad_to_multiple`: the centred (H, W) window of (B,H',W',C)."""
+  h, w = size
+  top, left = (x.shape[1] - h) // 2, (x.shape[2] - w) // 2
+  return x[:, top:top + h, left:left + w, :]
+
+
+def resize_to(x: jax.Array, size: Sequence[int], method: str = "bilinear") -> jax.Array:
+  """Resizes (B,H,W,C) spatially; a no-op when the size already matches."""
+  if tuple(x.shape[1:3]) == tuple(size):
+    return x
+  return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), method=method).astype(x.dtype)
