@@ -35,6 +35,11 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.augment = False  # Random flips + small intensity scale/shift (off in the paper).
   d.shuffle_buffer = 4096  # Slices held for shuffling within an epoch.
   d.prefetch = 2  # Batches prepared ahead of the train step.
+  # > 0: when source_dir is unset, generate this many synthetic BraTS-like cases into
+  # <workdir>/synthetic and train on them (the demo); 0: source_dir is required.
+  d.synthetic_cases = 0
+  d.synthetic_shape = (240, 240, 155)  # Volume shape of generated cases (X, Y, Z).
+  d.synthetic_layout = "msd"  # File layout the generator writes: 'msd' | 'brats'.
   return d
 
 
