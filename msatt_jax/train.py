@@ -1,0 +1,327 @@
+"""Training and validation of the segmentation models.
+
+  python -m msatt_jax.train --config=configs/brats18.py --workdir=runs/paper \
+      --config.data.source_dir=/data/Task01_BrainTumour
+
+A workdir that already holds checkpoints of the same model resumes from the newest complete one,
+with the same learning rate and data order.
+"""
+
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from data_pipelines import input_pipeline
+from data_pipelines import synthetic
+from data_pipelines.prepare import prepare as prepare_dataset
+from msatt_jax import checkpointing
+from msatt_jax import losses
+from msatt_jax import metrics as metrics_lib
+from msatt_jax import models
+from msatt_jax import visualize
+from msatt_jax import writers
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf; the bad state was not saved."""
+
+
+def input_shape(config: ml_collections.ConfigDict) -> Tuple[int, int, int]:
+  """(H, W, M) of one preprocessed slice."""
+  return (config.data.crop_size, config.data.crop_size, len(config.data.modalities))
+
+
+def create_model(config: ml_collections.ConfigDict, axis_name: Optional[str] = None):
+  return models.create_model(config.model, num_classes=losses.num_outputs(config.loss),
+                             dtype=config.dtype, axis_name=axis_name)
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict,
+                            steps_per_epoch: int) -> optax.Schedule:
+  """The paper's step decay: x lr_decay_factor every lr_decay_epochs epochs."""
+  return optax.exponential_decay(
+      init_value=config.learning_rate,
+      transition_steps=max(1, config.lr_decay_epochs * steps_per_epoch),
+      decay_rate=config.lr_decay_factor, staircase=True)
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: Any,
+                       learning_rate_fn: optax.Schedule) -> TrainState:
+  dummy = jnp.zeros((1, *input_shape(config)), jnp.float32)
+  variables = model.init(rng, dummy, train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables.get("batch_stats", {}),
+                           tx=optax.adam(learning_rate_fn))
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
+               learning_rate_fn: optax.Schedule, loss: str, ce_weight: float,
+               deep_supervision_weight: float,
+               axis_name: Optional[str] = None) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One Adam step; a non-finite loss or gradient leaves the state unchanged (and is counted)."""
+  collections = ["batch_stats"] + (["intermediates"] if deep_supervision_weight else [])
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                     batch["image"], train=True, mutable=collections)
+    value = losses.segmentation_loss(logits, batch["label"], loss, ce_weight)
+    if deep_supervision_weight:
+      scale_logits = updates["intermediates"]["scale_logits"]
+      value += deep_supervision_weight * sum(
+          losses.segmentation_loss(s, batch["label"], loss, ce_weight) for s in scale_logits)
+    return value, updates["batch_stats"]
+
+  (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads, value, batch_stats = jax.lax.pmean((grads, value, batch_stats), axis_name)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  finite = jnp.isfinite(value) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  # Keep the previous state on a bad step so it can never reach a checkpoint.
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  metrics = {"loss": value, "learning_rate": learning_rate_fn(state.step),
+             "nonfinite": 1 - finite.astype(jnp.int32)}
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Dict[str, jax.Array], *, loss: str) -> Dict[str, Any]:
+  """Per-example ET/TC/WT counts and predicted labels of a validation batch."""
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                          batch["image"], train=False)
+  pred = losses.logits_to_labels(logits, loss)
+  return {"pred": pred, **losses.region_counts(pred, batch["label"])}
+
+
+def evaluate_slices(p_eval_step, state: TrainState, batches: Iterator[Dict[str, np.ndarray]]
+                    ) -> Tuple[Dict[str, float], Optional[Dict[str, np.ndarray]]]:
+  """Dice per case (3D over the prepared slices) averaged over cases; also a sample batch."""
+  counts: Dict[str, np.ndarray] = {}
+  sample = None
+  for batch in batches:
+    mask = np.asarray(batch["mask"], bool)
+    out = jax.device_get(p_eval_step(state, {"image": batch["image"], "label": batch["label"]}))
+    if sample is None:
+      sample = {"image": batch["image"], "label": batch["label"], "pred": out["pred"]}
+    stacked = np.stack([out["intersection"], out["pred_sum"], out["ref_sum"]], axis=1)
+    for case_id, row in zip(np.asarray(batch["case_id"])[mask], stacked[mask]):
+      key = case_id.decode() if isinstance(case_id, bytes) else str(case_id)
+      counts[key] = counts.get(key, 0) + row
+  if not counts:
+    raise ValueError("The validation split is empty.")
+  per_region = {region: [] for region in metrics_lib.REGIONS}
+  for row in counts.values():
+    for r, region in enumerate(metrics_lib.REGIONS):
+      per_region[region].append(metrics_lib.dice_from_counts(*row[:, r]))
+  summary = {f"val_dice_{region}": float(np.mean(v)) for region, v in per_region.items()}
+  summary["val_dice_mean"] = float(np.mean([summary[f"val_dice_{r}"]
+                                            for r in metrics_lib.REGIONS]))
+  return summary, sample
+
+
+def sample_overlays(sample: Dict[str, np.ndarray], limit: int = 4) -> Dict[str, np.ndarray]:
+  """TensorBoard pictures: truth and prediction over the first modality of a few slices."""
+  n = min(limit, len(sample["image"]))
+  truth = [visualize.overlay(sample["image"][i, ..., 0], sample["label"][i]) for i in range(n)]
+  pred = [visualize.overlay(sample["image"][i, ..., 0], sample["pred"][i]) for i in range(n)]
+  return {"validation/truth": np.stack(truth), "validation/prediction": np.stack(pred)}
+
+
+def model_fingerprint(config: ml_collections.ConfigDict, params: Any) -> Dict[str, Any]:
+  return {"model": config.model.name, "num_classes": losses.num_outputs(config.loss),
+          "input_shape": list(input_shape(config)),
+          "param_shapes": checkpointing.param_shapes(params)}
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The data config with its folders resolved, the data generated and prepared if need be.
+
+  Without `data.source_dir`, a config with `data.synthetic_cases > 0` (the demo) generates a
+  synthetic BraTS-like set into <workdir>/synthetic; any other config stops with a message
+  saying where to get the data.
+  """
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  if data_config.source_dir is None:
+    if config.data.synthetic_cases <= 0:
+      raise FileNotFoundError(
+          "No training data: set --config.data.source_dir to the Medical Segmentation "
+          "Decathlon Task01_BrainTumour folder (http://medicaldecathlon.com) or to the BraTS "
+          "2018 training folder (registration on the BraTS challenge site), e.g. "
+          "--config.data.source_dir=/data/Task01_BrainTumour.")
+    data_config.source_dir = os.path.join(os.path.abspath(workdir), "synthetic")
+    if data_config.data_dir is None:
+      data_config.data_dir = os.path.join(os.path.abspath(workdir), "prepared")
+    if not os.path.isdir(data_config.source_dir):
+      _generate_synthetic(data_config)
+  elif not os.path.isdir(data_config.source_dir):
+    raise FileNotFoundError(f"{data_config.source_dir}: --config.data.source_dir is not a folder.")
+  prepare_dataset(data_config)
+  return data_config
+
+
+def _generate_synthetic(data_config: ml_collections.ConfigDict) -> None:
+  """Generates into a temporary folder renamed at the end: a killed run leaves no partial set."""
+  tmp = data_config.source_dir + ".incomplete"
+  if os.path.isdir(tmp):
+    shutil.rmtree(tmp)
+  logging.info("Generating %d synthetic cases of shape %s into %s.", data_config.synthetic_cases,
+               tuple(data_config.synthetic_shape), data_config.source_dir)
+  synthetic.generate_dataset(tmp, data_config.synthetic_layout, data_config.synthetic_cases,
+                             shape=tuple(data_config.synthetic_shape), seed=data_config.split_seed)
+  os.replace(tmp, data_config.source_dir)
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns the final state."""
+  losses.check_loss(config.loss)
+  os.makedirs(workdir, exist_ok=True)
+  data_config = prepare_data(config, workdir)
+  steps_per_epoch = input_pipeline.steps_per_epoch(data_config, config.batch_size)
+  num_steps = (config.num_train_steps if config.num_train_steps > 0
+               else config.num_epochs * steps_per_epoch)
+  eval_every = max(1, config.eval_every_epochs) * steps_per_epoch
+  checkpoint_every = max(1, config.checkpoint_every_epochs) * steps_per_epoch
+
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+  model = create_model(config)
+  rng = jax.random.key(config.seed)
+  state = create_train_state(rng, config, model, learning_rate_fn)
+  fingerprint = model_fingerprint(config, state.params)
+
+  checkpointer = checkpointing.Checkpointer(workdir, config.max_checkpoints_to_keep)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    checkpointing.check_compatible(checkpointer.restore_meta(latest)["model"], fingerprint,
+                                   checkpointer.directory)
+    state, _ = checkpointer.restore(latest, state)
+    logging.info("Resumed from the checkpoint at step %d.", latest)
+  start_step = int(state.step)
+
+  p_train_step = jax.jit(
+      functools.partial(train_step, learning_rate_fn=learning_rate_fn, loss=config.loss,
+                        ce_weight=config.ce_weight,
+                        deep_supervision_weight=config.deep_supervision_weight),
+      donate_argnums=(0,))
+  p_eval_step = jax.jit(functools.partial(eval_step, loss=config.loss))
+  writer = writers.MetricWriter(workdir)
+  meta_base = {"config": json.loads(config.to_json_best_effort()), "model": fingerprint,
+               "data": {"source_dir": data_config.source_dir, "data_dir": data_config.data_dir},
+               "steps_per_epoch": steps_per_epoch}
+
+  def save(step: int, val: Optional[Dict[str, float]] = None) -> None:
+    checkpointer.save(step, state, {**meta_base, "step": step, "metrics": val or {}}, val)
+
+  logging.info("Training %s for %d steps (%d per epoch, batch %d) from step %d in %s.",
+               config.model.name, num_steps, steps_per_epoch, config.batch_size, start_step,
+               workdir)
+  batches = input_pipeline.train_iterator(data_config, batch_size=config.batch_size,
+                                          seed=config.seed, start_step=start_step)
+  pending = []  # Device-side metrics of recent steps, fetched together at log time.
+  t_log, step_log = time.perf_counter(), start_step
+  t_start = time.perf_counter()
+  step = start_step
+  try:
+    for step in range(start_step, num_steps):
+      batch = next(batches)
+      state, step_metrics = p_train_step(state, batch)
+      pending.append(step_metrics)
+      done = step + 1
+      is_eval = done % eval_every == 0 or done == num_steps
+      if done % config.log_every_steps == 0 or is_eval or done % checkpoint_every == 0:
+        fetched = jax.device_get(pending)
+        pending = []
+        _check_finite(fetched, done - len(fetched), config.nan_policy, checkpointer)
+        now = time.perf_counter()
+        rate = (done - step_log) * config.batch_size / max(now - t_log, 1e-9)
+        loss_value = float(np.mean([m["loss"] for m in fetched if not m["nonfinite"]] or [np.nan]))
+        writer.write_scalars(done, {"train_loss": loss_value,
+                                    "learning_rate": fetched[-1]["learning_rate"],
+                                    "slices_per_second": rate})
+        eta = (num_steps - done) * (now - t_start) / max(done - start_step, 1)
+        logging.info("step %d/%d  epoch %.1f  loss %.4f  lr %.2e  %.1f slices/s  ETA %s", done,
+                     num_steps, done / steps_per_epoch, loss_value,
+                     fetched[-1]["learning_rate"], rate, _format_seconds(eta))
+        t_log, step_log = now, done
+      val = None
+      if is_eval:
+        val, sample = evaluate_slices(p_eval_step, state, input_pipeline.eval_batches(
+            data_config, "validation", config.batch_size))
+        writer.write_scalars(done, val)
+        writer.write_images(done, sample_overlays(sample))
+        logging.info("step %d validation Dice  ET %.4f  TC %.4f  WT %.4f  mean %.4f", done,
+                     val["val_dice_ET"], val["val_dice_TC"], val["val_dice_WT"],
+                     val["val_dice_mean"])
+      if is_eval or done % checkpoint_every == 0:
+        save(done, val)
+  finally:
+    checkpointer.wait()
+    writer.flush()
+  if pending:
+    _check_finite(jax.device_get(pending), num_steps - len(pending), config.nan_policy,
+                  checkpointer)
+  checkpointer.close()
+  writer.close()
+  return state
+
+
+def _check_finite(fetched, first_step: int, policy: str, checkpointer) -> None:
+  """Stops the run at the first non-finite loss (policy 'stop'), or logs skipped steps."""
+  bad = [first_step + i + 1 for i, m in enumerate(fetched) if m["nonfinite"]]
+  if not bad:
+    return
+  if policy == "skip":
+    logging.warning("Skipped %d update(s) with a non-finite loss at steps %s.", len(bad), bad)
+    return
+  checkpointer.wait()
+  last = checkpointer.latest_step()
+  raise NonFiniteLossError(
+      f"The loss became NaN or Inf at step {bad[0]}; the run stopped without saving that "
+      f"state. Last good checkpoint: {'none' if last is None else f'step {last}'}. "
+      "Lower the learning rate, check the data, or set --config.nan_policy=skip.")
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv):
+  del argv
+  from absl import flags
+  from msatt_jax import cli
+  cli.hide_accelerators_from_tensorflow()
+  config = flags.FLAGS.config
+  cli.run_or_exit(lambda: train_and_evaluate(config, flags.FLAGS.workdir))
+
+
+def run():
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summaries.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,46 @@
+"""Where a run's figures go: TensorBoard event files and a metrics.jsonl log in the workdir.
+
+Kept behind this small interface so the backend can change without touching the trainer.
+"""
+
+import json
+import os
+from typing import Any, Dict, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+
+def _scalar(value: Any) -> float:
+  return float(np.asarray(value))
+
+
+class MetricWriter:
+  """Scalars to TensorBoard and metrics.jsonl; images to TensorBoard."""
+
+  def __init__(self, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    values = {k: _scalar(v) for k, v in scalars.items()}
+    with self._tb.as_default():
+      for name, value in values.items():
+        tf.summary.scalar(name, value, step=step)
+    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+    self._jsonl.flush()
+
+  def write_images(self, step: int, images: Dict[str, np.ndarray]) -> None:
+    """images: name -> uint8 (N,H,W,3)."""
+    with self._tb.as_default():
+      for name, batch in images.items():
+        tf.summary.image(name, batch, step=step, max_outputs=len(batch))
+
+  def flush(self) -> None:
+    self._tb.flush()
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    self._tb.close()
+    self._jsonl.close()
