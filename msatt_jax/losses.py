@@ -5,7 +5,7 @@ Two output heads exist:
 - 'regions' (loss 'region_dice'): 3 sigmoid outputs for the nested ET, TC, WT regions.
 """
 
-from typing import Callable, Dict
+from typing import Dict
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +82,3 @@ def region_counts(pred_labels: jax.Array, labels: jax.Array) -> Dict[str, jax.Ar
       "pred_sum": jnp.sum(pred, axes),
       "ref_sum": jnp.sum(ref, axes),
   }
-
-
-def make_loss_fn(loss: str, ce_weight: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  check_loss(loss)
-  return lambda logits, labels: segmentation_loss(logits, labels, loss, ce_weight)
