@@ -26,6 +26,7 @@ import optax
 
 from data_pipelines import input_pipeline
 from data_pipelines import synthetic
+from data_pipelines.brats import labels as labels_lib
 from data_pipelines.prepare import prepare as prepare_dataset
 from msatt_jax import checkpointing
 from msatt_jax import losses
@@ -125,13 +126,13 @@ def evaluate_slices(p_eval_step, state: TrainState, batches: Iterator[Dict[str, 
       counts[key] = counts.get(key, 0) + row
   if not counts:
     raise ValueError("The validation split is empty.")
-  per_region = {region: [] for region in metrics_lib.REGIONS}
+  per_region = {region: [] for region in labels_lib.REGIONS}
   for row in counts.values():
-    for r, region in enumerate(metrics_lib.REGIONS):
+    for r, region in enumerate(labels_lib.REGIONS):
       per_region[region].append(metrics_lib.dice_from_counts(*row[:, r]))
   summary = {f"val_dice_{region}": float(np.mean(v)) for region, v in per_region.items()}
   summary["val_dice_mean"] = float(np.mean([summary[f"val_dice_{r}"]
-                                            for r in metrics_lib.REGIONS]))
+                                            for r in labels_lib.REGIONS]))
   return summary, sample
 
 
