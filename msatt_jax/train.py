@@ -9,14 +9,12 @@ with the same learning rate and data order.
 
 import functools
 import json
-import math
 import os
 import shutil
 import time
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from absl import logging
-import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
