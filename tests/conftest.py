@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny synthetic data sets in both download layouts (generated once)."""
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from data_pipelines import synthetic
+
+# Small enough for fast CPU tests; every case still holds edema and NCR/NET (and ET but index 2).
+SYNTHETIC_SHAPE = (48, 48, 40)
+# Case index 2 has no ET, so every fixture holds cases with and without ET.
+SYNTHETIC_CASES = 4
+SYNTHETIC_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def synthetic_shape():
+  """Volume shape (X, Y, Z) of the synthetic fixtures."""
+  return SYNTHETIC_SHAPE
+
+
+@pytest.fixture(scope="session")
+def synthetic_msd(tmp_path_factory) -> Path:
+  """A Decathlon-layout folder (dataset.json, imagesTr, labelsTr) of 4 tiny cases. Read-only."""
+  out = tmp_path_factory.mktemp("synthetic") / "msd"
+  synthetic.generate_dataset(out, "msd", SYNTHETIC_CASES, SYNTHETIC_SHAPE, SYNTHETIC_SEED)
+  return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_brats(tmp_path_factory) -> Path:
+  """A BraTS-challenge-layout folder (HGG/, LGG/ case folders) of 4 tiny cases. Read-only."""
+  out = tmp_path_factory.mktemp("synthetic") / "brats"
+  synthetic.generate_dataset(out, "brats", SYNTHETIC_CASES, SYNTHETIC_SHAPE, SYNTHETIC_SEED)
+  return out
+
+
+@pytest.fixture
+def make_synthetic(tmp_path) -> Callable[..., Path]:
+  """Factory for a fresh, writable data set (for tests that damage files on purpose)."""
+  counter = iter(range(1_000_000))
+
+  def make(layout: str, num_cases: int = 2, shape=SYNTHETIC_SHAPE, seed: int = 0) -> Path:
+    out = tmp_path / f"{layout}_{next(counter)}"
+    synthetic.generate_dataset(out, layout, num_cases, shape, seed)
+    return out
+
+  return make
