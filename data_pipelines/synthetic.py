@@ -5,7 +5,8 @@ matter and CSF) whose tissue contrast differs by modality, and 1-2 tumours whose
 carry the real signatures: ET bright on T1gd, NCR/NET dark on T1gd, edema bright on FLAIR and T2.
 About one case in five has no ET. A smooth multiplicative bias field and Gaussian noise are
 added; intensities are int16 with a 1 mm LPS affine as in BraTS. Every case depends only on
-(seed, case index), so data sets are reproducible and a bigger set extends a smaller one.
+(seed, case index), so data sets are reproducible (voxel for voxel with the same numpy build)
+and a bigger set extends a smaller one.
 
 Usage:
   python -m data_pipelines.synthetic --out /tmp/syn --layout msd --cases 8 [--shape 240,240,155]
@@ -101,12 +102,13 @@ def _smooth_1d(rng: np.random.Generator, n: int, max_freq: float) -> np.ndarray:
 
 def _smooth_field(rng: np.random.Generator, shape: Sequence[int], rank: int = 3,
                   max_freq: float = 1.5) -> np.ndarray:
-  """A smooth random 3D field in about [-1, 1]: a sum of separable products (cheap to build)."""
-  field = np.zeros(shape, np.float32)
-  for _ in range(rank):
-    gx, gy, gz = (_smooth_1d(rng, n, max_freq) for n in shape)
-    field += gx[:, None, None] * gy[None, :, None] * gz[None, None, :]
-  return field / rank
+  """A smooth random 3D field in about [-1, 1]: a sum of `rank` separable products."""
+  size_x, size_y, size_z = shape
+  profiles = [[_smooth_1d(rng, n, max_freq) for n in shape] for _ in range(rank)]
+  # sum_k gx_k(x) gy_k(y) gz_k(z) as one (X*Y, rank) @ (rank, Z) product: one pass over the volume.
+  xy = np.stack([(gx[:, None] * gy[None, :]).ravel() for gx, gy, _ in profiles], axis=1)
+  z = np.stack([gz for _, _, gz in profiles], axis=0) / rank
+  return (xy @ z).reshape(size_x, size_y, size_z)
 
 
 def _ellipsoid_radius(shape: Sequence[int], center: Sequence[float], radii: Sequence[float],
@@ -198,7 +200,7 @@ def _add_tumour(rng: np.random.Generator, tissue: np.ndarray, brain_center, brai
   core_fraction = rng.uniform(0.5, 0.75)
   # The core keeps at least ~2.5 voxels of radius so small volumes still hold every sub-region.
   core_fraction = max(core_fraction, 2.5 / min(radii))
-  necrosis_fraction = core_fraction * rng.uniform(0.45, 0.75)
+  necrosis_fraction = core_fraction * rng.uniform(0.55, 0.8)
   inside_brain = tissue[box] != OUTSIDE
   region = tissue[box]
   # Edema never overwrites the core of an earlier tumour.
@@ -255,26 +257,37 @@ def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
   return img
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _temp_path(path: Path) -> Path:
+  """A hidden name beside `path` (readers skip hidden files) keeping its NIfTI suffix."""
+  suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+  return path.parent / f".{path.name}.{os.getpid()}.partial{suffix}"
+
+
 def _save_atomic(img: nib.Nifti1Image, path: Path) -> None:
   """Writes to a hidden temporary name in the same folder, then renames over `path`."""
-  suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-  os.close(fd)
+  tmp = _temp_path(path)
   try:
-    nib.save(img, tmp)
+    nib.save(img, str(tmp))
     os.replace(tmp, path)
   except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    tmp.unlink(missing_ok=True)
     raise
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
+  tmp = _temp_path(path)
+  try:
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def _msd_dataset_json(ids: Sequence[str]) -> dict:
@@ -311,6 +324,7 @@ def _write_brats_case(out: Path, case_id: str, case: SyntheticCase) -> None:
   final = group / case_id
   tmp = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=group))
   try:
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the data set is not.
     seg = labels_lib.from_canonical(case.label, "brats")
     nib.save(_nifti(seg, case.affine), str(tmp / f"{case_id}_seg.nii.gz"))
     for name in MODALITIES:
@@ -379,7 +393,7 @@ def generate_dataset(out_dir, layout: str, num_cases: int,
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output folder (new or empty).")
 flags.DEFINE_enum("layout", "msd", ["msd", "brats"], "File layout to write.")
-flags.DEFINE_integer("cases", 8, "Number of cases.")
+flags.DEFINE_integer("cases", None, "Number of cases.")
 flags.DEFINE_string("shape", ",".join(map(str, DEFAULT_SHAPE)), "Volume shape X,Y,Z.")
 flags.DEFINE_integer("seed", 0, "Seed; the same seed gives the same voxels.")
 
@@ -399,9 +413,10 @@ def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     print(f"synthetic: unexpected arguments {argv[1:]}", file=sys.stderr)
     return 2
-  if not FLAGS.out:
-    print("synthetic: --out is required.", file=sys.stderr)
-    return 2
+  for name in ("out", "cases"):
+    if FLAGS[name].value is None:
+      print(f"synthetic: --{name} is required.", file=sys.stderr)
+      return 2
   try:
     ids = generate_dataset(FLAGS.out, FLAGS.layout, FLAGS.cases, parse_shape(FLAGS.shape),
                            FLAGS.seed)
