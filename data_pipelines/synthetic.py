@@ -146,7 +146,8 @@ def _brain(rng: np.random.Generator, shape: Sequence[int]) -> Tuple[np.ndarray, 
   del radius
   # Two lateral ventricles beside the midline.
   for side in (-1.0, 1.0):
-    v_center = (center[0] + side * 0.13 * radii[0], center[1] - 0.05 * radii[1], center[2] + 0.1 * radii[2])
+    v_center = (center[0] + side * 0.13 * radii[0], center[1] - 0.05 * radii[1],
+                center[2] + 0.1 * radii[2])
     v_radii = (0.09 * radii[0], 0.35 * radii[1], 0.22 * radii[2])
     box = _box(shape, v_center, v_radii)
     ventricle = _ellipsoid_radius(shape, v_center, v_radii, box) < 1.0

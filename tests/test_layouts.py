@@ -138,7 +138,8 @@ def test_unlisted_image(make_synthetic):
 
 @pytest.mark.parametrize("change, message", [
     ({"numTraining": 7}, "numTraining is 7"),
-    ({"modality": {"0": "FLAIR", "1": "T1w", "2": "DWI", "3": "T2w"}}, "unknown modality name 'DWI'"),
+    ({"modality": {"0": "FLAIR", "1": "T1w", "2": "DWI", "3": "T2w"}},
+     "unknown modality name 'DWI'"),
     ({"modality": {"0": "FLAIR", "1": "FLAIR"}}, "listed twice"),
 ])
 def test_inconsistent_dataset_json(make_synthetic, change, message):
