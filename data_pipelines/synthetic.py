@@ -392,11 +392,15 @@ def generate_dataset(out_dir, layout: str, num_cases: int,
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Output folder (new or empty).")
-flags.DEFINE_enum("layout", "msd", ["msd", "brats"], "File layout to write.")
-flags.DEFINE_integer("cases", None, "Number of cases.")
-flags.DEFINE_string("shape", ",".join(map(str, DEFAULT_SHAPE)), "Volume shape X,Y,Z.")
-flags.DEFINE_integer("seed", 0, "Seed; the same seed gives the same voxels.")
+
+
+def _define_flags() -> None:
+  """Defined only when run as a command, so importing this module adds no global flags."""
+  flags.DEFINE_string("out", None, "Output folder (new or empty).")
+  flags.DEFINE_enum("layout", "msd", ["msd", "brats"], "File layout to write.")
+  flags.DEFINE_integer("cases", None, "Number of cases.")
+  flags.DEFINE_string("shape", ",".join(map(str, DEFAULT_SHAPE)), "Volume shape X,Y,Z.")
+  flags.DEFINE_integer("seed", 0, "Seed; the same seed gives the same voxels.")
 
 
 def parse_shape(text: str) -> Tuple[int, int, int]:
@@ -429,6 +433,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 def run():
+  _define_flags()
   app.run(main)
 
 
