@@ -1,5 +1,7 @@
 """What every command-line entry point shares: clean error exits and TensorFlow kept off GPUs."""
 
+import logging as py_logging
+import os
 import sys
 from typing import Callable, TypeVar
 
@@ -16,6 +18,23 @@ def hide_accelerators_from_tensorflow() -> None:
   """tf.data runs on the CPU: TensorFlow must never reserve GPU memory JAX needs."""
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Keeps the console to the run's own progress: library INFO chatter (Orbax logs every save
+  step by step) is dropped; their warnings and errors still show."""
+
+  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or not any(
+        part in record.pathname for part in self._NOISY)
+
+
+def setup_logging() -> None:
+  """Console progress at INFO for the project's own messages."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 def run_or_exit(fn: Callable[[], T]) -> T:

@@ -112,6 +112,7 @@ def main(argv):
   from absl import flags
   from msatt_jax import cli
   cli.hide_accelerators_from_tensorflow()
+  cli.setup_logging()
   f = flags.FLAGS
 
   def work():

@@ -69,6 +69,7 @@ def main(argv):
   from absl import flags
   from msatt_jax import cli
   cli.hide_accelerators_from_tensorflow()
+  cli.setup_logging()
   f = flags.FLAGS
 
   def work() -> Optional[np.ndarray]:

@@ -270,6 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             data_config, "validation", config.batch_size))
         writer.write_scalars(done, val)
         writer.write_images(done, sample_overlays(sample))
+        t_log = time.perf_counter()  # Validation time is not training throughput.
         logging.info("step %d validation Dice  ET %.4f  TC %.4f  WT %.4f  mean %.4f", done,
                      val["val_dice_ET"], val["val_dice_TC"], val["val_dice_WT"],
                      val["val_dice_mean"])
@@ -308,6 +309,7 @@ def main(argv):
   from absl import flags
   from msatt_jax import cli
   cli.hide_accelerators_from_tensorflow()
+  cli.setup_logging()
   config = flags.FLAGS.config
   cli.run_or_exit(lambda: train_and_evaluate(config, flags.FLAGS.workdir))
 
