@@ -57,6 +57,7 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
   elif name in ("unet", "attunet"):
     m.base_width = 32  # Width of the first level; doubles at each of the 4 poolings.
     m.depth = 4  # Number of poolings.
+    m.upsample = "matmul"  # 2x2 up-conv as 'matmul' + depth-to-space or 'conv_transpose'.
   elif name == "fcn":
     m.base_width = 64  # VGG16 widths (64, 128, 256, 512, 512) scaled by base_width / 64.
     m.fc_width = 1024  # Width of the convolutional fc6/fc7 layers (4096 in VGG16).
