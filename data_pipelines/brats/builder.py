@@ -1,0 +1,409 @@
+"""TFDS builder 'brats': one example per preprocessed axial slice, patient-level splits.
+
+Reads an MSD `Task01_BrainTumour` folder or a BraTS challenge training folder (the manual
+folder), runs the one preprocessing of `preprocess.py` on each case and writes, per slice,
+`image` (H, W, M), `label` (H, W) uint8 canonical, `case_id`, `slice_index` and `crop_offset`.
+
+The preprocessing parameters are a `BratsConfig`; its name is 'default' for the paper's values
+and `p<hash>` otherwise, so data prepared with other settings lives in another folder and is
+never read by mistake. The split case lists, the parameters and the label-convention warnings
+are stored in the data set's metadata (metadata.json beside dataset_info.json).
+
+Build with the paper's settings:
+  tfds build data_pipelines/brats/builder.py --manual_dir=SRC --data_dir=OUT
+or, with preprocessing overrides, `python -m data_pipelines.prepare --src SRC --data_dir OUT`.
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
+
+from data_pipelines.brats import layouts
+from data_pipelines.brats import preprocess
+from data_pipelines.errors import DataError
+
+NAME = "brats"
+VERSION = "1.0.0"
+SPLITS = ("train", "validation", "test")
+# The paper: 285 BraTS'18 cases split 225 / 30 / 30.
+PAPER_NUM_CASES = 285
+PAPER_NUM_HELD_OUT = 30
+STORAGE_DTYPES = ("float16", "float32")
+COMPRESSIONS = ("zlib", "none")
+# TFDS holds up to 1 GB of serialized examples in memory before spilling them to temporary
+# bucket files; a smaller buffer keeps preparation's peak RSS well under 2 GB.
+_SHUFFLE_MEMORY_BYTES = 256 << 20
+_LOCK_NAME = ".prepare.lock"
+
+_INSTRUCTIONS = """\
+Download one of:
+  * the Medical Segmentation Decathlon's Task01_BrainTumour (the paper's source), and unpack
+    it so that the folder holds dataset.json, imagesTr/ and labelsTr/;
+  * the BraTS 2018 training data from the challenge's registration page, with one folder per
+    case (<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz), optionally under HGG/ and LGG/.
+Point `--manual_dir` (tfds build) or `--src` (python -m data_pipelines.prepare) or
+`config.data.source_dir` (training) at that folder.
+"""
+
+
+@dataclasses.dataclass(eq=False)
+class BratsConfig(tfds.core.BuilderConfig):
+  """Preprocessing parameters of a prepared data set (see configs/brats18.py for each)."""
+  label_convention: str = "auto"
+  modalities: Tuple[str, ...] = layouts.MODALITIES
+  slice_start: int = 30
+  slice_stop: int = 120
+  crop_size: int = 190
+  crop_center: Optional[Tuple[int, int]] = None
+  normalize: str = "zscore"
+  split_seed: int = 0
+  num_validation_cases: int = -1
+  num_test_cases: int = -1
+  storage_dtype: str = "float16"
+  compression: str = "none"
+
+
+# Fields that change what gets written. The layout is not one of them: it only says how to find
+# the files, so it is a builder argument instead.
+_CONTENT_FIELDS = ("label_convention", "modalities", "slice_start", "slice_stop", "crop_size",
+                   "crop_center", "normalize", "split_seed", "num_validation_cases",
+                   "num_test_cases", "storage_dtype", "compression")
+
+
+def _content_params(cfg: Any) -> Dict[str, Any]:
+  """The content-defining parameters as plain JSON values (tuples -> lists)."""
+  out = {}
+  for field in _CONTENT_FIELDS:
+    value = getattr(cfg, field)
+    if isinstance(value, (tuple, list)):
+      value = [v for v in value]
+    out[field] = value
+  return out
+
+
+_DEFAULT_PARAMS = _content_params(BratsConfig(name="default"))
+
+
+class _QuietCustomConfig:
+  """Drops TFDS's 'Using custom data configuration' line (the whole config, at every load)."""
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+logging.get_absl_logger().addFilter(_QuietCustomConfig())
+
+
+def config_name(params: Dict[str, Any]) -> str:
+  """'default' for the paper's parameters, else 'p' + a short stable hash of them."""
+  if params == _DEFAULT_PARAMS:
+    return "default"
+  digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+  return "p" + digest[:10]
+
+
+def make_config(*, label_convention: str = "auto",
+                modalities: Sequence[str] = layouts.MODALITIES, slice_start: int = 30,
+                slice_stop: int = 120, crop_size: int = 190,
+                crop_center: Optional[Sequence[int]] = None, normalize: str = "zscore",
+                split_seed: int = 0, num_validation_cases: int = -1, num_test_cases: int = -1,
+                storage_dtype: str = "float16", compression: str = "none") -> BratsConfig:
+  """A validated BratsConfig whose name encodes its content parameters."""
+  modalities = tuple(str(m) for m in modalities)
+  unknown = [m for m in modalities if m not in layouts.MODALITIES]
+  if not modalities or unknown or len(set(modalities)) != len(modalities):
+    raise ValueError(f"modalities must be distinct names from {', '.join(layouts.MODALITIES)}; "
+                     f"got {list(modalities)}.")
+  if label_convention not in ("auto", "msd", "brats"):
+    raise ValueError(f"Unknown label_convention {label_convention!r}; choose 'auto', 'msd' "
+                     "or 'brats'.")
+  if normalize not in preprocess.NORMALIZATIONS:
+    raise ValueError(f"Unknown normalize {normalize!r}; choose one of "
+                     f"{', '.join(preprocess.NORMALIZATIONS)}.")
+  if storage_dtype not in STORAGE_DTYPES:
+    raise ValueError(f"Unknown storage_dtype {storage_dtype!r}; choose one of "
+                     f"{', '.join(STORAGE_DTYPES)}.")
+  if compression not in COMPRESSIONS:
+    raise ValueError(f"Unknown compression {compression!r}; choose one of "
+                     f"{', '.join(COMPRESSIONS)}.")
+  if int(crop_size) <= 0:
+    raise ValueError(f"crop_size must be positive, got {crop_size}.")
+  if int(slice_start) > int(slice_stop):
+    raise ValueError(f"slice_start {slice_start} is after slice_stop {slice_stop}.")
+  if crop_center is not None:
+    crop_center = tuple(int(c) for c in crop_center)
+    if len(crop_center) != 2:
+      raise ValueError(f"crop_center must be (x, y), got {crop_center}.")
+  cfg = BratsConfig(
+      name="pending", version=VERSION, label_convention=label_convention,
+      modalities=modalities, slice_start=int(slice_start), slice_stop=int(slice_stop),
+      crop_size=int(crop_size), crop_center=crop_center, normalize=normalize,
+      split_seed=int(split_seed), num_validation_cases=int(num_validation_cases),
+      num_test_cases=int(num_test_cases), storage_dtype=storage_dtype, compression=compression)
+  params = _content_params(cfg)
+  cfg.name = config_name(params)
+  cfg.description = "Preprocessing: " + json.dumps(params, sort_keys=True)
+  return cfg
+
+
+def _get(data_config, key: str, default: Any) -> Any:
+  """A key of config.data (a ConfigDict, a dict or any object with attributes)."""
+  if hasattr(data_config, "get"):
+    return data_config.get(key, default)
+  return getattr(data_config, key, default)
+
+
+def config_from_data_config(data_config) -> BratsConfig:
+  """config.data -> BratsConfig."""
+  get = lambda key, default: _get(data_config, key, default)
+  return make_config(
+      label_convention=get("label_convention", "auto"),
+      modalities=get("modalities", layouts.MODALITIES), slice_start=get("slice_start", 30),
+      slice_stop=get("slice_stop", 120), crop_size=get("crop_size", 190),
+      crop_center=get("crop_center", None), normalize=get("normalize", "zscore"),
+      split_seed=get("split_seed", 0), num_validation_cases=get("num_validation_cases", -1),
+      num_test_cases=get("num_test_cases", -1), storage_dtype=get("storage_dtype", "float16"),
+      compression=get("compression", "none"))
+
+
+def default_data_dir(source_dir: str) -> str:
+  """Where prepared data goes when config.data.data_dir is unset: <source_dir>/../prepared."""
+  source = os.path.abspath(os.path.expanduser(source_dir)).rstrip(os.sep)
+  return os.path.join(os.path.dirname(source), "prepared")
+
+
+def builder_from_config(data_config) -> "Brats":
+  """The one mapping config.data -> the 'brats' builder (used to prepare, train and evaluate)."""
+  data_dir = _get(data_config, "data_dir", None)
+  source_dir = _get(data_config, "source_dir", None)
+  if not data_dir:
+    if not source_dir:
+      raise DataError("config.data: set source_dir (the raw NIfTI folder) or data_dir (the "
+                      "prepared data).\n" + _INSTRUCTIONS)
+    data_dir = default_data_dir(source_dir)
+  cfg = config_from_data_config(data_config)
+  # TFDS refuses a custom config object that shares the name of a class config.
+  config = cfg.name if cfg.name in Brats.builder_configs else cfg
+  return Brats(config=config, data_dir=os.path.abspath(os.path.expanduser(data_dir)),
+               layout=_get(data_config, "layout", "auto"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Patient-level splits.
+
+
+def split_sizes(num_cases: int, num_validation: int = -1,
+                num_test: int = -1) -> Tuple[int, int, int]:
+  """(train, validation, test) case counts: 225/30/30 of 285, proportional otherwise.
+
+  -1 means proportional to the paper's 30 of 285 (rounded), at least 1 each.
+  """
+  if num_cases < 3:
+    raise DataError(f"{num_cases} labelled case(s): at least 3 are needed for the train, "
+                    "validation and test splits.")
+
+  def held_out(requested: int, name: str) -> int:
+    if requested < 0:
+      return max(1, int(round(num_cases * PAPER_NUM_HELD_OUT / PAPER_NUM_CASES)))
+    if requested == 0:
+      raise DataError(f"num_{name}_cases is 0: every split needs at least one case.")
+    return int(requested)
+
+  val, test = held_out(num_validation, "validation"), held_out(num_test, "test")
+  train = num_cases - val - test
+  if train < 1:
+    raise DataError(f"{val} validation + {test} test cases leave no training case of "
+                    f"{num_cases}.")
+  return train, val, test
+
+
+def _case_rank(case_id: str, seed: int) -> str:
+  # A hash instead of an RNG: the same on every platform and NumPy version, and a case's place
+  # does not depend on which other cases exist.
+  return hashlib.sha256(f"{seed}:{case_id}".encode()).hexdigest()
+
+
+def split_case_ids(case_ids: Sequence[str], seed: int, num_validation: int = -1,
+                   num_test: int = -1) -> Dict[str, List[str]]:
+  """Seeded patient-level split {'train', 'validation', 'test'} -> sorted case ids."""
+  ids = list(case_ids)
+  if len(set(ids)) != len(ids):
+    dupes = sorted({c for c in ids if ids.count(c) > 1})
+    raise DataError(f"Duplicate case ids: {dupes}.")
+  _, val, test = split_sizes(len(ids), num_validation, num_test)
+  order = sorted(ids, key=lambda c: (_case_rank(c, seed), c))
+  return {
+      "test": sorted(order[:test]),
+      "validation": sorted(order[test:test + val]),
+      "train": sorted(order[test + val:]),
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation safety: one preparer per config, leftovers of killed runs removed.
+
+
+@contextlib.contextmanager
+def _exclusive_lock(folder: Path) -> Iterator[None]:
+  """An flock on folder/.prepare.lock; the kernel drops it when the holder dies."""
+  folder.mkdir(parents=True, exist_ok=True)
+  with (folder / _LOCK_NAME).open("w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def incomplete_leftovers(config_dir: Path) -> List[Path]:
+  """`incomplete.*` folders a killed preparation left in <data_dir>/brats/<config>/."""
+  if not config_dir.is_dir():
+    return []
+  return sorted(p for p in config_dir.iterdir() if p.name.startswith("incomplete."))
+
+
+@contextlib.contextmanager
+def _small_shuffle_buffer() -> Iterator[None]:
+  saved = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+  tfds_shuffle.MAX_MEM_BUFFER_SIZE = min(saved, _SHUFFLE_MEMORY_BYTES)
+  try:
+    yield
+  finally:
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# The builder.
+
+
+class Brats(tfds.core.GeneratorBasedBuilder):
+  """BraTS / MSD Task01 brain tumour slices, preprocessed as in the paper (Section IV)."""
+
+  VERSION = tfds.core.Version(VERSION)
+  RELEASE_NOTES = {str(VERSION): "One example per axial slice; patient-level splits."}
+  BUILDER_CONFIGS = [make_config()]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
+
+  def __init__(self, *args, layout: str = "auto", **kwargs):
+    if layout not in ("auto",) + layouts.LAYOUTS:
+      raise ValueError(f"Unknown layout {layout!r}; choose 'auto', 'msd' or 'brats'.")
+    self.layout = layout  # How the manual folder is laid out: 'auto' | 'msd' | 'brats'.
+    super().__init__(*args, **kwargs)
+    # Filled while preparing: per-case progress and the label-convention warnings.
+    self.progress_fn = lambda message: logging.info("%s", message)
+    self.report: Dict[str, Any] = {}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    size, num_modalities = cfg.crop_size, len(cfg.modalities)
+    encoding = (tfds.features.Encoding.ZLIB if cfg.compression == "zlib"
+                else tfds.features.Encoding.BYTES)
+    return self.dataset_info_from_configs(
+        description=("Preprocessed axial slices of BraTS brain MRI (FLAIR, T1, T1gd, T2) with "
+                     "canonical labels 0 background, 1 NCR/NET, 2 ED, 3 ET."),
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(size, size, num_modalities),
+                                          dtype=np.dtype(cfg.storage_dtype), encoding=encoding),
+            # Labels are mostly background: zlib shrinks them about 50x.
+            "label": tfds.features.Tensor(shape=(size, size), dtype=np.uint8,
+                                          encoding=tfds.features.Encoding.ZLIB),
+            "case_id": tfds.features.Text(),
+            "slice_index": np.int32,
+            "crop_offset": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+        }),
+        supervised_keys=("image", "label"),
+        homepage="http://medicaldecathlon.com/",
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def download_and_prepare(self, **kwargs) -> None:
+    """TFDS's preparation under a lock, after removing what a killed run left behind."""
+    config_dir = Path(self.data_path).parent
+    with _exclusive_lock(config_dir):
+      if not self.is_prepared():
+        for leftover in incomplete_leftovers(config_dir):
+          logging.warning("Removing %s, left by an interrupted preparation.", leftover)
+          shutil.rmtree(leftover, ignore_errors=True)
+      with _small_shuffle_buffer():
+        super().download_and_prepare(**kwargs)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    cfg = self.builder_config
+    source = Path(dl_manager.manual_dir)
+    refs = layouts.find_cases(source, self.layout)
+    case_ids = [r.case_id for r in refs]
+    splits = split_case_ids(case_ids, cfg.split_seed, cfg.num_validation_cases,
+                            cfg.num_test_cases)
+    layout = refs[0].layout
+    self.report = {"num_cases": len(refs), "cases_done": 0, "seconds": 0.0, "warnings": []}
+    metadata = self.info.metadata
+    metadata.clear()
+    metadata.update({
+        "source_dir": str(source.resolve()),
+        "layout": layout,
+        "preprocessing": _content_params(cfg),
+        "splits": splits,
+        "case_ids": sorted(case_ids),
+        "label_warnings": self.report["warnings"],
+    })
+    by_id = {r.case_id: r for r in refs}
+    return {split: self._generate_examples([by_id[c] for c in splits[split]])
+            for split in SPLITS}
+
+  def _generate_examples(self, refs: Sequence[layouts.CaseRef]):
+    # One case in memory at a time; its arrays are dropped before the next one is read.
+    for ref in refs:
+      start = time.perf_counter()
+      slices, warning = self._load_slices(ref)
+      if warning:
+        self.report["warnings"].append(warning)
+        logging.warning("%s", warning)
+      dtype = np.dtype(self.builder_config.storage_dtype)
+      offset = np.asarray(slices.offsets, np.int32)
+      for i, z in enumerate(slices.slice_indices):
+        yield f"{ref.case_id}_{int(z):04d}", {
+            "image": slices.image[i].astype(dtype),
+            "label": slices.label[i],
+            "case_id": ref.case_id,
+            "slice_index": np.int32(z),
+            "crop_offset": offset,
+        }
+      del slices
+      elapsed = time.perf_counter() - start
+      self.report["cases_done"] += 1
+      self.report["seconds"] += elapsed
+      self.progress_fn(f"case {self.report['cases_done']}/{self.report['num_cases']} "
+                       f"{ref.case_id}: {elapsed:.2f} s")
+
+  def _load_slices(self, ref: layouts.CaseRef):
+    cfg = self.builder_config
+    case = layouts.load_case(ref, cfg.modalities, cfg.label_convention)
+    if case.label is None:
+      raise DataError(f"case {ref.case_id}: no label file (labelsTr/ or <case>_seg.nii.gz); "
+                      "training data needs labels.")
+    warning = layouts.check_label_convention(case)
+    try:
+      slices = preprocess.preprocess_case(
+          case.image, case.label, slice_start=cfg.slice_start, slice_stop=cfg.slice_stop,
+          crop_size=cfg.crop_size, crop_center=cfg.crop_center, normalize=cfg.normalize)
+    except ValueError as e:
+      source = next(iter(ref.image_paths.values()))
+      raise DataError(f"{source} (case {ref.case_id}): {e}") from None
+    return slices, warning
+
+
+def prepared_bytes(builder: tfds.core.DatasetBuilder) -> int:
+  """Bytes on disk of a prepared data set's folder."""
+  return sum(p.stat().st_size for p in Path(builder.data_path).rglob("*") if p.is_file())

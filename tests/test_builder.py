@@ -1,0 +1,223 @@
+"""The TFDS 'brats' builder: splits, config naming, what it writes, and TFDS's own checks."""
+
+import json
+import shutil
+import tempfile
+
+import ml_collections
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+tf.config.set_visible_devices([], "GPU")
+
+# pylint: disable=g-import-not-at-top
+from configs import brats18
+from data_pipelines import prepare as prepare_lib
+from data_pipelines import synthetic
+from data_pipelines.brats import builder as builder_lib
+from data_pipelines.brats import layouts
+from data_pipelines.brats import preprocess
+from data_pipelines.errors import DataError
+# pylint: enable=g-import-not-at-top
+
+# Slices 10..17 with a 32x32 crop of the 48x48x40 fixtures: 8 small slices per case.
+SMALL = dict(slice_start=10, slice_stop=17, crop_size=32)
+
+
+def _data_config(source, data_dir, **overrides) -> ml_collections.ConfigDict:
+  data = brats18.get_data_config()
+  data.source_dir, data.data_dir = str(source), str(data_dir)
+  for key, value in {**SMALL, **overrides}.items():
+    data[key] = value
+  return data
+
+
+def _quiet(_: str) -> None:
+  pass
+
+
+# ---- patient-level splits -------------------------------------------------------------------
+
+
+def test_split_sizes_follow_the_paper_and_scale_down():
+  assert builder_lib.split_sizes(285) == (225, 30, 30)
+  assert builder_lib.split_sizes(3) == (1, 1, 1)
+  assert builder_lib.split_sizes(4) == (2, 1, 1)
+  assert builder_lib.split_sizes(100) == (78, 11, 11)  # round(100 * 30 / 285) = 11.
+  assert builder_lib.split_sizes(484) == (382, 51, 51)  # The full MSD set.
+  assert builder_lib.split_sizes(20, num_validation=5, num_test=2) == (13, 5, 2)
+  for n in range(3, 60):
+    train, val, test = builder_lib.split_sizes(n)
+    assert train + val + test == n and min(train, val, test) >= 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_cases=2), dict(num_cases=0),
+                                    dict(num_cases=5, num_validation=3, num_test=2),
+                                    dict(num_cases=5, num_validation=0)])
+def test_split_sizes_refuse_impossible_splits(kwargs):
+  with pytest.raises(DataError):
+    builder_lib.split_sizes(**kwargs)
+
+
+def test_split_case_ids_are_disjoint_complete_and_seeded():
+  ids = [f"BRATS_{i:03d}" for i in range(1, 286)]
+  splits = builder_lib.split_case_ids(ids, seed=0)
+  assert {k: len(v) for k, v in splits.items()} == {"train": 225, "validation": 30, "test": 30}
+  sets = [set(v) for v in splits.values()]
+  assert set.union(*sets) == set(ids) and sum(len(s) for s in sets) == len(ids)
+  assert all(v == sorted(v) for v in splits.values())
+  # Same seed: same split, whatever the input order; another seed: another split.
+  assert builder_lib.split_case_ids(list(reversed(ids)), seed=0) == splits
+  assert builder_lib.split_case_ids(ids, seed=1)["test"] != splits["test"]
+  with pytest.raises(DataError, match="Duplicate"):
+    builder_lib.split_case_ids(ids + ids[:1], seed=0)
+
+
+# ---- configs ----------------------------------------------------------------------------------
+
+
+def test_config_name_is_default_only_for_the_papers_preprocessing():
+  paper = builder_lib.config_from_data_config(brats18.get_data_config())
+  assert paper.name == "default"
+  assert builder_lib.Brats.builder_configs["default"].name == "default"
+  other = builder_lib.make_config(crop_size=160)
+  assert other.name.startswith("p") and other.name != "default"
+  # Stable: the same parameters give the same name; every content parameter changes it.
+  assert builder_lib.make_config(crop_size=160).name == other.name
+  names = {builder_lib.make_config(**kw).name for kw in [
+      dict(slice_start=29), dict(slice_stop=119), dict(modalities=("t1ce", "flair")),
+      dict(label_convention="brats"), dict(split_seed=1), dict(num_test_cases=20),
+      dict(normalize="none"), dict(crop_center=(100, 120)), dict(storage_dtype="float32"),
+      dict(compression="zlib")]}
+  assert len(names) == 10 and "default" not in names
+  # The layout says where files are, not what is written: same data, same folder.
+  data = brats18.get_data_config()
+  data.layout, data.source_dir = "msd", "/data/Task01_BrainTumour"
+  assert builder_lib.builder_from_config(data).builder_config.name == "default"
+
+
+def test_builder_from_config_defaults_and_errors(tmp_path):
+  data = brats18.get_data_config()
+  data.source_dir = str(tmp_path / "Task01_BrainTumour")
+  builder = builder_lib.builder_from_config(data)
+  assert str(builder.data_dir_root) == str(tmp_path / "prepared")
+  assert str(builder.data_path) == str(tmp_path / "prepared" / "brats" / "default" / "1.0.0")
+  data.source_dir = None
+  with pytest.raises(DataError, match="source_dir"):
+    builder_lib.builder_from_config(data)
+  with pytest.raises(ValueError, match="modalities"):
+    builder_lib.make_config(modalities=("flair", "dwi"))
+
+
+# ---- what gets written ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared(synthetic_msd, tmp_path_factory):
+  data = _data_config(synthetic_msd, tmp_path_factory.mktemp("prepared"))
+  return data, prepare_lib.prepare(data, progress=_quiet)
+
+
+def test_splits_and_metadata_are_stored(prepared, synthetic_msd):
+  _, builder = prepared
+  meta = builder.info.metadata
+  all_ids = [r.case_id for r in layouts.find_cases(synthetic_msd)]
+  assert meta["splits"] == builder_lib.split_case_ids(all_ids, seed=0)
+  assert meta["case_ids"] == sorted(all_ids)
+  assert meta["layout"] == "msd" and meta["label_warnings"] == []
+  assert meta["preprocessing"]["crop_size"] == 32
+  assert meta["preprocessing"]["modalities"] == list(layouts.MODALITIES)
+  for split in builder_lib.SPLITS:
+    assert builder.info.splits[split].num_examples == 8 * len(meta["splits"][split])
+  # The preprocessing parameters are also in dataset_info.json (the config description).
+  info = json.loads((builder.data_path / "dataset_info.json").read_text())
+  assert json.loads(info["configDescription"].split(": ", 1)[1])["slice_stop"] == 17
+
+
+def test_examples_are_the_preprocessed_slices_of_their_split(prepared, synthetic_msd):
+  _, builder = prepared
+  splits = builder.info.metadata["splits"]
+  refs = {r.case_id: r for r in layouts.find_cases(synthetic_msd)}
+  expected = {}
+  for case_id, ref in refs.items():
+    case = layouts.load_case(ref)
+    expected[case_id] = preprocess.preprocess_case(case.image, case.label, **SMALL)
+  for split in builder_lib.SPLITS:
+    seen = set()
+    for ex in tfds.as_numpy(builder.as_dataset(split=split)):
+      case_id, z = ex["case_id"].decode(), int(ex["slice_index"])
+      assert case_id in splits[split]  # No case in another split.
+      seen.add((case_id, z))
+      want = expected[case_id]
+      i = z - int(want.slice_indices[0])
+      assert ex["image"].dtype == np.float16 and ex["image"].shape == (32, 32, 4)
+      np.testing.assert_array_equal(ex["image"], want.image[i].astype(np.float16))
+      np.testing.assert_array_equal(ex["label"], want.label[i])
+      assert ex["label"].dtype == np.uint8 and ex["label"].max() <= 3
+      np.testing.assert_array_equal(ex["crop_offset"], want.offsets)
+    assert seen == {(c, z) for c in splits[split] for z in range(10, 18)}
+
+
+def test_label_convention_warnings_are_counted(make_synthetic, tmp_path):
+  source = make_synthetic("msd", num_cases=3)
+  # Swap non-enhancing (2) and enhancing (3) in one case: T1gd then contradicts the labels.
+  label_path = source / "labelsTr" / "BRATS_002.nii.gz"
+  img = nib.load(str(label_path))
+  raw = np.asarray(img.dataobj)
+  swapped = raw.copy()
+  swapped[raw == 2], swapped[raw == 3] = 3, 2
+  nib.save(nib.Nifti1Image(swapped, img.affine, img.header), str(label_path))
+  data = _data_config(source, tmp_path / "out")
+  messages = []
+  builder = prepare_lib.prepare(data, progress=messages.append)
+  warnings = builder.info.metadata["label_warnings"]
+  assert len(warnings) == 1 and "BRATS_002" in warnings[0]
+  text = "\n".join(messages)
+  assert "warnings (T1gd: ET not brighter than NCR/NET): 1" in text
+  assert "case 3/3" in text and "BRATS_002" in text
+
+
+# ---- TFDS's own builder checks ------------------------------------------------------------------
+
+
+try:
+  # tfds.testing imports dill (the project's test extra); without it only this check skips.
+  from tensorflow_datasets.testing import dataset_builder_testing
+except ImportError as e:  # pragma: no cover - depends on the environment.
+  dataset_builder_testing = None
+  _MISSING = str(e)
+
+
+if dataset_builder_testing is not None:
+
+  class BratsBuilderTest(dataset_builder_testing.DatasetBuilderTestCase):
+    """Builds the paper's config and a small custom one from a generated manual folder."""
+
+    DATASET_CLASS = builder_lib.Brats
+    # Three cases split 1/1/1; 192x192x34 volumes keep 4 slices (30..33) of the paper's range
+    # and fit its 190x190 crop.
+    SPLITS = {"train": 4, "validation": 4, "test": 4}
+    BUILDER_CONFIG_NAMES_TO_TEST = [
+        "default", builder_lib.make_config(slice_start=10, slice_stop=13, crop_size=64)]
+    SKIP_CHECKSUMS = True
+
+    @classmethod
+    def setUpClass(cls):
+      super().setUpClass()
+      cls._tmp = tempfile.mkdtemp()
+      cls.EXAMPLE_DIR = f"{cls._tmp}/msd"
+      synthetic.generate_dataset(cls.EXAMPLE_DIR, "msd", 3, (192, 192, 34), seed=1)
+
+    @classmethod
+    def tearDownClass(cls):
+      super().tearDownClass()
+      shutil.rmtree(cls._tmp, ignore_errors=True)
+
+else:
+
+  def test_tfds_dataset_builder_test_case():
+    pytest.skip(f"tensorflow_datasets.testing is unavailable ({_MISSING}); install the test "
+                "extra.")
