@@ -35,6 +35,11 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.augment = False  # Random flips + small intensity scale/shift (off in the paper).
   d.shuffle_buffer = 4096  # Slices held for shuffling within an epoch.
   d.prefetch = 2  # Batches prepared ahead of the train step.
+  # Prepared images: float16 holds z-scores to ~3 significant digits at half the bytes.
+  d.storage_dtype = "float16"  # 'float16' | 'float32'.
+  # 'none': fastest to read (7.5 GB for 285 cases at float16); 'zlib': ~1/3 of that on
+  # disk for synthetic data, but inflating costs ~0.5 ms of CPU per slice when reading.
+  d.compression = "none"
   # > 0: when source_dir is unset, generate this many synthetic BraTS-like cases into
   # <workdir>/synthetic and train on them (the demo); 0: source_dir is required.
   d.synthetic_cases = 0
