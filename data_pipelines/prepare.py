@@ -6,7 +6,8 @@ Usage:
        --label_convention auto --layout auto --split_seed 0 ...]
   msatt-prepare ...   (the same, installed as a console script)
 
-With the paper's settings the TFDS command line builds the same data set:
+With the paper's settings the TFDS command line builds the same data set (TFDS 4.9's `tfds`
+command needs apache-beam installed, which it imports at start-up):
   tfds build data_pipelines/brats/builder.py --manual_dir=/data/Task01_BrainTumour \
       --data_dir=/data/prepared
 
@@ -100,27 +101,28 @@ def _check_same_source(builder, refs: List[layouts.CaseRef], source: str) -> Non
 def prepare(data_config, *, progress: Callable[[str], None] = _print):
   """Prepares config.data's data set unless it is already; returns a fresh, prepared builder.
 
-  Checks the source folder first (an empty or wrong folder raises a DataError naming it).
+  Cheap when the data is prepared (the trainer may call it at every start): it then only
+  checks that the source folder, where present, holds the cases the data was made from. The
+  source folder is checked before anything is written (an empty or wrong folder raises a
+  DataError naming it).
   """
-  source = data_config.get("source_dir", None)
   builder = builder_lib.builder_from_config(data_config)
+  source = data_config.get("source_dir", None)
+  source = os.path.abspath(os.path.expanduser(source)) if source else None
+  if builder.is_prepared():
+    if source and os.path.isdir(source):
+      _check_same_source(builder, layouts.find_cases(source, builder.layout), source)
+    progress(f"Reusing prepared data at {builder.data_path}.")
+    return builder
   if not source:
-    if builder.is_prepared():
-      return builder
     raise DataError("config.data.source_dir is not set and no prepared data is at "
                     f"{builder.data_path}.\n{builder_lib.Brats.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-  source = os.path.abspath(os.path.expanduser(source))
   if not os.path.isdir(source):
     raise DataError(f"{source}: folder does not exist.\n"
                     f"{builder_lib.Brats.MANUAL_DOWNLOAD_INSTRUCTIONS}")
   refs = layouts.find_cases(source, builder.layout)
   builder_lib.split_sizes(len(refs), data_config.get("num_validation_cases", -1),
                           data_config.get("num_test_cases", -1))
-  if builder.is_prepared():
-    _check_same_source(builder, refs, source)
-    progress(f"Reusing prepared data at {builder.data_path}.")
-    return builder
-
   progress(f"Preparing {len(refs)} cases from {source} into {builder.data_path} "
            f"(config '{builder.builder_config.name}').")
   builder.progress_fn = progress

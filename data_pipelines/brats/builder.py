@@ -11,7 +11,13 @@ are stored in the data set's metadata (metadata.json beside dataset_info.json).
 
 Build with the paper's settings:
   tfds build data_pipelines/brats/builder.py --manual_dir=SRC --data_dir=OUT
-or, with preprocessing overrides, `python -m data_pipelines.prepare --src SRC --data_dir OUT`.
+(TFDS 4.9's `tfds` command imports apache_beam at start-up, so it needs apache-beam installed)
+or, with preprocessing overrides and without Beam,
+  python -m data_pipelines.prepare --src SRC --data_dir OUT [--crop_size ... --modalities ...]
+
+Storage: float16 images, uncompressed by default (config.data.compression 'zlib' shrinks them
+about 3x on synthetic data at ~0.5 ms of CPU per slice when reading), labels zlib-compressed:
+289 kB per 190x190x4 slice, 7.5 GB for the 285 x 91 slices of BraTS'18.
 """
 
 import contextlib
@@ -384,8 +390,10 @@ class Brats(tfds.core.GeneratorBasedBuilder):
       elapsed = time.perf_counter() - start
       self.report["cases_done"] += 1
       self.report["seconds"] += elapsed
-      self.progress_fn(f"case {self.report['cases_done']}/{self.report['num_cases']} "
-                       f"{ref.case_id}: {elapsed:.2f} s")
+      done, total = self.report["cases_done"], self.report["num_cases"]
+      eta = self.report["seconds"] / done * (total - done)
+      self.progress_fn(f"case {done}/{total} {ref.case_id}: {elapsed:.2f} s "
+                       f"(ETA {eta / 60:.1f} min)")
 
   def _load_slices(self, ref: layouts.CaseRef):
     cfg = self.builder_config

@@ -1,0 +1,142 @@
+"""Preparation: the CLI, bad input, and a run killed midway (nothing reads as complete)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from configs import brats18
+from data_pipelines import input_pipeline as ip
+from data_pipelines import prepare as prepare_lib
+from data_pipelines.brats import builder as builder_lib
+from data_pipelines.errors import DataError
+
+SMALL = dict(slice_start=10, slice_stop=17, crop_size=32)
+SMALL_FLAGS = ["--slice_start", "10", "--slice_stop", "17", "--crop_size", "32"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_config(source, data_dir, **overrides) -> ml_collections.ConfigDict:
+  data = brats18.get_data_config()
+  data.source_dir, data.data_dir = str(source), str(data_dir)
+  for key, value in {**SMALL, **overrides}.items():
+    data[key] = value
+  return data
+
+
+def _cli(*args, timeout=120) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "data_pipelines.prepare", *map(str, args)],
+                        capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
+
+
+def _leftovers(data) -> list:
+  builder = builder_lib.builder_from_config(data)
+  return builder_lib.incomplete_leftovers(Path(builder.data_path).parent)
+
+
+def test_cli_rejects_an_empty_folder_naming_it(tmp_path):
+  empty = tmp_path / "empty_source"
+  empty.mkdir()
+  out = tmp_path / "out"
+  proc = _cli("--src", empty, "--data_dir", out)
+  assert proc.returncode != 0
+  assert str(empty) in proc.stderr and "error:" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (out / "brats").exists()  # Nothing written at all.
+
+
+def test_missing_folder_and_bad_settings_are_clear_errors(tmp_path, synthetic_msd):
+  with pytest.raises(DataError, match="does not exist"):
+    prepare_lib.prepare(_data_config(tmp_path / "nowhere", tmp_path / "out"))
+  with pytest.raises(ValueError, match="modalities"):
+    prepare_lib.prepare(_data_config(synthetic_msd, tmp_path / "out", modalities=("flair",
+                                                                                  "pd")))
+  with pytest.raises(DataError, match="at least one case"):
+    prepare_lib.prepare(_data_config(synthetic_msd, tmp_path / "out", num_test_cases=0))
+
+
+def test_corrupt_file_stops_preparation_and_leaves_nothing(make_synthetic, tmp_path):
+  source = make_synthetic("msd", num_cases=3)
+  bad = source / "imagesTr" / "BRATS_003.nii.gz"
+  bad.write_bytes(bad.read_bytes()[:2000])  # Truncated download.
+  data = _data_config(source, tmp_path / "out")
+  with pytest.raises(DataError, match="BRATS_003.nii.gz"):
+    prepare_lib.prepare(data, progress=lambda _: None)
+  assert not builder_lib.builder_from_config(data).is_prepared()
+  assert _leftovers(data) == []  # TFDS removes its incomplete folder on an exception.
+  with pytest.raises(DataError, match="prepare"):
+    ip.num_examples(data, "train")
+
+
+def test_prepared_data_is_reused_and_guarded_against_other_sources(synthetic_msd,
+                                                                   synthetic_brats, tmp_path):
+  data = _data_config(synthetic_msd, tmp_path / "out")
+  prepare_lib.prepare(data, progress=lambda _: None)
+  info_file = Path(builder_lib.builder_from_config(data).data_path) / "dataset_info.json"
+  before = info_file.stat().st_mtime_ns
+  messages = []
+  prepare_lib.prepare(data, progress=messages.append)
+  assert info_file.stat().st_mtime_ns == before and "Reusing" in messages[0]
+  # Another data set pointed at the same folder with the same settings must not be mixed up.
+  other = _data_config(synthetic_brats, tmp_path / "out")
+  with pytest.raises(DataError, match="differ"):
+    prepare_lib.prepare(other, progress=lambda _: None)
+
+
+_KILLABLE = textwrap.dedent("""
+    import sys, time
+    import ml_collections
+    from data_pipelines import prepare
+    config = ml_collections.ConfigDict({config!r})
+
+    def progress(message):
+      print(message, flush=True)
+      if message.startswith("case 2/"):
+        # Two cases written into TFDS's temporary folder: wait here to be killed.
+        print("READY", flush=True)
+        time.sleep(600)
+
+    prepare.prepare(config, progress=progress)
+    """)
+
+
+def test_killed_preparation_is_not_readable_and_a_rerun_completes_it(synthetic_msd, tmp_path):
+  out = tmp_path / "out"
+  data = _data_config(synthetic_msd, out)
+  script = _KILLABLE.format(config=data.to_dict())
+  proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+  try:
+    deadline = time.monotonic() + 120
+    lines = []
+    for line in proc.stdout:
+      lines.append(line)
+      if line.strip() == "READY" or time.monotonic() > deadline:
+        break
+    assert lines and lines[-1].strip() == "READY", "".join(lines)
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait(timeout=30)
+  assert proc.returncode == -signal.SIGKILL
+
+  # What the killed run left: an incomplete.* folder and no readable data set.
+  assert _leftovers(data), list(out.rglob("*"))
+  assert not builder_lib.builder_from_config(data).is_prepared()
+  with pytest.raises(DataError, match="prepare"):
+    ip.num_examples(data, "train")
+
+  # A rerun through the CLI removes the leftovers and completes the data set.
+  rerun = _cli("--src", synthetic_msd, "--data_dir", out, *SMALL_FLAGS)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "case 4/4" in rerun.stdout and "label-convention warnings" in rerun.stdout
+  assert "on disk" in rerun.stdout
+  assert _leftovers(data) == []
+  assert builder_lib.builder_from_config(data).is_prepared()
+  assert [ip.num_examples(data, s) for s in ip.SPLITS] == [16, 8, 8]
