@@ -63,7 +63,8 @@ class UpsampleConv2x2(nn.Module):
   Output pixel (2h+i, 2w+j) is x[h, w] @ kernel[i, j] + bias: the windows do not overlap, so
   the whole layer is one (C, 4*features) matmul followed by depth-to-space. `method="matmul"`
   computes it that way, a plain GEMM for XLA; `method="conv_transpose"` uses
-  `lax.conv_transpose` (an input-dilated convolution) on the same parameters.
+  `lax.conv_transpose` (an input-dilated convolution) on the same parameters. On a 2-core CPU
+  the matmul form made the U-Net's train step (batch 8, 192x192x4) about 1.7x faster.
   """
   features: int
   use_bias: bool = True
