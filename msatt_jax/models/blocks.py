@@ -116,8 +116,9 @@ class SpatialAttention(nn.Module):
   """Spatial Attention Module (the paper's Fig. 5, eqs. 1-2; DANet's position attention, Fu 2019).
 
   For V (B, H, W, C): B0, B1 = 1x1 convs to C // reduction channels, B2 = 1x1 conv to C;
-  S = softmax_j(B0_i . B1_j) over the N = H*W positions (no 1/sqrt(d) scaling); R_i = sum_j S_ij B2_j;
-  O = lambda * R + V with the scalar lambda initialised to 0, so the module starts as the identity.
+  S = softmax_j(B0_i . B1_j) over the N = H*W positions (no 1/sqrt(d) scaling);
+  R_i = sum_j S_ij B2_j; O = lambda * R + V with the scalar lambda initialised to 0, so the module
+  starts as the identity.
 
   `implementation` picks how R is computed (all give the same R):
   - 'einsum': two einsums and a float32 softmax on the unpadded B0, B1 (the fewest FLOPs; what

@@ -1,0 +1,163 @@
+"""MSConvLSTM-Att: the paper's multi-scale ConvLSTM attention network (Section III).
+
+The reading of the paper (its figures are missing) and the words it rests on: docs/architecture.md.
+"""
+
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from msatt_jax.models.blocks import ConvLSTM, SEInception, SEResNetBlock, SpatialAttention
+from msatt_jax.models.common import ConvBN, crop_to, pad_to_multiple, resize_to
+
+Dtype = Any
+
+
+class ModalityEncoder(nn.Module):
+  """One modality's three scales on a (B, H, W, 1) image with H and W multiples of 4.
+
+  Scale 1: the four quadrant patches (raster order) as a sequence through a scanned ConvLSTM, the
+  hidden states stitched back into (B, H, W, lstm_features). Scale 2: 2x2 max-pool then
+  SE-Inception, (B, H/2, W/2, inception_features). Scale 3: a stride-2 SE-ResNet block,
+  (B, H/4, W/4, resnet_features).
+  """
+  lstm_features: int = 32
+  inception_features: int = 64
+  resnet_features: int = 128
+  se_ratio: int = 16
+  train: bool = False  # A field, not an argument: nn.vmap would map a call argument.
+  dtype: Dtype = jnp.float32
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    b, h, w, c = x.shape
+    f = self.lstm_features
+    # (B, H, W, C) -> (B, 4, H/2, W/2, C): quadrants top-left, top-right, bottom-left, bottom-right.
+    patches = x.reshape(b, 2, h // 2, 2, w // 2, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, 4, h // 2, w // 2, c)
+    # Fully unrolled: XLA:CPU differentiates convolutions in a rolled loop ~20x slower.
+    hidden = ConvLSTM(f, (3, 3), unroll=4, dtype=self.dtype, name="convlstm")(patches)
+    s1 = hidden.reshape(b, 2, 2, h // 2, w // 2, f).transpose(0, 1, 3, 2, 4, 5)
+    s1 = s1.reshape(b, h, w, f).astype(self.dtype)
+    s2 = nn.max_pool(s1, (2, 2), strides=(2, 2))
+    s2 = SEInception(self.inception_features, self.se_ratio, dtype=self.dtype,
+                     axis_name=self.axis_name, name="se_inception")(s2, self.train)
+    s3 = SEResNetBlock(self.resnet_features, (2, 2), self.se_ratio, dtype=self.dtype,
+                       axis_name=self.axis_name, name="se_resnet")(s2, self.train)
+    return s1, s2, s3
+
+
+class _ModalityStep(ModalityEncoder):
+  """`ModalityEncoder` in nn.scan's (carry, x) -> (carry, y) form; the carry is unused."""
+
+  def __call__(self, carry: None, x: jax.Array) -> Tuple[None, Tuple[jax.Array, ...]]:
+    return carry, super().__call__(x)
+
+
+class ModalityEncoders(nn.Module):
+  """M `ModalityEncoder`s with one structure and separate weights, over axis 3 of (B, H, W, M, 1).
+
+  Returns the three scales as (B, H, W, M, lstm), (B, H/2, W/2, M, inception) and
+  (B, H/4, W/4, M, resnet). Parameters and BatchNorm statistics carry a leading axis of size M.
+  `modality_map` picks how the M encoders run; both read the same parameter tree:
+  - 'vmap': nn.vmap, the M encoders side by side. Convolutions with per-modality kernels batch
+    into grouped convolutions, which XLA's CPU backend runs several times slower than plain ones
+    (about 6x for the gradient of the 190x190 encoders).
+  - 'scan': nn.scan fully unrolled over the M modalities, so each modality's convolutions are
+    plain ones on its (B, H, W, 1) image. One traced body, no Python loop.
+  """
+  lstm_features: int = 32
+  inception_features: int = 64
+  resnet_features: int = 128
+  se_ratio: int = 16
+  train: bool = False
+  modality_map: str = "scan"
+  dtype: Dtype = jnp.float32
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    fields = dict(lstm_features=self.lstm_features, inception_features=self.inception_features,
+                  resnet_features=self.resnet_features, se_ratio=self.se_ratio, train=self.train,
+                  dtype=self.dtype, axis_name=self.axis_name, name="encoder")
+    lifted = dict(variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True},
+                  in_axes=3, out_axes=3)
+    if self.modality_map == "vmap":
+      return nn.vmap(ModalityEncoder, **lifted)(**fields)(x)
+    if self.modality_map == "scan":
+      # A rolled loop would slow the gradient of XLA:CPU convolutions inside it ~20x; M is small.
+      return nn.scan(_ModalityStep, unroll=x.shape[3], **lifted)(**fields)(None, x)[1]
+    raise ValueError(f"Unknown modality_map {self.modality_map!r}; choose 'scan' or 'vmap'.")
+
+
+def _resample(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """Area (average-pool) downsampling by an integer factor, bilinear otherwise."""
+  h, w = x.shape[1:3]
+  if h % size[0] == 0 and w % size[1] == 0:
+    window = (h // size[0], w // size[1])
+    return nn.avg_pool(x, window, strides=window) if window != (1, 1) else x
+  return resize_to(x, size, "bilinear")
+
+
+class MSConvLSTMAtt(nn.Module):
+  """Multi-Scale ConvLSTM Attention network: (B, H, W, M) images -> (B, H, W, num_classes) logits.
+
+  Per-modality encoders (ConvLSTM / SE-Inception / SE-ResNet scales) -> single-scale features ->
+  multi-scale features -> per scale: refine conv, Spatial Attention Module, 1x1 classifier ->
+  the mean of the three per-scale logits. Each per-scale logit map (float32, input size) is also
+  sown to 'intermediates'/'scale_logits' for deep supervision.
+
+  Any H, W >= 16: the input is zero-padded to a multiple of lcm(4, attention_stride) and the
+  logits cropped back, so for 190 x 190 the encoders see 192 x 192 and the attention 48 x 48.
+  """
+  num_classes: int
+  dtype: Dtype = jnp.float32
+  axis_name: Optional[str] = None
+  lstm_features: int = 32
+  inception_features: int = 64
+  resnet_features: int = 128
+  fused_features: int = 64
+  attention_stride: int = 4
+  se_ratio: int = 16
+  attention_implementation: str = "einsum"  # SpatialAttention's: 'einsum', 'xla' or 'cudnn'.
+  modality_map: str = "scan"  # ModalityEncoders': 'scan' or 'vmap' (same parameters).
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    c = self.fused_features
+    conv_bn = lambda f, k, name: ConvBN(f, k, dtype=self.dtype, axis_name=self.axis_name, name=name)
+    x, size = pad_to_multiple(x.astype(self.dtype), math.lcm(4, self.attention_stride))
+    hp, wp = x.shape[1:3]
+    att_size = (hp // self.attention_stride, wp // self.attention_stride)
+
+    scales = ModalityEncoders(
+        lstm_features=self.lstm_features, inception_features=self.inception_features,
+        resnet_features=self.resnet_features, se_ratio=self.se_ratio, train=train,
+        modality_map=self.modality_map, dtype=self.dtype, axis_name=self.axis_name,
+        name="encoders")(x[..., None])
+
+    singles = []
+    for s, feats in enumerate(scales, start=1):
+      feats = feats.reshape(*feats.shape[:3], -1)  # Concatenate the M modalities' channels.
+      single = conv_bn(c, (1, 1), f"single{s}")(feats, train)
+      singles.append(_resample(single, att_size))
+
+    multi = jnp.concatenate(singles, axis=-1)
+    multi = conv_bn(c, (3, 3), "multi_conv1")(multi, train)
+    multi = conv_bn(c, (3, 3), "multi_conv2")(multi, train)
+    multi = nn.Conv(c, (1, 1), dtype=self.dtype, name="multi_conv3")(multi)
+
+    scale_logits = []
+    for s, single in enumerate(singles, start=1):
+      refined = conv_bn(c, (3, 3), f"refine{s}")(jnp.concatenate([single, multi], -1), train)
+      attended = SpatialAttention(implementation=self.attention_implementation, dtype=self.dtype,
+                                  name=f"sam{s}")(refined)
+      logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name=f"classifier{s}")(attended)
+      logits = crop_to(resize_to(logits.astype(jnp.float32), (hp, wp), "bilinear"), size)
+      self.sow("intermediates", "scale_logits", logits)
+      scale_logits.append(logits)
+    return sum(scale_logits) / len(scale_logits)

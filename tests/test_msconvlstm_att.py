@@ -1,0 +1,210 @@
+"""MSConvLSTM-Att: shapes, per-modality encoders, deep-supervision outputs, dtypes, overfitting."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import brats18
+from msatt_jax.models import MSConvLSTMAtt, create_model
+from msatt_jax.models.msconvlstm_att import ModalityEncoders
+
+# Parameters of MSConvLSTMAtt(num_classes=4) at the paper's widths; a change here means the
+# architecture changed (update docs/architecture.md with it).
+PAPER_PARAM_COUNT = 1_568_191
+# Small widths keep CPU compilation and steps fast; the structure is the paper's.
+TINY = dict(lstm_features=4, inception_features=8, resnet_features=8, fused_features=8)
+
+
+def _key(seed: int = 0) -> jax.Array:
+  # 'rbg' keys: the default threefry initialisers take XLA:CPU many seconds to compile.
+  return jax.random.key(seed, impl="rbg")
+
+
+def _count(params) -> int:
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+
+
+@pytest.fixture(scope="module")
+def tiny_variables():
+  """Variables of the tiny model. Both modality maps read one tree; vmap's init compiles faster."""
+  model = MSConvLSTMAtt(num_classes=4, modality_map="vmap", **TINY)
+  return jax.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, 4))))(_key())
+
+
+def test_paper_default_parameter_count_and_registry():
+  model = MSConvLSTMAtt(num_classes=4)
+  shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 4))), _key())
+  n = _count(shapes["params"])
+  print(f"MSConvLSTMAtt paper-default parameters: {n:,}")
+  assert n == PAPER_PARAM_COUNT
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes["params"]))
+
+  config_model = create_model(brats18.get_model_config("msconvlstm_att"), num_classes=4)
+  assert config_model == model  # The config's defaults are the model's defaults.
+
+
+def _train_apply(model: MSConvLSTMAtt, variables, x: jax.Array):
+  return jax.jit(lambda v, x: model.apply(v, x, train=True,
+                                          mutable=["batch_stats", "intermediates"]))(variables, x)
+
+
+@pytest.fixture(scope="module")
+def odd_batch_float32(tiny_variables):
+  """A training-mode forward of the tiny float32 model on an odd-sized batch: x, logits, state."""
+  x = jax.random.normal(jax.random.key(1), (2, 17, 23, 4))
+  return x, *_train_apply(MSConvLSTMAtt(num_classes=4, **TINY), tiny_variables, x)
+
+
+def test_shapes_sown_scale_logits_and_modality_maps(tiny_variables, odd_batch_float32):
+  model = MSConvLSTMAtt(num_classes=4, **TINY)
+  # Training mode on an odd size: logits, the three sown per-scale logits, new batch statistics.
+  x, out, state = odd_batch_float32
+  assert out.shape == (2, 17, 23, 4) and out.dtype == jnp.float32
+  scale_logits = state["intermediates"]["scale_logits"]
+  assert len(scale_logits) == 3
+  for logits in scale_logits:
+    assert logits.shape == out.shape and logits.dtype == jnp.float32
+  np.testing.assert_allclose(out, sum(scale_logits) / 3, rtol=1e-6, atol=1e-6)
+  assert jax.tree.structure(state["batch_stats"]) == jax.tree.structure(
+      tiny_variables["batch_stats"])
+
+  # Inference on an even size; the 'vmap' form gives the same logits from the same variables.
+  x = jax.random.normal(jax.random.key(2), (1, 32, 32, 4))
+  scanned = jax.jit(model.apply)(tiny_variables, x)
+  vmapped = jax.jit(model.clone(modality_map="vmap").apply)(tiny_variables, x)
+  assert scanned.shape == (1, 32, 32, 4) and bool(jnp.all(jnp.isfinite(scanned)))
+  np.testing.assert_allclose(scanned, vmapped, rtol=1e-4, atol=1e-5)
+
+
+def test_modality_encoders_have_separate_weights():
+  m = 3
+  encoders = ModalityEncoders(lstm_features=2, inception_features=4, resnet_features=4,
+                              se_ratio=4, modality_map="vmap")
+  x = jax.random.normal(jax.random.key(3), (1, 16, 16, m, 1))
+  variables = jax.jit(encoders.init)(_key(), x)
+  kernels = {jax.tree_util.keystr(path): leaf for path, leaf in
+             jax.tree_util.tree_leaves_with_path(variables["params"]) if "kernel" in str(path)}
+  assert len(kernels) > 10
+  for name, kernel in kernels.items():
+    assert kernel.shape[0] == m, name
+    for i in range(m):
+      for j in range(i + 1, m):
+        assert not np.allclose(kernel[i], kernel[j]), f"{name}: modalities {i}, {j} share weights"
+
+  # Changing modality 1's encoder changes only modality 1's features (in the default 'scan' form;
+  # the 'vmap' form computes the same function, see the test above).
+  apply = jax.jit(encoders.clone(modality_map="scan").apply)
+  base = apply(variables, x)
+  bumped = {**variables,
+            "params": jax.tree.map(lambda p: p.at[1].add(0.1), variables["params"])}
+  moved = apply(bumped, x)
+  for scale, (a, b) in enumerate(zip(base, moved), start=1):
+    assert a.shape[3] == m, scale
+    np.testing.assert_array_equal(a[:, :, :, [0, 2]], b[:, :, :, [0, 2]])
+    assert float(jnp.max(jnp.abs(a[:, :, :, 1] - b[:, :, :, 1]))) > 1e-4, scale
+
+
+def test_bfloat16_compute_with_float32_params(tiny_variables, odd_batch_float32):
+  model = MSConvLSTMAtt(num_classes=4, dtype=jnp.bfloat16, **TINY)
+  shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 16, 16, 4))), _key())
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes))
+  assert jax.tree.structure(shapes) == jax.tree.structure(tiny_variables)
+
+  x, reference, _ = odd_batch_float32
+  out, state = _train_apply(model, tiny_variables, x)
+  assert out.dtype == jnp.float32 and out.shape == (2, 17, 23, 4)
+  assert all(l.dtype == jnp.float32 for l in state["intermediates"]["scale_logits"])
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(state["batch_stats"]))
+  assert bool(jnp.all(jnp.isfinite(out)))
+  # bfloat16 keeps ~3 significant digits; the logits should agree to a few percent of their range.
+  assert float(jnp.max(jnp.abs(out - reference))) < 0.05 * float(jnp.std(reference)) + 0.05
+
+
+def _blob_batch():
+  """Two 32x32x4 slices, each with a nested round tumour: ET (3) in NCR/NET (1) in edema (2)."""
+  yy, xx = np.mgrid[:32, :32]
+  rng = np.random.default_rng(0)
+  labels = np.zeros((2, 32, 32), np.int32)
+  images = np.zeros((2, 32, 32, 4), np.float32)
+  for i, (cy, cx) in enumerate([(14, 17), (18, 13)]):
+    r = np.hypot(yy - cy, xx - cx)
+    labels[i][r < 11] = 2
+    labels[i][r < 7.5] = 1
+    labels[i][r < 4.5] = 3
+    for m in range(4):  # Each modality brightens one class (and the whole tumour a little).
+      images[i, ..., m] = (rng.normal(0, 0.3, (32, 32)) + (labels[i] == m % 3 + 1)
+                           + 0.5 * (labels[i] > 0))
+  return jnp.asarray(images), jnp.asarray(labels)
+
+
+@pytest.fixture(scope="module")
+def train_step():
+  """A jitted Adam step on softmax cross-entropy + soft Dice; returns the gradients too."""
+  # The 'vmap' form: identical function and parameters, and its gradient compiles faster on CPU.
+  model = MSConvLSTMAtt(num_classes=4, modality_map="vmap", **TINY)
+  tx = optax.adam(1e-2)
+
+  def loss_fn(params, batch_stats, x, y):
+    logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                mutable=["batch_stats"])
+    onehot = jax.nn.one_hot(y, 4)
+    ce = optax.softmax_cross_entropy(logits, onehot).mean()
+    probs = jax.nn.softmax(logits)
+    inter = jnp.sum(probs * onehot, axis=(0, 1, 2))
+    denom = jnp.sum(probs + onehot, axis=(0, 1, 2))
+    dice_loss = 1.0 - jnp.mean((2 * inter + 1) / (denom + 1))
+    return ce + dice_loss, state["batch_stats"]
+
+  @jax.jit
+  def step(params, batch_stats, opt_state, x, y):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss, grads
+
+  @jax.jit
+  def dice(params, batch_stats, x, y):
+    """Hard Dice of the inference-mode prediction for each tumour class 1..3 present."""
+    pred = jnp.argmax(model.apply({"params": params, "batch_stats": batch_stats}, x), -1)
+    a, b = pred[..., None] == jnp.arange(1, 4), y[..., None] == jnp.arange(1, 4)
+    return 2 * jnp.sum(a & b, axis=(0, 1, 2)) / jnp.sum(a.astype(int) + b, axis=(0, 1, 2))
+
+  return tx, step, dice
+
+
+def test_gradients_are_finite(tiny_variables, train_step):
+  tx, step, _ = train_step
+  x, y = _blob_batch()
+  params = tiny_variables["params"]
+  *_, loss, grads = step(params, tiny_variables["batch_stats"], tx.init(params), x, y)
+  assert bool(jnp.isfinite(loss))
+  leaves = jax.tree_util.tree_leaves_with_path(grads)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for _, g in leaves)
+  silent = {jax.tree_util.keystr(p) for p, g in leaves if not bool(jnp.any(g != 0))}
+  # With lambda = 0 the SAM projections get no gradient yet; lambda itself does.
+  sam = {name for name in map(jax.tree_util.keystr, (p for p, _ in leaves))
+         if "sam" in name and "lam" not in name}
+  assert sam <= silent
+  # Everything else learns, except that an SE block's few hidden ReLUs (1 at these tiny widths)
+  # may be inactive for the whole batch.
+  others = silent - sam
+  assert all("['se']" in name for name in others), others
+
+
+def test_overfits_one_small_batch(tiny_variables, train_step):
+  tx, step, dice = train_step
+  x, y = _blob_batch()
+  params, batch_stats = tiny_variables["params"], tiny_variables["batch_stats"]
+  opt_state = tx.init(params)
+  scores = []
+  for i in range(1, 151):
+    params, batch_stats, opt_state, loss, _ = step(params, batch_stats, opt_state, x, y)
+    if i % 25 == 0:
+      scores.append(float(jnp.mean(dice(params, batch_stats, x, y))))
+      if scores[-1] > 0.9:
+        break
+  assert scores[-1] > 0.9, f"mean tumour Dice every 25 steps: {scores}"
