@@ -73,6 +73,17 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
   return m
 
 
+def get_distributed_config() -> ml_collections.ConfigDict:
+  """Several processes (hosts) through jax.distributed; unset fields come from the cluster."""
+  d = ml_collections.ConfigDict()
+  d.enabled = False  # True: call jax.distributed.initialize before anything else.
+  d.coordinator_address = config_dict.placeholder(str)  # 'host:port' of process 0; or SLURM's.
+  d.num_processes = config_dict.placeholder(int)  # Processes in the run; or from the cluster.
+  d.process_id = config_dict.placeholder(int)  # This process, 0..num_processes-1; or the cluster's.
+  d.initialization_timeout = 300  # Seconds to wait for every process to join, then an error.
+  return d
+
+
 def get_config(model: str = "msconvlstm_att") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds parameters, data order and augmentation.
@@ -104,4 +115,5 @@ def get_config(model: str = "msconvlstm_att") -> ml_collections.ConfigDict:
 
   config.parallel = "auto"  # 'auto' | 'single' | 'pmap' | 'sharding'.
   config.num_devices = -1  # -1: all local devices.
+  config.distributed = get_distributed_config()
   return config

@@ -37,8 +37,12 @@ def restore_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRu
   config = ml_collections.ConfigDict(meta["config"])
   model = train.create_model(config)
   lr_fn = train.create_learning_rate_fn(config, meta["steps_per_epoch"])
-  abstract = jax.eval_shape(
-      lambda: train.create_train_state(jax.random.key(0), config, model, lr_fn))
+  # Onto this process's first device, whatever devices wrote the checkpoint (a multi-device
+  # run's checkpoint records its layout, which Orbax would otherwise try to rebuild).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), config, model, lr_fn)))
   state, meta = checkpointer.restore(step, abstract)
   checkpointer.close()
   variables = {"params": state.params, "batch_stats": state.batch_stats}

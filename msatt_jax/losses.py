@@ -5,7 +5,7 @@ Two output heads exist:
 - 'regions' (loss 'region_dice'): 3 sigmoid outputs for the nested ET, TC, WT regions.
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +28,19 @@ def check_loss(loss: str) -> None:
     raise ValueError(f"Unknown config.loss {loss!r}; choose one of {', '.join(LOSSES)}.")
 
 
-def soft_dice(probs: jax.Array, targets: jax.Array) -> jax.Array:
+def soft_dice(probs: jax.Array, targets: jax.Array,
+              axis_name: Optional[str] = None) -> jax.Array:
   """Mean over channels of 1 - soft Dice, pooled over the whole batch.
 
   Pooling over the batch (rather than per slice) keeps slices without tumour from dominating:
-  an absent class contributes only through its false positives.
+  an absent class contributes only through its false positives. Under pmap (`axis_name`) the
+  sums are pooled over the devices too, so the loss is that of the global batch.
   """
   axes = tuple(range(probs.ndim - 1))
   intersection = jnp.sum(probs * targets, axes)
   total = jnp.sum(probs, axes) + jnp.sum(targets, axes)
+  if axis_name is not None:
+    intersection, total = jax.lax.psum((intersection, total), axis_name)
   return jnp.mean(1.0 - (2.0 * intersection + _EPS) / (total + _EPS))
 
 
@@ -46,16 +50,20 @@ def region_targets(labels: jax.Array) -> jax.Array:
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, loss: str,
-                      ce_weight: float = 1.0) -> jax.Array:
-  """The configured loss of float32 logits (B,H,W,C) against canonical labels (B,H,W)."""
+                      ce_weight: float = 1.0, axis_name: Optional[str] = None) -> jax.Array:
+  """The configured loss of float32 logits (B,H,W,C) against canonical labels (B,H,W).
+
+  With `axis_name` (pmap) each device holds part of the batch and gets the global batch's loss.
+  """
   logits = logits.astype(jnp.float32)
   if loss == "region_dice":
-    return soft_dice(jax.nn.sigmoid(logits), region_targets(labels))
+    return soft_dice(jax.nn.sigmoid(logits), region_targets(labels), axis_name)
   one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
   # Foreground classes only: background Dice is ~1 everywhere and would swamp the tumour terms.
-  value = soft_dice(jax.nn.softmax(logits)[..., 1:], one_hot[..., 1:])
+  value = soft_dice(jax.nn.softmax(logits)[..., 1:], one_hot[..., 1:], axis_name)
   if loss == "dice_ce":
-    value += ce_weight * optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    value += ce_weight * (ce if axis_name is None else jax.lax.pmean(ce, axis_name))
   elif loss != "dice":
     check_loss(loss)
   return value

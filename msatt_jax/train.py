@@ -30,6 +30,7 @@ from msatt_jax import checkpointing
 from msatt_jax import losses
 from msatt_jax import metrics as metrics_lib
 from msatt_jax import models
+from msatt_jax import parallel
 from msatt_jax import visualize
 from msatt_jax import writers
 
@@ -80,11 +81,13 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
   def loss_fn(params):
     logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                      batch["image"], train=True, mutable=collections)
-    value = losses.segmentation_loss(logits, batch["label"], loss, ce_weight)
+    # Under pmap the batch-pooled Dice sums are pooled over the devices as well.
+    value = losses.segmentation_loss(logits, batch["label"], loss, ce_weight, axis_name)
     if deep_supervision_weight:
       scale_logits = updates["intermediates"]["scale_logits"]
       value += deep_supervision_weight * sum(
-          losses.segmentation_loss(s, batch["label"], loss, ce_weight) for s in scale_logits)
+          losses.segmentation_loss(s, batch["label"], loss, ce_weight, axis_name)
+          for s in scale_logits)
     return value, updates["batch_stats"]
 
   (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -196,8 +199,11 @@ def _format_seconds(seconds: float) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns the final state."""
   losses.check_loss(config.loss)
+  # First: jax.distributed must start before any computation, and bad device or batch settings
+  # stop the run before data are prepared or anything is written.
+  par = parallel.from_config(config)
   os.makedirs(workdir, exist_ok=True)
-  data_config = prepare_data(config, workdir)
+  data_config = par.primary_first(lambda: prepare_data(config, workdir))
   steps_per_epoch = input_pipeline.steps_per_epoch(data_config, config.batch_size)
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else config.num_epochs * steps_per_epoch)
@@ -205,9 +211,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   checkpoint_every = max(1, config.checkpoint_every_epochs) * steps_per_epoch
 
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  model = create_model(config)
+  model = create_model(config, axis_name=par.axis_name)
   rng = jax.random.key(config.seed)
-  state = create_train_state(rng, config, model, learning_rate_fn)
+  # In the canonical layout, the one checkpoints are written and restored in.
+  state = par.create_state(functools.partial(create_train_state, config=config, model=model,
+                                             learning_rate_fn=learning_rate_fn), rng)
   fingerprint = model_fingerprint(config, state.params)
 
   checkpointer = checkpointing.Checkpointer(workdir, config.max_checkpoints_to_keep)
@@ -219,25 +227,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("Resumed from the checkpoint at step %d.", latest)
   start_step = int(state.step)
 
-  p_train_step = jax.jit(
+  # The step functions take host batches (this process's rows for training, a whole global
+  # batch for evaluation) and the state in the strategy's layout; the train step donates it.
+  state = par.place_state(state)
+  p_train_step = par.train_step_fn(
       functools.partial(train_step, learning_rate_fn=learning_rate_fn, loss=config.loss,
                         ce_weight=config.ce_weight,
-                        deep_supervision_weight=config.deep_supervision_weight),
-      donate_argnums=(0,))
-  p_eval_step = jax.jit(functools.partial(eval_step, loss=config.loss))
-  writer = writers.MetricWriter(workdir)
+                        deep_supervision_weight=config.deep_supervision_weight))
+  p_eval_step = par.eval_step_fn(functools.partial(eval_step, loss=config.loss))
+  # One copy of the logs; checkpoints are written by every process together.
+  writer = writers.MetricWriter(workdir) if par.is_primary else parallel.Discard()
   meta_base = {"config": json.loads(config.to_json_best_effort()), "model": fingerprint,
                "data": {"source_dir": data_config.source_dir, "data_dir": data_config.data_dir},
                "steps_per_epoch": steps_per_epoch}
 
   def save(step: int, val: Optional[Dict[str, float]] = None) -> None:
-    checkpointer.save(step, state, {**meta_base, "step": step, "metrics": val or {}}, val)
+    checkpointer.save(step, par.unreplicate(state),
+                      {**meta_base, "step": step, "metrics": val or {}}, val)
 
-  logging.info("Training %s for %d steps (%d per epoch, batch %d) from step %d in %s.",
+  logging.info("Training %s for %d steps (%d per epoch, batch %d) from step %d in %s (%s).",
                config.model.name, num_steps, steps_per_epoch, config.batch_size, start_step,
-               workdir)
+               workdir, par.describe())
+  # Each process reads only its own rows of every global batch.
   batches = input_pipeline.train_iterator(data_config, batch_size=config.batch_size,
-                                          seed=config.seed, start_step=start_step)
+                                          seed=config.seed, start_step=start_step,
+                                          process_index=par.process_index,
+                                          process_count=par.process_count)
   pending = []  # Device-side metrics of recent steps, fetched together at log time.
   t_log, step_log = time.perf_counter(), start_step
   t_start = time.perf_counter()
@@ -284,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                   checkpointer)
   checkpointer.close()
   writer.close()
-  return state
+  return par.unreplicate(state)
 
 
 def _check_finite(fetched, first_step: int, policy: str, checkpointer) -> None:
