@@ -7,12 +7,15 @@ A workdir that already holds checkpoints of the same model resumes from the newe
 with the same learning rate and data order.
 """
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+import signal
+import sys
 import time
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 from absl import logging
 from flax.training import train_state
@@ -31,6 +34,7 @@ from msatt_jax import losses
 from msatt_jax import metrics as metrics_lib
 from msatt_jax import models
 from msatt_jax import parallel
+from msatt_jax import preemption
 from msatt_jax import visualize
 from msatt_jax import writers
 
@@ -41,6 +45,14 @@ class TrainState(train_state.TrainState):
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf; the bad state was not saved."""
+
+
+NAN_POLICIES = ("stop", "skip")
+
+
+def check_nan_policy(policy: str) -> None:
+  if policy not in NAN_POLICIES:
+    raise ValueError(f"config.nan_policy must be one of {NAN_POLICIES}, not {policy!r}.")
 
 
 def input_shape(config: ml_collections.ConfigDict) -> Tuple[int, int, int]:
@@ -75,7 +87,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
                learning_rate_fn: optax.Schedule, loss: str, ce_weight: float,
                deep_supervision_weight: float,
                axis_name: Optional[str] = None) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One Adam step; a non-finite loss or gradient leaves the state unchanged (and is counted)."""
+  """One Adam step; a non-finite loss or gradient leaves all but the step unchanged (counted)."""
   collections = ["batch_stats"] + (["intermediates"] if deep_supervision_weight else [])
 
   def loss_fn(params):
@@ -98,6 +110,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
       [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
   # Keep the previous state on a bad step so it can never reach a checkpoint.
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  # The step still advances: it is the data position a resumed run continues from, so a
+  # skipped batch ('skip' policy) is skipped the same way with or without an interruption.
+  new_state = new_state.replace(step=state.step + 1)
   metrics = {"loss": value, "learning_rate": learning_rate_fn(state.step),
              "nonfinite": 1 - finite.astype(jnp.int32)}
   return new_state, metrics
@@ -199,6 +214,7 @@ def _format_seconds(seconds: float) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns the final state."""
   losses.check_loss(config.loss)
+  check_nan_policy(config.nan_policy)
   # First: jax.distributed must start before any computation, and bad device or batch settings
   # stop the run before data are prepared or anything is written.
   par = parallel.from_config(config)
@@ -241,9 +257,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                "data": {"source_dir": data_config.source_dir, "data_dir": data_config.data_dir},
                "steps_per_epoch": steps_per_epoch}
 
+  saved = [start_step if latest is not None else None]  # Step of the newest save started.
+
   def save(step: int, val: Optional[Dict[str, float]] = None) -> None:
     checkpointer.save(step, par.unreplicate(state),
                       {**meta_base, "step": step, "metrics": val or {}}, val)
+    saved[0] = step
 
   logging.info("Training %s for %d steps (%d per epoch, batch %d) from step %d in %s (%s).",
                config.model.name, num_steps, steps_per_epoch, config.batch_size, start_step,
@@ -257,7 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   t_log, step_log = time.perf_counter(), start_step
   t_start = time.perf_counter()
   step = start_step
-  try:
+  # From here SIGTERM/SIGINT only set a flag, acted on at the next step boundary. Before, the
+  # defaults apply: nothing needs saving, and data preparation is atomic on its own.
+  with preemption.PreemptionGuard() as guard, _flush_and_wait(checkpointer, writer):
     for step in range(start_step, num_steps):
       batch = next(batches)
       state, step_metrics = p_train_step(state, batch)
@@ -291,15 +312,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      val["val_dice_mean"])
       if is_eval or done % checkpoint_every == 0:
         save(done, val)
-  finally:
-    checkpointer.wait()
-    writer.flush()
+      signum = preemption.agreed_signal(guard)
+      if signum is not None and done < num_steps:  # At the last step the run is complete.
+        # Never saves past a non-finite loss under policy 'stop' (raises instead).
+        _check_finite(jax.device_get(pending), done - len(pending), config.nan_policy,
+                      checkpointer)
+        pending = []
+        if saved[0] != done:
+          save(done)
+        checkpointer.wait()  # The checkpoint is committed before the process exits.
+        logging.warning("%s received: saved the checkpoint of step %d.",
+                        preemption.signal_name(signum), done)
+        raise preemption.Preempted(signum, done, checkpointer.directory)
   if pending:
     _check_finite(jax.device_get(pending), num_steps - len(pending), config.nan_policy,
                   checkpointer)
   checkpointer.close()
   writer.close()
   return par.unreplicate(state)
+
+
+@contextlib.contextmanager
+def _flush_and_wait(checkpointer: checkpointing.Checkpointer, writer: Any) -> Iterator[None]:
+  """On any exit of the loop: the save in flight commits, the logs reach the disk."""
+  try:
+    yield
+  finally:
+    try:
+      checkpointer.wait()
+    finally:
+      writer.flush()
 
 
 def _check_finite(fetched, first_step: int, policy: str, checkpointer) -> None:
@@ -326,7 +368,42 @@ def main(argv):
   cli.hide_accelerators_from_tensorflow()
   cli.setup_logging()
   config = flags.FLAGS.config
-  cli.run_or_exit(lambda: train_and_evaluate(config, flags.FLAGS.workdir))
+  try:
+    cli.run_or_exit(lambda: train_and_evaluate(config, flags.FLAGS.workdir))
+  except preemption.Preempted as e:
+    # Not a failure and not a success: the shell's status for "stopped by this signal".
+    print(str(e), file=sys.stderr)
+    sys.exit(e.exit_status)
+  except checkpointing.CheckpointSaveError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    # Ctrl-C before the training loop (data preparation, compilation): nothing to save.
+    print("Interrupted before training started; no checkpoint was written by this run. Rerun "
+          "the same command to start again.", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+
+
+def _config_key_error(argv: Sequence[str], error: Exception) -> str:
+  """One line naming the --config.<key> override that names no key of the config."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]  # ml_collections wraps a KeyError into an AttributeError.
+  text = " ".join(str(error.args[0] if error.args else error).split())
+  overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  key = text.split("'")[1] if text.count("'") >= 2 else ""
+  culprit = next((o for o in overrides if o.split(".")[-1] == key), None)
+  where = culprit or (", ".join(overrides) if overrides else "--config")
+  return f"{where}: the config has no key {text}"
+
+
+def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
+  """absl's flag parsing, with an unknown --config key reported in one line, not a traceback."""
+  from absl import app, flags
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    print(f"FATAL Flags parsing error: {_config_key_error(argv, e)}", file=sys.stderr)
+    sys.exit(1)
 
 
 def run():
@@ -336,7 +413,7 @@ def run():
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summaries.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
