@@ -1,0 +1,565 @@
+"""Faults end to end: kill -9, SIGTERM/SIGINT, NaN losses, a full disk, bad input via the CLIs.
+
+Every scenario runs the real command lines in subprocesses (most need a process to die) on a
+tiny U-Net and the 4 synthetic cases of conftest. Faults inside a process (a NaN batch, a
+stalled or failing checkpoint commit) come from tests/faults_run.py, which patches the data
+iterator and Orbax's commit and then runs the train command.
+
+Cost: the processes share a persistent JAX compilation cache, so only the reference run
+compiles. The scenarios are independent (each has its own folders); after the reference run
+they execute CONCURRENCY at a time, since most of a process's life is spent importing
+TensorFlow and JAX, and each parametrized test reports its own scenario's outcome.
+"""
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FAULTS_RUN = str(REPO / "tests" / "faults_run.py")
+NUM_STEPS = 30  # 10 steps per epoch (2 train cases x 20 slices / batch 4): saves at 10, 20, 30.
+TIMEOUT = 300  # Seconds for any one process: a hang fails its test instead of blocking.
+CONCURRENCY = 4
+
+# A U-Net of a few thousand parameters on 32x32 crops of slices 10..29; augmentation on, so
+# exact resume covers the random flips and intensity draws too.
+TINY = ["--config=configs/demo.py:unet", "--config.data.slice_start=10",
+        "--config.data.slice_stop=29", "--config.data.crop_size=32",
+        "--config.model.base_width=4", "--config.model.depth=2", "--config.batch_size=4",
+        "--config.checkpoint_every_epochs=1", "--config.eval_every_epochs=100",
+        "--config.log_every_steps=1", "--config.data.augment=True"]
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def start(argv: Sequence[str], env: Dict[str, str], log: Path,
+          faults: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+  """A command in the repository root, its console (stdout and stderr) going to `log`."""
+  with open(log, "w", encoding="utf-8") as f:
+    return subprocess.Popen(list(argv), cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                            env={**env, **(faults or {})})
+
+
+def finish(proc: subprocess.Popen, log: Path) -> str:
+  try:
+    proc.wait(TIMEOUT)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    pytest.fail(f"timed out; console:\n{log.read_text()[-3000:]}")
+  return log.read_text(errors="replace")
+
+
+def run(argv: Sequence[str], env: Dict[str, str], log: Path,
+        faults: Optional[Dict[str, str]] = None) -> Tuple[int, str]:
+  """(exit status, console) of a command run to its end."""
+  proc = start(argv, env, log, faults)
+  text = finish(proc, log)
+  return proc.returncode, text
+
+
+def train_command(*args: str) -> List[str]:
+  """The train command through the fault injector (a plain run without FAULTS_* variables)."""
+  return [sys.executable, FAULTS_RUN, *args]
+
+
+def module_command(module: str, *args: str) -> List[str]:
+  return [sys.executable, "-m", module, *args]
+
+
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, log: Path,
+               what: str) -> None:
+  deadline = time.monotonic() + TIMEOUT
+  while not condition():
+    if proc.poll() is not None:
+      pytest.fail(f"exited ({proc.returncode}) before {what}; console:\n"
+                  f"{log.read_text()[-3000:]}")
+    if time.monotonic() > deadline:
+      proc.kill()
+      pytest.fail(f"no {what} after {TIMEOUT}s")
+    time.sleep(0.05)
+
+
+def logged_step(log: Path) -> int:
+  """The newest 'step N/30' progress line of a console log (0 before the first)."""
+  steps = [int(line.split("step ", 1)[1].split("/", 1)[0])
+           for line in log.read_text(errors="replace").splitlines()
+           if f"/{NUM_STEPS}  epoch" in line]
+  return max(steps, default=0)
+
+
+def error_line(text: str) -> str:
+  """The one line a command's failure is reported in."""
+  lines = [l for l in text.splitlines()
+           if l.startswith(("error: ", "FATAL Flags parsing error: "))]
+  assert len(lines) == 1, text[-3000:]
+  return lines[0]
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(workdir: Path) -> Path:
+  return workdir / "checkpoints"
+
+
+def complete_steps(workdir: Path) -> List[int]:
+  from orbax.checkpoint._src.path import step as step_lib  # pylint: disable=g-import-not-at-top
+  return sorted(step_lib.checkpoint_steps(checkpoint_dir(workdir)))
+
+
+def partial_saves(workdir: Path) -> List[str]:
+  folder = checkpoint_dir(workdir)
+  return sorted(p.name for p in folder.iterdir() if "tmp" in p.name) if folder.exists() else []
+
+
+def restored(workdir: Path, which: Any = "latest") -> Tuple[int, Any]:
+  """(step, variables) of a checkpoint, read the way evaluate and predict read it."""
+  from msatt_jax import inference  # pylint: disable=g-import-not-at-top
+  trained = inference.restore_run(str(workdir), which)
+  return trained.step, jax.device_get(trained.variables)
+
+
+def assert_bit_identical(a: Any, b: Any) -> None:
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
+def file_contents(folder: Path) -> Dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+          if p.is_file()}
+
+
+# ------------------------------------------------------------------------------- fixtures
+
+
+@dataclasses.dataclass
+class Context:
+  env: Dict[str, str]
+  data_args: List[str]  # The shared synthetic source and prepared data.
+  reference: Path  # Workdir of the uninterrupted run.
+  reference_variables: Any  # Its final parameters and batch statistics.
+  synthetic_msd: Path
+  synthetic_brats: Path
+
+  def train_args(self, workdir: Path, *extra: str) -> List[str]:
+    return [*TINY, *self.data_args, f"--workdir={workdir}",
+            f"--config.num_train_steps={NUM_STEPS}", *extra]
+
+
+@pytest.fixture(scope="module")
+def context(synthetic_msd, synthetic_brats, tmp_path_factory) -> Context:
+  """Runs the uninterrupted reference (it prepares the data and fills the compilation cache)."""
+  env = dict(os.environ)
+  env.update({"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+              "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
+  data_args = [f"--config.data.source_dir={synthetic_msd}",
+               f"--config.data.data_dir={tmp_path_factory.mktemp('prepared')}"]
+  workdir = tmp_path_factory.mktemp("reference")
+  ctx = Context(env, data_args, workdir, None, synthetic_msd, synthetic_brats)
+  status, text = run(train_command(*ctx.train_args(workdir)), env, workdir / "console.txt")
+  assert status == 0, text[-3000:]
+  assert complete_steps(workdir) == [10, 20, 30]
+  step, ctx.reference_variables = restored(workdir)
+  assert step == NUM_STEPS
+  return ctx
+
+
+SCENARIOS: Dict[str, Callable[[Context, Path], None]] = {}
+
+
+def scenario(fn: Callable[[Context, Path], None]) -> Callable[[Context, Path], None]:
+  SCENARIOS[fn.__name__.lstrip("_")] = fn
+  return fn
+
+
+@pytest.fixture(scope="module")
+def outcomes(context, tmp_path_factory) -> Dict[str, concurrent.futures.Future]:
+  """Every scenario, run concurrently; a scenario's assertion errors surface in its test."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
+    futures = {name: pool.submit(fn, context, tmp_path_factory.mktemp(name))
+               for name, fn in SCENARIOS.items()}
+    concurrent.futures.wait(list(futures.values()))
+  return futures
+
+
+# --------------------------------------------------------------- preemption and exact resume
+
+
+def _signal_mid_run(ctx: Context, tmp: Path, signum: int) -> Tuple[Path, int]:
+  """Signals a run between two saves; checks the save and exit; returns (workdir, step)."""
+  workdir = tmp / "run"
+  log = tmp / "first.txt"
+  # Slow steps leave time to signal in the second epoch, between the saves of 10 and 20.
+  proc = start(train_command(*ctx.train_args(workdir)), ctx.env, log,
+               {"FAULTS_STEP_DELAY": "0.3"})
+  wait_until(lambda: logged_step(log) >= 12, proc, log, "step 12")
+  proc.send_signal(signum)
+  text = finish(proc, log)
+  assert proc.returncode == 128 + signum, text[-3000:]
+  name = signal.Signals(signum).name
+  line = next(l for l in text.splitlines() if l.startswith(f"Stopped by {name} at step "))
+  stopped = int(line.split(" at step ")[1].split(";")[0])
+  assert 12 <= stopped < NUM_STEPS, line
+  assert f"the checkpoint of step {stopped} is saved in {checkpoint_dir(workdir)}" in line
+  # The step the run had reached, committed; nothing half-written.
+  assert complete_steps(workdir)[-1] == stopped and not partial_saves(workdir)
+  assert restored(workdir)[0] == stopped
+  return workdir, stopped
+
+
+@scenario
+def _sigterm_saves_the_current_step_and_the_resumed_run_is_bit_identical(ctx, tmp):
+  workdir, stopped = _signal_mid_run(ctx, tmp, signal.SIGTERM)
+  status, text = run(train_command(*ctx.train_args(workdir)), ctx.env, tmp / "second.txt")
+  assert status == 0, text[-3000:]
+  assert f"Resumed from the checkpoint at step {stopped}." in text
+  assert_bit_identical(restored(workdir)[1], ctx.reference_variables)
+
+
+@scenario
+def _sigint_saves_the_current_step_and_exits_130(ctx, tmp):
+  _signal_mid_run(ctx, tmp, signal.SIGINT)
+
+
+@scenario
+def _kill9_during_a_save_resumes_from_the_newest_complete_checkpoint(ctx, tmp):
+  workdir = tmp / "run"
+  marker = tmp / "stalled"
+  log = tmp / "first.txt"
+  # The save of step 20 is written but stops before its commit; there the process dies.
+  proc = start(train_command(*ctx.train_args(workdir)), ctx.env, log,
+               {"FAULTS_STALL_SAVE_AT": "20", "FAULTS_MARKER": str(marker)})
+  try:
+    wait_until(marker.exists, proc, log, "the save of step 20")
+    assert complete_steps(workdir) == [10]
+    assert any(name.startswith("20.") for name in partial_saves(workdir))
+  finally:
+    proc.kill()
+    finish(proc, log)
+  assert proc.returncode == -signal.SIGKILL
+
+  status, text = run(train_command(*ctx.train_args(workdir)), ctx.env, tmp / "second.txt")
+  assert status == 0, text[-3000:]
+  assert "Resumed from the checkpoint at step 10." in text  # Not from the partial 20.
+  assert not partial_saves(workdir)  # The leftover was deleted on start.
+  assert complete_steps(workdir) == [10, 20, 30]
+  assert_bit_identical(restored(workdir)[1], ctx.reference_variables)
+
+
+# ----------------------------------------------------------------------------- NaN and Inf
+
+
+@scenario
+def _nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(ctx, tmp):
+  workdir = tmp / "run"
+  status, text = run(train_command(*ctx.train_args(workdir)), ctx.env, tmp / "console.txt",
+                     {"FAULTS_NAN_AT_STEP": "15"})
+  assert status == 1, text[-3000:]
+  error = error_line(text)
+  assert error.startswith("error: The loss became NaN or Inf at step 15;"), error
+  assert "Last good checkpoint: step 10." in error
+  assert complete_steps(workdir) == [10] and not partial_saves(workdir)
+  step, variables = restored(workdir)
+  assert step == 10
+  assert_bit_identical(variables, restored(ctx.reference, 10)[1])
+
+
+@scenario
+def _nan_policy_skip_skips_only_that_update(ctx, tmp):
+  workdir = tmp / "run"
+  status, text = run(train_command(*ctx.train_args(workdir, "--config.nan_policy=skip")),
+                     ctx.env, tmp / "console.txt", {"FAULTS_NAN_AT_STEP": "15"})
+  assert status == 0, text[-3000:]
+  assert "Skipped 1 update(s) with a non-finite loss at steps [15]." in text
+  assert complete_steps(workdir) == [10, 20, 30]
+  assert_bit_identical(restored(workdir, 10)[1], restored(ctx.reference, 10)[1])
+  step, variables = restored(workdir)
+  assert step == NUM_STEPS
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+  # Later batches were the same as the reference's (the step still counted), but the end
+  # result lacks the update of step 15.
+  assert any(not np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(variables), jax.tree.leaves(ctx.reference_variables)))
+
+
+# -------------------------------------------------------------------------------- full disk
+
+
+def _check_disk_full(ctx: Context, status: int, text: str, workdir: Path) -> None:
+  assert status == 1, text[-3000:]
+  error = error_line(text)
+  assert error.startswith(f"error: Could not save the checkpoint of step 20 in "
+                          f"{checkpoint_dir(workdir)}: No space left on device (ENOSPC)."), error
+  assert "The complete checkpoints [10] are intact" in error
+  # The previous checkpoint stays readable, exactly as it was written.
+  step, variables = restored(workdir)
+  assert step == 10
+  assert_bit_identical(variables, restored(ctx.reference, 10)[1])
+
+
+@scenario
+def _disk_full_during_a_save_stops_and_keeps_the_previous_checkpoint(ctx, tmp):
+  """The commit of step 20 fails with ENOSPC (injected where Orbax renames the folder)."""
+  workdir = tmp / "run"
+  status, text = run(train_command(*ctx.train_args(workdir)), ctx.env, tmp / "console.txt",
+                     {"FAULTS_ENOSPC_AT_SAVE": "20"})
+  _check_disk_full(ctx, status, text, workdir)
+
+
+def _can_mount_tmpfs(tmp: Path) -> bool:
+  """Whether an unprivileged user and mount namespace can mount a tmpfs here (Linux)."""
+  if not shutil.which("unshare"):
+    return False
+  probe = tmp / "probe"
+  probe.mkdir()
+  result = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs "
+                           f"'{probe}'"], capture_output=True, timeout=60, check=False)
+  return result.returncode == 0
+
+
+@scenario
+def _disk_full_on_a_real_tiny_filesystem(ctx, tmp):
+  """Checkpoints on a tmpfs with room for one: the second save really runs out of space."""
+  if not _can_mount_tmpfs(tmp):
+    pytest.skip("unshare cannot mount a tmpfs here (no user namespaces)")
+  workdir = tmp / "run"
+  checkpoint_dir(workdir).mkdir(parents=True)
+  kept = tmp / "checkpoints_kept"
+  size = sum(p.stat().st_size for p in (checkpoint_dir(ctx.reference) / "10").rglob("*")
+             if p.is_file())
+  command = " ".join(f"'{a}'" for a in train_command(*ctx.train_args(workdir)))
+  # The tmpfs lives as long as its namespace: copy out what it holds before that ends.
+  script = (f"mount -t tmpfs -o size={size * 3 // 2} tmpfs '{checkpoint_dir(workdir)}' && "
+            f"{{ {command}; rc=$?; cp -a '{checkpoint_dir(workdir)}' '{kept}'; exit $rc; }}")
+  status, text = run(["unshare", "-rm", "sh", "-c", script], ctx.env, tmp / "console.txt")
+  checkpoint_dir(workdir).rmdir()
+  shutil.copytree(kept, checkpoint_dir(workdir), symlinks=True)
+  _check_disk_full(ctx, status, text, workdir)
+
+
+# ------------------------------------------------------------------- another model's workdir
+
+
+@scenario
+def _checkpoints_of_another_model_are_refused_and_nothing_is_overwritten(ctx, tmp):
+  workdir = tmp / "run"
+  shutil.copytree(ctx.reference, workdir, symlinks=True)
+  before = file_contents(workdir)
+  status, text = run(module_command("msatt_jax.train",
+                                    *ctx.train_args(workdir, "--config.model.base_width=8")),
+                     ctx.env, tmp / "console.txt")
+  assert status == 1, text[-3000:]
+  error = error_line(text)
+  assert error.startswith(f"error: {checkpoint_dir(workdir)} holds checkpoints of a different "
+                          "model or input: "), error
+  assert "Use a new --workdir (nothing was overwritten)." in error
+  assert file_contents(workdir) == before
+
+
+# ------------------------------------------------------------------ bad input through the CLIs
+
+
+def _save_nifti(data: np.ndarray, path: Path) -> None:
+  nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+
+
+def _truncate(path: Path) -> Path:
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  return path
+
+
+def _brats_case(ctx: Context, dest: Path) -> Path:
+  """A writable copy of the first BraTS-layout case folder."""
+  case = sorted(p for p in ctx.synthetic_brats.glob("*/*") if p.is_dir())[0]
+  return Path(shutil.copytree(case, dest / case.name))
+
+
+def _corrupt_nifti(src: Path) -> Tuple[str, str]:
+  return str(_truncate(src / "imagesTr" / "BRATS_002.nii.gz")), "cannot read as NIfTI"
+
+
+def _missing_modality(src: Path) -> Tuple[str, str]:
+  # The MSD layout stores modalities as channels: drop one channel of one case.
+  path = src / "imagesTr" / "BRATS_003.nii.gz"
+  _save_nifti(np.asarray(nib.load(str(path)).dataobj)[..., :3], path)
+  return str(path), "3 channels"
+
+
+def _shape_mismatch(src: Path) -> Tuple[str, str]:
+  path = src / "labelsTr" / "BRATS_003.nii.gz"
+  _save_nifti(np.zeros((40, 48, 40), np.uint8), path)
+  return str(path), "differs from image shape"
+
+
+def _nan_voxels(src: Path) -> Tuple[str, str]:
+  path = src / "imagesTr" / "BRATS_001.nii.gz"
+  image = np.asarray(nib.load(str(path)).dataobj, np.float32)
+  image[20, 20, 20, 1] = np.nan
+  _save_nifti(image, path)
+  return str(path), "NaN or Inf voxels"
+
+
+def _unknown_labels(src: Path) -> Tuple[str, str]:
+  path = src / "labelsTr" / "BRATS_004.nii.gz"
+  label = np.asarray(nib.load(str(path)).dataobj).astype(np.uint8)
+  label[0, 0, 0] = 7
+  _save_nifti(label, path)
+  return str(path), "label values [7]"
+
+
+def _empty_folder(src: Path) -> Tuple[str, str]:
+  shutil.rmtree(src)
+  src.mkdir()
+  return str(src), "neither an MSD folder"
+
+
+BAD_SOURCES = {f.__name__.lstrip("_"): f for f in (
+    _corrupt_nifti, _missing_modality, _shape_mismatch, _nan_voxels, _unknown_labels,
+    _empty_folder)}
+
+
+def _prepared_sets(data_dir: Path) -> List[Path]:
+  """Data sets under data_dir that read as complete (TFDS writes dataset_info.json last)."""
+  return [p for p in data_dir.rglob("dataset_info.json") if "incomplete" not in str(p)]
+
+
+def _bad_training_data(damage: Callable[[Path], Tuple[str, str]], ctx: Context,
+                       tmp: Path) -> None:
+  src = Path(shutil.copytree(ctx.synthetic_msd, tmp / "source"))
+  names, phrase = damage(src)
+  workdir, data_dir = tmp / "run", tmp / "prepared"
+  status, text = run(module_command(
+      "msatt_jax.train", *TINY, f"--workdir={workdir}", f"--config.data.source_dir={src}",
+      f"--config.data.data_dir={data_dir}"), ctx.env, tmp / "console.txt")
+  assert status == 1, text[-3000:]
+  assert "Traceback" not in text, text[-3000:]
+  error = error_line(text)
+  assert names in error and phrase in error, error
+  # Nothing that a later run would read as prepared data, and no run output.
+  assert not _prepared_sets(data_dir)
+  assert not checkpoint_dir(workdir).exists() and not (workdir / "metrics.jsonl").exists()
+
+
+for _name, _damage in BAD_SOURCES.items():
+  SCENARIOS[f"train_refuses_{_name}"] = functools.partial(_bad_training_data, _damage)
+
+
+BAD_OVERRIDES = {
+    "unknown_key": ("--config.batch_sizee=3",
+                    "--config.batch_sizee: the config has no key 'batch_sizee' Did you mean "
+                    '"batch_size"'),
+    "wrong_type": ("--config.batch_size=abc",
+                   "flag --config.batch_size=abc: invalid literal for int()"),
+    "bad_nan_policy": ("--config.nan_policy=sometimes",
+                       "config.nan_policy must be one of ('stop', 'skip'), not 'sometimes'"),
+}
+
+
+def _bad_override(name: str, ctx: Context, tmp: Path) -> None:
+  override, message = BAD_OVERRIDES[name]
+  workdir = tmp / "run"
+  status, text = run(module_command("msatt_jax.train", *ctx.train_args(workdir), override),
+                     ctx.env, tmp / "console.txt")
+  assert status == 1, text[-3000:]
+  assert "Traceback" not in text, text[-3000:]
+  assert message in error_line(text)
+  assert not checkpoint_dir(workdir).exists()
+
+
+for _name in BAD_OVERRIDES:
+  SCENARIOS[f"train_refuses_override_{_name}"] = functools.partial(_bad_override, _name)
+
+
+def _predict_input(kind: str, ctx: Context, tmp: Path) -> Tuple[Path, str, str]:
+  """(input, the file the error must name, a phrase of it) for predict."""
+  if kind == "corrupt_input":
+    path = tmp / "BRATS_001.nii.gz"
+    shutil.copy(ctx.synthetic_msd / "imagesTr" / path.name, path)
+    return path, str(_truncate(path)), "cannot read as NIfTI"
+  case = _brats_case(ctx, tmp)
+  if kind == "missing_modality":
+    next(case.glob("*_t1ce.nii*")).unlink()
+    return case, case.name, "missing modality t1ce"
+  if kind == "shape_mismatch":
+    path = next(case.glob("*_t2.nii*"))
+    _save_nifti(np.zeros((48, 40, 40), np.int16), path)
+    return case, str(path), "differs from"
+  raise ValueError(kind)
+
+
+def _bad_predict(kind: str, ctx: Context, tmp: Path) -> None:
+  output = tmp / "out" / "seg.nii.gz"
+  output.parent.mkdir()
+  if kind in ("missing_output_folder", "output_under_a_file"):
+    case = _brats_case(ctx, tmp)
+    if kind == "missing_output_folder":
+      output = tmp / "no_such_folder" / "seg.nii.gz"
+    else:
+      (tmp / "a_file").write_text("not a folder")
+      output = tmp / "a_file" / "seg.nii.gz"
+    names, phrase = str(output.parent), "does not exist"
+  else:
+    case, names, phrase = _predict_input(kind, ctx, tmp)
+  status, text = run(module_command(
+      "msatt_jax.predict", f"--workdir={ctx.reference}", f"--input={case}",
+      f"--output={output}", "--checkpoint=latest"), ctx.env, tmp / "console.txt")
+  assert status == 1, text[-3000:]
+  assert "Traceback" not in text, text[-3000:]
+  error = error_line(text)
+  assert names in error and phrase in error, error
+  assert not output.exists()
+  if output.parent.is_dir():
+    assert not [p.name for p in output.parent.iterdir() if ".partial" in p.name]
+
+
+# The reader's other checks (NaN voxels, empty folders, ...) are the ones train hits above, and
+# tests/test_layouts.py covers each at the reader level.
+BAD_PREDICTIONS = ("corrupt_input", "missing_modality", "shape_mismatch",
+                   "missing_output_folder", "output_under_a_file")
+for _name in BAD_PREDICTIONS:
+  SCENARIOS[f"predict_refuses_{_name}"] = functools.partial(_bad_predict, _name)
+
+
+@scenario
+def _evaluate_names_a_corrupt_case_and_writes_no_results(ctx, tmp):
+  src = Path(shutil.copytree(ctx.synthetic_msd, tmp / "source"))
+  for image in (src / "imagesTr").iterdir():
+    _truncate(image)  # Whichever case the test split holds, it is unreadable.
+  out = tmp / "eval"
+  status, text = run(module_command(
+      "msatt_jax.evaluate", f"--workdir={ctx.reference}", "--checkpoint=latest",
+      f"--source_dir={src}", f"--out={out}"), ctx.env, tmp / "console.txt")
+  assert status == 1, text[-3000:]
+  error = error_line(text)
+  assert str(src / "imagesTr") in error and "cannot read as NIfTI" in error, error
+  assert not (out / "summary.json").exists() and not (out / "per_case.csv").exists()
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_fault(name, outcomes):
+  outcomes[name].result()  # Re-raises the scenario's failure (or skip) here.
