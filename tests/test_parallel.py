@@ -251,3 +251,14 @@ def test_two_processes_train_like_one(four_devices, data):
   assert steps == [STEPS // 2, STEPS]
   assert _logged_steps(workdir) == list(range(1, STEPS + 1))
   _assert_close_trees(_restored_for_inference(workdir), one_process)
+
+
+def test_scaling_benchmark_efficiency_is_relative_to_one_device():
+  from benchmarks import scaling  # pylint: disable=g-import-not-at-top
+  rows = scaling.efficiency_table([
+      {"mode": "sharding", "devices": 1, "slices_per_s": 100.0},
+      {"mode": "sharding", "devices": 4, "slices_per_s": 300.0},
+      {"mode": "pmap", "devices": 2, "slices_per_s": 50.0},
+      {"mode": "pmap", "devices": 4, "slices_per_s": 50.0}])
+  assert [round(r["speedup"], 3) for r in rows] == [1.0, 3.0, 1.0, 1.0]
+  assert [round(r["efficiency"], 3) for r in rows] == [1.0, 0.75, 1.0, 0.5]
