@@ -5,6 +5,14 @@
 
 A workdir that already holds checkpoints of the same model resumes from the newest complete one,
 with the same learning rate and data order.
+
+Faults. SIGTERM (preemption) or SIGINT (Ctrl-C) during training saves a checkpoint of the step
+reached, waits for it to commit, and exits with status 128 + the signal (143, 130); a kill -9
+loses at most the steps since the last checkpoint (a save it interrupts is never read). Either
+way, rerunning the same command continues bit for bit as if uninterrupted. A NaN or Inf loss
+stops the run with exit status 1, naming the step, without saving that state (or skips the
+update with --config.nan_policy=skip); so does a checkpoint that cannot be written (a full disk),
+the earlier checkpoints staying intact.
 """
 
 import contextlib
