@@ -85,7 +85,8 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict,
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: Any,
                        learning_rate_fn: optax.Schedule) -> TrainState:
   dummy = jnp.zeros((1, *input_shape(config)), jnp.float32)
-  variables = model.init(rng, dummy, train=False)
+  # Jitted: an eager init dispatches every initializer op by op (tens of seconds on a CPU).
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, dummy)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables.get("batch_stats", {}),
                            tx=optax.adam(learning_rate_fn))
