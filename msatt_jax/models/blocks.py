@@ -21,16 +21,26 @@ class ConvLSTM(nn.Module):
   loop whatever T is. The carry starts at zero; returns every hidden state, (B, T, H, W, features).
   The carry is kept in float32 (the cell's param_dtype) even under a bfloat16 compute dtype, so the
   cell state does not lose precision across steps.
+
+  The first step runs before the loop, through the same cell, on a 1 x 1 zero carry that
+  broadcasts over the image: from the zero state the hidden-to-hidden convolution is only its
+  bias, so this skips 1/T of the recurrence's largest convolution, forward and backward, with the
+  same result and parameters.
   """
   features: int
   kernel_size: tuple[int, int] = (3, 3)
-  unroll: int = 1  # Steps per loop iteration; T unrolls the loop body fully (see below).
+  unroll: int = 1  # Steps per loop iteration; T unrolls the loop body fully.
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cell = nn.ConvLSTMCell(self.features, self.kernel_size, dtype=self.dtype, name="cell")
-    return nn.RNN(cell, unroll=self.unroll, name="rnn")(x)
+    zero = jnp.zeros((x.shape[0],) + (1,) * (x.ndim - 3) + (self.features,), cell.param_dtype)
+    carry, first = cell((zero, zero), x[:, 0])
+    if x.shape[1] == 1:
+      return first[:, None]
+    rest = nn.RNN(cell, unroll=self.unroll, name="rnn")(x[:, 1:], initial_carry=carry)
+    return jnp.concatenate([first[:, None].astype(rest.dtype), rest], axis=1)
 
 
 class SqueezeExcitation(nn.Module):
