@@ -18,7 +18,9 @@ and finally lets it run to the end. A round survives with nothing lost when
   - the final parameters and batch statistics are bit-identical to the reference's.
 Prints one line per round and the totals; the processes go through tests/faults_run.py, which
 injects the slow and stalled saves. Compiled programs are shared through a persistent JAX
-compilation cache, so only the reference run compiles.
+compilation cache, so only the reference run compiles. Everything runs from a copy of the code
+taken at the start (<workdir>/code): edits to the working tree while the benchmark runs cannot
+make the rounds differ from the reference.
 """
 
 import argparse
@@ -37,7 +39,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
-FAULTS_RUN = str(REPO / "tests" / "faults_run.py")
 NUM_STEPS = 30
 STEPS_PER_SAVE = 5  # 40 train slices / batch 8, a checkpoint every epoch.
 SAVE_STEPS = tuple(range(STEPS_PER_SAVE, NUM_STEPS + 1, STEPS_PER_SAVE))
@@ -62,6 +63,7 @@ class Lost(AssertionError):
 @dataclasses.dataclass
 class Setup:
   root: Path
+  code: Path  # The snapshot of the repository the processes run.
   env: Dict[str, str]
   data_args: List[str]
   reference: Any  # Final variables of the uninterrupted run.
@@ -71,12 +73,11 @@ class Setup:
 # ------------------------------------------------------------------------------ processes
 
 
-def _start(workdir: Path, env: Dict[str, str], data_args: List[str], log: Path,
-           faults: Dict[str, str]) -> subprocess.Popen:
+def _start(setup: "Setup", workdir: Path, log: Path, faults: Dict[str, str]) -> subprocess.Popen:
   with open(log, "w", encoding="utf-8") as f:
-    return subprocess.Popen([sys.executable, FAULTS_RUN, *TINY, *data_args,
-                             f"--workdir={workdir}"], cwd=REPO, stdout=f,
-                            stderr=subprocess.STDOUT, env={**env, **faults})
+    return subprocess.Popen([sys.executable, str(setup.code / "tests" / "faults_run.py"), *TINY,
+                             *setup.data_args, f"--workdir={workdir}"], cwd=setup.code,
+                            stdout=f, stderr=subprocess.STDOUT, env={**setup.env, **faults})
 
 
 def _wait(proc: subprocess.Popen) -> int:
@@ -172,7 +173,7 @@ def _interrupt(kind: str, rng: random.Random, setup: Setup, workdir: Path, log: 
   slow = kind == "kill9" and rng.random() < 0.5
   if slow:
     faults["FAULTS_SAVE_DELAY"] = str(SLOW_SAVE)
-  proc = _start(workdir, setup.env, setup.data_args, log, faults)
+  proc = _start(setup, workdir, log, faults)
   try:
     if kind == "kill9_in_save":
       if not _wait_for(marker.exists, proc):
@@ -234,7 +235,7 @@ def run_round(index: int, seed: int, setup: Setup) -> Tuple[bool, str, float]:
                                workdir.parent / f"round_{index:03d}_{j}.log"))
     newest = (_complete_steps(workdir) or [None])[-1]
     log = workdir.parent / f"round_{index:03d}_final.log"
-    status = _wait(_start(workdir, setup.env, setup.data_args, log, {}))
+    status = _wait(_start(setup, workdir, log, {}))
     if status != 0:
       raise Lost(f"the final run exited with {status}")
     _check_resume(log, newest)
@@ -251,9 +252,24 @@ def run_round(index: int, seed: int, setup: Setup) -> Tuple[bool, str, float]:
     return False, "; ".join(events), time.perf_counter() - start
 
 
+def snapshot(root: Path) -> Path:
+  """A copy of the code as it is now, which every process of the benchmark runs."""
+  code = root / "code"
+  shutil.rmtree(code, ignore_errors=True)
+  patterns = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".pytest_cache", "runs")
+
+  def ignore(folder: str, names: List[str]) -> set:
+    # Never the benchmark's own folder, should it lie inside the repository.
+    return set(patterns(folder, names)) | {n for n in names if Path(folder, n) == root}
+
+  shutil.copytree(REPO, code, ignore=ignore)
+  sys.path.insert(0, str(code))  # Restores in this process read with the same code.
+  return code
+
+
 def prepare(root: Path) -> Setup:
-  """Synthetic data, the compilation cache and the uninterrupted reference run."""
-  sys.path.insert(0, str(REPO))
+  """The code snapshot, synthetic data, the compilation cache and the reference run."""
+  code = snapshot(root)
   from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
   source = root / "source"
   if not source.exists():
@@ -265,20 +281,20 @@ def prepare(root: Path) -> Setup:
               "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
   data_args = [f"--config.data.source_dir={source}",
                f"--config.data.data_dir={root / 'prepared'}"]
+  setup = Setup(root, code, env, data_args, None, 0.0)
   reference = root / "reference"
-  shutil.rmtree(reference, ignore_errors=True)
   # Twice: the first run prepares the data and compiles; the second's life is a typical one.
   for _ in range(2):
     shutil.rmtree(reference, ignore_errors=True)
     start = time.perf_counter()
-    status = _wait(_start(reference, env, data_args, root / "reference.log",
+    status = _wait(_start(setup, reference, root / "reference.log",
                           {"FAULTS_STEP_DELAY": str(STEP_DELAY)}))
-    life = time.perf_counter() - start
+    setup.life = time.perf_counter() - start
     if status != 0:
       raise SystemExit(f"the reference run failed; see {root / 'reference.log'}")
-  step, variables = _variables(reference)
+  step, setup.reference = _variables(reference)
   assert step == NUM_STEPS
-  return Setup(root, env, data_args, variables, life)
+  return setup
 
 
 def main() -> None:
