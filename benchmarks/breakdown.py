@@ -1,0 +1,145 @@
+"""Where a compiled step spends its time, by model part, from a JAX profiler trace.
+
+XLA:CPU (and GPU) record one trace event per executed HLO instruction (kernel, fusion, library
+call). Each instruction of the optimised HLO carries the `op_name` of the JAX operation it
+came from, and Flax puts the module path in it (`.../jvp(MSConvLSTMAtt)/encoders/convlstm/...`
+forward, `.../transpose(jvp(MSConvLSTMAtt))/...` backward). Summing event durations by module
+path gives the time of each part in the real step, forward and backward together, instead of
+timing parts compiled on their own.
+
+The durations are the instructions' own wall times; independent instructions may run
+concurrently, so the parts are reported as shares of their sum and scaled to the step time.
+"""
+
+import collections
+import glob
+import os
+import re
+import shutil
+import tempfile
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+# Coarse parts of MSConvLSTM-Att: (part, regex over the module path inside the model).
+MSCONVLSTM_ATT_PARTS: Tuple[Tuple[str, str], ...] = (
+    ("ConvLSTM (scale 1)", r"(^|/)convlstm(/|$)"),
+    ("encoders: SE-Inception, SE-ResNet, rest", r"^encoders(/|$)"),
+    ("single/multi-scale fusion", r"^(single\d+|multi_conv\d+)(/|$)"),
+    ("attention: refine conv + SAM", r"^(refine\d+|sam\d+)(/|$)"),
+    ("heads: classifiers", r"^classifier\d+(/|$)"),
+)
+TOP_LEVEL = "model top level: pad, resample, concat, resize, mean"
+OUTSIDE = "loss, Adam, update, checks"
+OTHER = "unattributed"
+
+PARTS = {"msconvlstm_att": MSCONVLSTM_ATT_PARTS}
+
+# Names JAX gives to call wrappers, not modules.
+_WRAPPERS = {"closed_call", "core_call", "pjit", "checkpoint", "remat", "custom_jvp_call",
+             "custom_vjp_call", "custom_vjp_call_jaxpr"}
+# Events that enclose other instructions' events (their bodies are counted themselves).
+_CONTAINERS = re.compile(r"^(while|call|conditional|async)")
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", re.M)
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name=\"([^\"]*)\"",
+                          re.M)
+
+
+def instruction_op_names(hlo_text: str) -> Dict[str, str]:
+  """Instruction name -> op_name metadata ('' where none), over every computation of an HLO text."""
+  names = {m.group(1): "" for m in _NAME.finditer(hlo_text)}
+  names.update({m.group(1): m.group(2) for m in _INSTRUCTION.finditer(hlo_text)})
+  return names
+
+
+def module_path(op_name: str, model_name: str) -> Optional[str]:
+  """The module path inside the model ('' at its top level), None outside the model.
+
+  'jit(train_step)/transpose(jvp(MSConvLSTMAtt))/encoders/convlstm/rnn/conv_general_dilated'
+  -> 'encoders/convlstm/rnn'; wrappers such as 'vmap(encoders)' give their module's name.
+  """
+  parts = op_name.split("/")
+  for i, part in enumerate(parts):
+    if re.search(rf"(^|\(){re.escape(model_name)}\)*$", part):
+      inner = parts[i + 1:-1]  # The last component is the primitive.
+      names: List[str] = []
+      for p in inner:
+        m = re.fullmatch(r"(?:\w+\()*(\w+)\)*", p)
+        # Skip jit-wrapped functions, call wrappers, and a module repeated by its wrapper
+        # ('encoder/encoder' under nn.vmap).
+        if (m and not p.startswith("jit(") and m.group(1) not in _WRAPPERS
+            and (not names or names[-1] != m.group(1))):
+          names.append(m.group(1))
+      return "/".join(names)
+  return None
+
+
+def trace_instruction_times(run: Callable[[], None], steps: int) -> Dict[str, float]:
+  """Seconds per HLO instruction name over `steps` calls of `run`, from a profiler trace."""
+  # Imported here: the benchmark's driver formats breakdowns without importing JAX.
+  import jax  # pylint: disable=g-import-not-at-top
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+  workdir = tempfile.mkdtemp(prefix="msatt-trace-")
+  try:
+    with jax.profiler.trace(workdir):
+      for _ in range(steps):
+        run()
+    paths = glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+      raise RuntimeError("The profiler wrote no trace.")
+    space = xplane_pb2.XSpace()
+    with open(paths[0], "rb") as f:
+      space.ParseFromString(f.read())
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  times: Dict[str, float] = collections.defaultdict(float)
+  for plane in space.planes:
+    if not (plane.name.startswith("/host:CPU") or plane.name.startswith("/device:")):
+      continue
+    for line in plane.lines:
+      for event in line.events:
+        times[plane.event_metadata[event.metadata_id].name] += event.duration_ps * 1e-12
+  return {k: v / steps for k, v in times.items()}
+
+
+def attribute(instruction_times: Mapping[str, float], hlo_text: str, model_name: str,
+              parts: Sequence[Tuple[str, str]]) -> Tuple[Dict[str, float], Dict[str, float]]:
+  """(seconds per coarse part, seconds per module path) of one step."""
+  op_names = instruction_op_names(hlo_text)
+  coarse: Dict[str, float] = collections.defaultdict(float)
+  fine: Dict[str, float] = collections.defaultdict(float)
+  for name, seconds in instruction_times.items():
+    if name not in op_names or _CONTAINERS.match(name):
+      continue
+    path = module_path(op_names[name], model_name)
+    if path is None:
+      part = OUTSIDE if op_names[name] else OTHER
+    elif not path:
+      part = TOP_LEVEL
+    else:
+      part = next((p for p, rx in parts if re.search(rx, path)), TOP_LEVEL)
+    coarse[part] += seconds
+    fine[path if path is not None else f"({part})"] += seconds
+  return dict(coarse), dict(fine)
+
+
+def format_breakdown(coarse: Mapping[str, float], step_s: float,
+                     fine: Optional[Mapping[str, float]] = None, top: int = 12) -> str:
+  """A table of parts: share of the instructions' summed time and that share of the step."""
+  total = sum(coarse.values()) or 1.0
+  lines = [f"{'part':<52} {'share':>7} {'ms/step':>9}"]
+  for part, seconds in sorted(coarse.items(), key=lambda kv: -kv[1]):
+    share = seconds / total
+    lines.append(f"{part:<52} {100 * share:6.1f}% {1e3 * share * step_s:9.1f}")
+  if fine:
+    total = sum(fine.values()) or 1.0
+    lines.append("")
+    lines.append(f"{'module path (top ' + str(top) + ')':<52} {'share':>7} {'ms/step':>9}")
+    for path, seconds in sorted(fine.items(), key=lambda kv: -kv[1])[:top]:
+      share = seconds / total
+      lines.append(f"{path or '(top level)':<52} {100 * share:6.1f}% {1e3 * share * step_s:9.1f}")
+  return "\n".join(lines)
+
+
+def rows(coarse: Mapping[str, float], step_s: float) -> List[Dict[str, float]]:
+  total = sum(coarse.values()) or 1.0
+  return [{"part": p, "share": s / total, "ms_per_step": 1e3 * s / total * step_s}
+          for p, s in sorted(coarse.items(), key=lambda kv: -kv[1])]

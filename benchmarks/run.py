@@ -1,0 +1,277 @@
+"""Training and inference throughput of the models, optionally beside PyTorch/MONAI.
+
+  python -m benchmarks.run --models unet --batch_sizes 8 --size 192 --compare-torch
+  python -m benchmarks.run --models msconvlstm_att --json results.jsonl
+  python -m benchmarks.run --models unet --variant convT:upsample=conv_transpose \
+      --variant no-xla-flags:runtime=malloc
+
+For each model and batch size: compile time; train-step (forward + the project's loss + backward
++ Adam, jitted with the state donated) and inference slices/s, median and interquartile range
+over --steps steps after --warmup; FLOPs per step from XLA's cost analysis and the achieved
+fraction of --peak_gflops; peak memory (resident set size on CPU, the device's peak on GPU).
+
+Every side (the project's JAX model, each --variant of it, and with --compare-torch its
+PyTorch/MONAI counterpart) runs in its own worker process with the same threads and allocator
+settings, and the driver alternates single steps between them (A B A B ...), so a changing load
+on the machine affects all sides alike. The process applies the project's runtime defaults
+(msatt_jax/runtime.py) before anything starts.
+
+A --variant NAME:SPEC adds a JAX worker: SPEC is a comma list of key=value model overrides and
+optionally runtime=GROUPS, the runtime defaults that worker gets ('none', 'xla', 'malloc', 'all').
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from benchmarks import breakdown
+from benchmarks import common
+from msatt_jax import runtime
+
+ALL_MODELS = ("msconvlstm_att", "unet", "attunet", "fcn")
+TORCH_MODELS = ("unet", "attunet")
+MODES = ("inference", "train")  # Inference first: the train step donates the parameters.
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--models", default=",".join(ALL_MODELS),
+                 help="comma list of " + ", ".join(ALL_MODELS))
+  p.add_argument("--batch_sizes", default="8", help="comma list of batch sizes")
+  p.add_argument("--size", type=int, default=192, help="slice height and width")
+  p.add_argument("--steps", type=int, default=10, help="timed steps per side and mode")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--window", type=int, default=1,
+                 help="consecutive steps per timing sample (one wait each); >1 on a GPU hides "
+                      "the wait's latency")
+  p.add_argument("--modes", default=",".join(MODES), help="comma list of inference, train")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype (parameters stay float32)")
+  p.add_argument("--compare-torch", dest="compare_torch", action="store_true",
+                 help="also run MONAI's BasicUNet / AttentionUnet (pip install -e .[bench])")
+  p.add_argument("--torch-channels-first", dest="torch_channels_last", action="store_false",
+                 help="PyTorch in NCHW memory format (default: channels_last, its faster one "
+                      "on CPU)")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="model config override for every model that has KEY (repeatable)")
+  p.add_argument("--variant", dest="variants", action="append", default=[],
+                 metavar="NAME:SPEC", help="an extra JAX side (see above; repeatable)")
+  p.add_argument("--peak_gflops", type=float, default=common.DEFAULT_PEAK_GFLOPS,
+                 help="the machine's peak GFLOP/s for the %% of peak column (default: this "
+                      "project's 2-core Zen 4 fp32 figure, see benchmarks/common.py)")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also profile the JAX sides' steps and print their time by model part")
+  p.add_argument("--json", help="append one JSON line per result to this file")
+  p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+  args = p.parse_args(argv)
+  args.models = _split(args.models)
+  unknown = sorted(set(args.models) - set(ALL_MODELS))
+  if unknown:
+    p.error(f"unknown model(s) {unknown}; choose from {', '.join(ALL_MODELS)}")
+  args.batch_sizes = [int(b) for b in _split(args.batch_sizes)]
+  args.modes = [m for m in MODES if m in _split(args.modes)]
+  if not args.modes:
+    p.error("--modes names neither inference nor train")
+  if args.steps < 1 or args.warmup < 0 or args.window < 1:
+    p.error("--steps and --window must be >= 1, --warmup >= 0")
+  try:
+    args.overrides = _pairs(args.overrides)
+    args.variants = [_variant(v) for v in args.variants]
+  except ValueError as e:
+    p.error(str(e))
+  return args
+
+
+def _split(text: str) -> List[str]:
+  return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _pairs(items: Sequence[str]) -> Dict[str, str]:
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"expected KEY=VALUE, got {item!r}")
+    out[key.strip()] = value.strip()
+  return out
+
+
+def _variant(text: str) -> Tuple[str, Dict[str, str], Optional[str]]:
+  """NAME:k=v,...,runtime=GROUPS -> (name, model overrides, runtime groups or None)."""
+  name, sep, spec = text.partition(":")
+  if not sep or not name:
+    raise ValueError(f"--variant expects NAME:SPEC, got {text!r}")
+  pairs = _pairs(_split(spec))
+  groups = pairs.pop("runtime", None)
+  if groups is not None:
+    runtime.enabled_groups({runtime.OPT_ENV: groups})  # Validates.
+  return name, pairs, groups
+
+
+def _overrides_for(model: str, overrides: Mapping[str, str]) -> Dict[str, str]:
+  """The overrides that apply to `model` (those naming keys of its config)."""
+  from configs import brats18  # pylint: disable=g-import-not-at-top
+  keys = set(brats18.get_model_config(model))
+  return {k: v for k, v in overrides.items() if k in keys}
+
+
+def _variant_env(groups: Optional[str]) -> Dict[str, str]:
+  """The environment of a worker that gets only the runtime defaults `groups`."""
+  env = dict(os.environ)
+  if groups is None:
+    return env
+  runtime.strip_environment(env)
+  env[runtime.OPT_ENV] = groups
+  runtime.apply_environment(env, runtime.enabled_groups(env))
+  return env
+
+
+class Side:
+  """One worker and what it measured."""
+
+  def __init__(self, worker: common.Worker, framework: str, variant: Optional[str]):
+    self.worker, self.framework, self.variant = worker, framework, variant
+    self.times: Dict[str, List[float]] = {}
+    self.setup: Dict[str, Dict[str, Any]] = {}
+
+  @property
+  def label(self) -> str:
+    return self.framework + (f"[{self.variant}]" if self.variant else "")
+
+
+def measure(model: str, batch_size: int, args: argparse.Namespace) -> List[Dict[str, Any]]:
+  """Result rows of one model at one batch size (every side, every mode)."""
+  base = {"model": model, "batch_size": batch_size, "size": args.size, "dtype": args.dtype}
+  sides: List[Side] = []
+  try:
+    overrides = _overrides_for(model, args.overrides)
+    sides.append(Side(common.Worker("benchmarks.jax_bench", {**base, "overrides": overrides},
+                                    f"jax {model}"), "jax", None))
+    for name, var_overrides, groups in args.variants:
+      spec = {**base, "overrides": {**overrides, **_overrides_for(model, var_overrides)}}
+      sides.append(Side(common.Worker("benchmarks.jax_bench", spec, f"jax[{name}] {model}",
+                                      env=_variant_env(groups)), "jax", name))
+    if args.compare_torch and model in TORCH_MODELS:
+      spec = {**base, "overrides": overrides, "channels_last": args.torch_channels_last}
+      sides.append(Side(common.Worker("benchmarks.torch_bench", spec, f"pytorch {model}"),
+                        "pytorch", None))
+    for mode in args.modes:
+      for side in sides:
+        side.setup[mode] = side.worker.call("setup", mode=mode)
+      for side in sides:
+        if args.warmup:
+          side.worker.call("run", mode=mode, steps=args.warmup, window=args.window)
+        side.times[mode] = []
+      for _ in range(args.steps):  # A B A B: one sample of each side in turn.
+        for side in sides:
+          side.times[mode] += side.worker.call("run", mode=mode, steps=1,
+                                               window=args.window)["times"]
+      for side in sides:
+        side.setup[mode].update(side.worker.call("memory", mode=mode))
+        if args.breakdown and side.framework == "jax":
+          # Profiled steps run slower; they are not part of the timings.
+          side.setup[mode]["breakdown"] = side.worker.call("breakdown", mode=mode, steps=3)
+    return [_row(base, side, mode, args) for side in sides for mode in args.modes]
+  finally:
+    for side in sides:
+      side.worker.close()
+
+
+def _row(base: Mapping[str, Any], side: Side, mode: str,
+         args: argparse.Namespace) -> Dict[str, Any]:
+  info, setup = side.worker.info, side.setup[mode]
+  stats = common.step_stats(side.times[mode])
+  flops = setup.get("flops_per_step")
+  row = {**base, "framework": side.label, "variant": side.variant, "mode": mode,
+         "slices_per_s": base["batch_size"] / stats["step_s_median"], **stats,
+         "compile_s": setup.get("compile_s"), "first_step_s": setup.get("first_step_s"),
+         "flops_per_step": flops, "flops_source": setup.get("flops_source"),
+         "gflop_per_step": flops / 1e9 if flops else None,
+         "gflops_per_s": flops / 1e9 / stats["step_s_median"] if flops else None,
+         "peak_percent": (100 * flops / 1e9 / stats["step_s_median"] / args.peak_gflops
+                          if flops and info["platform"] == "cpu" else None),
+         "peak_gflops": args.peak_gflops if info["platform"] == "cpu" else None,
+         "peak_mem_mb": setup.get("peak_mem_mb"), "mem_kind": setup.get("mem_kind"),
+         "params": info["params"], "threads": info["threads"], "device": info["device"],
+         "platform": info["platform"], "framework_version": info["version"],
+         "overrides": side.worker.spec.get("overrides", {}), "runtime": info.get("runtime"),
+         "breakdown": (breakdown.rows(setup["breakdown"]["coarse"], stats["step_s_median"])
+                       if "breakdown" in setup else None),
+         "breakdown_modules": setup["breakdown"]["fine"] if "breakdown" in setup else None,
+         "steps": len(side.times[mode]), "window": args.window,
+         "step_times_s": side.times[mode], "loadavg": list(os.getloadavg()),
+         "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  return row
+
+
+def ratios(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+  """'JAX / other' slices/s lines for every side measured beside a plain JAX side."""
+  lines = []
+  ref = {(r["model"], r["batch_size"], r["mode"]): r for r in rows if r["framework"] == "jax"}
+  for r in rows:
+    jax_row = ref.get((r["model"], r["batch_size"], r["mode"]))
+    if jax_row is None or r is jax_row:
+      continue
+    lines.append(f"{r['model']} batch {r['batch_size']} {r['mode']}: jax / {r['framework']} = "
+                 f"{jax_row['slices_per_s'] / r['slices_per_s']:.2f}x "
+                 f"({jax_row['slices_per_s']:.2f} vs {r['slices_per_s']:.2f} slices/s)")
+  return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+  args = parse_args(argv)
+  for overrides in [args.overrides] + [v[1] for v in args.variants]:
+    for key in overrides:
+      if not any(key in _overrides_for(m, {key: ""}) for m in args.models):
+        raise SystemExit(f"No model of {args.models} has the config key {key!r}.")
+  load = os.getloadavg()
+  print(f"# {len(args.models)} model(s), batch {args.batch_sizes}, {args.size}x{args.size}, "
+        f"{args.dtype}, {args.steps} steps after {args.warmup} warm-up; {common.cpu_threads()} "
+        f"CPU threads; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+  print(f"# runtime settings: {runtime.describe() or 'none'}", flush=True)
+  rows: List[Dict[str, Any]] = []
+  for model in args.models:
+    for batch_size in args.batch_sizes:
+      new = measure(model, batch_size, args)
+      rows += new
+      for r in new:
+        print(f"# {r['model']} {r['framework']} {r['mode']} batch {r['batch_size']}: "
+              f"{r['slices_per_s']:.2f} slices/s", flush=True)
+      if args.json:
+        with open(args.json, "a") as f:
+          for r in new:
+            f.write(json.dumps(r) + "\n")
+  print()
+  print(common.format_table(rows))
+  if args.markdown:
+    print()
+    print(common.format_markdown(rows))
+  lines = ratios(rows)
+  if lines:
+    print()
+    print("\n".join(lines))
+  for r in rows:
+    if r.get("breakdown"):
+      print(f"\n{r['model']} {r['framework']} {r['mode']} batch {r['batch_size']}: step time by "
+            "part (profiler trace)")
+      print(breakdown.format_breakdown(
+          {b["part"]: b["share"] for b in r["breakdown"]}, r["step_s_median"],
+          r["breakdown_modules"]))
+  load = os.getloadavg()
+  print(f"\n# load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+  for r in rows:
+    print(json.dumps({k: v for k, v in r.items()
+                      if k not in ("step_times_s", "breakdown_modules")}))
+  return rows
+
+
+if __name__ == "__main__":
+  runtime.configure()  # First: the allocator settings need a re-executed process.
+  try:
+    main()
+  except common.WorkerError as e:
+    sys.exit(f"benchmark failed: {e}")

@@ -1,0 +1,159 @@
+"""The benchmark's logic (not its speed: no timed assertions) and the runtime defaults."""
+
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import breakdown
+from benchmarks import common
+from benchmarks import jax_bench
+from msatt_jax import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED_KEYS = {"model", "framework", "mode", "batch_size", "slices_per_s", "compile_s",
+                 "step_s_median", "step_s_iqr", "flops_per_step", "peak_percent", "peak_mem_mb"}
+
+
+def _clean_env(**extra: str) -> dict:
+  """This environment without the runtime settings (so each test decides them)."""
+  env = dict(os.environ)
+  for name in ("XLA_FLAGS", runtime.OPT_ENV, runtime._REEXEC_MARK, *runtime.MALLOC_ENV):
+    env.pop(name, None)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+  env.update(extra)
+  return env
+
+
+# ------------------------------------------------------------------------------- runtime
+def test_enabled_groups():
+  assert runtime.enabled_groups({}) == runtime.GROUPS
+  assert runtime.enabled_groups({runtime.OPT_ENV: "none"}) == ()
+  assert runtime.enabled_groups({runtime.OPT_ENV: "malloc"}) == ("malloc",)
+  with pytest.raises(ValueError, match="unknown group"):
+    runtime.enabled_groups({runtime.OPT_ENV: "fast"})
+
+
+def test_user_values_win_and_strip_restores():
+  flag = runtime.XLA_FLAGS[0].split("=")[0]
+  env = {"XLA_FLAGS": f"{flag}=default --xla_foo=1", "MALLOC_ARENA_MAX": "4"}
+  changed = runtime.apply_environment(env)
+  assert env["XLA_FLAGS"] == f"{flag}=default --xla_foo=1"  # The user's value of that flag.
+  assert env["MALLOC_ARENA_MAX"] == "4"
+  assert "XLA_FLAGS" not in changed and "MALLOC_TRIM_THRESHOLD_" in changed
+  env = {"XLA_FLAGS": "--xla_foo=1"}
+  runtime.apply_environment(env)
+  assert env["XLA_FLAGS"] == "--xla_foo=1 " + " ".join(runtime.XLA_FLAGS)
+  runtime.strip_environment(env)
+  assert env == {"XLA_FLAGS": "--xla_foo=1"}
+
+
+_PROBE = ("import os, sys; from msatt_jax import runtime; "
+          "open(sys.argv[1], 'a').write('start\\n'); runtime.configure(); "
+          "print(os.environ.get('MALLOC_ARENA_MAX'), os.environ.get('XLA_FLAGS'))")
+
+
+def test_configure_reexecutes_once(tmp_path):
+  starts = tmp_path / "starts"
+  out = subprocess.run([sys.executable, "-c", _PROBE, str(starts)], env=_clean_env(),
+                       capture_output=True, text=True, check=True, cwd=ROOT)
+  assert starts.read_text().count("start") == 2  # The original process and its re-execution.
+  assert out.stdout.split() == ["1", *runtime.XLA_FLAGS]
+
+
+def test_configure_opt_out(tmp_path):
+  starts = tmp_path / "starts"
+  out = subprocess.run([sys.executable, "-c", _PROBE, str(starts)],
+                       env=_clean_env(**{runtime.OPT_ENV: "none"}), capture_output=True,
+                       text=True, check=True, cwd=ROOT)
+  assert starts.read_text().count("start") == 1
+  assert out.stdout.split() == ["None", "None"]
+
+
+# ------------------------------------------------------------------------ FLOPs, breakdown
+def test_matmul_flops_counts_every_scan_iteration():
+  w = jnp.ones((8, 8))
+
+  def f(x):
+    return jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0] @ w
+
+  jaxpr = jax.make_jaxpr(f)(jnp.ones((4, 8))).jaxpr
+  one = 2 * 4 * 8 * 8
+  assert jax_bench.matmul_flops(jaxpr) == 6 * one
+  assert jax_bench.matmul_flops(jaxpr, loops_once=True) == 2 * one
+
+
+def test_module_path_and_attribution():
+  name = "MSConvLSTMAtt"
+  op = "jit(train_step)/transpose(jvp(MSConvLSTMAtt))/encoders/closed_call/encoder/encoder/convlstm/rnn/closed_call/cell.scan_fn/cell/hh/conv_general_dilated"
+  assert breakdown.module_path(op, name) == "encoders/encoder/convlstm/rnn/cell/hh"
+  assert breakdown.module_path("jit(train_step)/jvp(MSConvLSTMAtt)/pad", name) == ""
+  assert breakdown.module_path("jit(train_step)/mul", name) is None
+  hlo = "\n".join([
+      f'%convolution.1 = f32[2] convolution(%a, %b), metadata={{op_name="{op}"}}',
+      '%fusion.2 = f32[2] fusion(%a), metadata={op_name="jit(s)/jvp(MSConvLSTMAtt)/sam1/dot"}',
+      '%fusion.3 = f32[2] fusion(%a), metadata={op_name="jit(s)/mul"}',
+      '%while.4 = f32[2] while(%a), metadata={op_name="jit(s)/jvp(MSConvLSTMAtt)/encoders/w"}',
+  ])
+  times = {"convolution.1": 3.0, "fusion.2": 1.0, "fusion.3": 0.5, "while.4": 9.0, "x": 1.0}
+  coarse, fine = breakdown.attribute(times, hlo, name, breakdown.MSCONVLSTM_ATT_PARTS)
+  assert coarse == {"ConvLSTM (scale 1)": 3.0, "attention: refine conv + SAM": 1.0,
+                    breakdown.OUTSIDE: 0.5}
+  assert sum(fine.values()) == 4.5
+  table = breakdown.format_breakdown(coarse, 0.9, fine)
+  assert "ConvLSTM (scale 1)" in table and "66.7%" in table
+
+
+def test_stats_and_table():
+  stats = common.step_stats([1.0, 2.0, 3.0, 4.0, 100.0])
+  assert stats["step_s_median"] == 3.0 and stats["step_s_min"] == 1.0
+  row = {"model": "unet", "framework": "jax", "mode": "train", "batch_size": 8,
+         "compile_s": 1.0, "slices_per_s": 8 / 3.0, "gflop_per_step": None, **stats}
+  table = common.format_table([row])
+  assert table.splitlines()[0].startswith("model") and "3000.0 ±1000.0" in table
+  assert common.format_markdown([row]).splitlines()[1].startswith("| ---")
+
+
+# ----------------------------------------------------------------------- the whole command
+def _run_benchmark(tmp_path, *args):
+  out_json = tmp_path / "out.jsonl"
+  cmd = [sys.executable, "-m", "benchmarks.run", "--models", "unet", "--set", "base_width=2",
+         "--size", "32", "--batch_sizes", "2", "--steps", "2", "--warmup", "1",
+         "--json", str(out_json), *args]
+  proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, cwd=ROOT,
+                        timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+  printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert len(printed) == len(rows)
+  for r in rows:
+    assert REQUIRED_KEYS <= set(r), REQUIRED_KEYS - set(r)
+    assert r["slices_per_s"] > 0 and len(r["step_times_s"]) == 2
+  return proc.stdout, rows
+
+
+def test_benchmark_command(tmp_path):
+  stdout, rows = _run_benchmark(tmp_path, "--set", "depth=2", "--breakdown")
+  assert "slices/s" in stdout and "GFLOP/step" in stdout
+  assert {(r["framework"], r["mode"]) for r in rows} == {("jax", "inference"), ("jax", "train")}
+  for r in rows:
+    assert r["flops_per_step"] > 0 and r["peak_mem_mb"] > 0 and r["compile_s"] > 0
+    assert r["runtime"]["MALLOC_ARENA_MAX"] == "1"  # The driver applied the defaults.
+    assert r["breakdown"] and abs(sum(b["share"] for b in r["breakdown"]) - 1) < 1e-6
+  assert "step time by part" in stdout
+
+
+def test_benchmark_command_compare_torch(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("monai")
+  stdout, rows = _run_benchmark(tmp_path, "--compare-torch", "--modes", "train",
+                                "--variant", "plain:runtime=none")
+  assert {r["framework"] for r in rows} == {"jax", "jax[plain]", "pytorch"}
+  assert "jax / pytorch = " in stdout and "jax / jax[plain] = " in stdout
+  plain = next(r for r in rows if r["framework"] == "jax[plain]")
+  assert plain["runtime"] == {runtime.OPT_ENV: "none"}
