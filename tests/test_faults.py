@@ -348,11 +348,13 @@ def _disk_full_on_a_real_tiny_filesystem(ctx, tmp):
   workdir = tmp / "run"
   checkpoint_dir(workdir).mkdir(parents=True)
   kept = tmp / "checkpoints_kept"
-  size = sum(p.stat().st_size for p in (checkpoint_dir(ctx.reference) / "10").rglob("*")
-             if p.is_file())
+  # Room for one checkpoint and 60% of another, in the 4 KiB pages a tmpfs allocates: the
+  # first save (with its transient files) fits, the second cannot.
+  size = sum(-(-p.stat().st_size // 4096) * 4096
+             for p in (checkpoint_dir(ctx.reference) / "10").rglob("*") if p.is_file())
   command = " ".join(f"'{a}'" for a in train_command(*ctx.train_args(workdir)))
   # The tmpfs lives as long as its namespace: copy out what it holds before that ends.
-  script = (f"mount -t tmpfs -o size={size * 3 // 2} tmpfs '{checkpoint_dir(workdir)}' && "
+  script = (f"mount -t tmpfs -o size={size * 8 // 5} tmpfs '{checkpoint_dir(workdir)}' && "
             f"{{ {command}; rc=$?; cp -a '{checkpoint_dir(workdir)}' '{kept}'; exit $rc; }}")
   status, text = run(["unshare", "-rm", "sh", "-c", script], ctx.env, tmp / "console.txt")
   checkpoint_dir(workdir).rmdir()
