@@ -126,3 +126,35 @@ def test_missing_data_names_where_to_get_it(tmp_path):
   from configs import brats18
   with pytest.raises(FileNotFoundError, match="Task01_BrainTumour.*--config.data.source_dir"):
     train.prepare_data(brats18.get_config(), str(tmp_path))
+
+
+REALDATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir,
+                        "shared", "realdata", "BraTS2021_00006")
+
+
+@pytest.mark.realdata
+def test_real_case_through_predict_and_evaluate_folder(trained, tmp_path):
+  """The real BraTS 2021 case: predict writes a BraTS-labelled volume that evaluate_folder scores.
+
+  The tiny model never saw real data, so only the path is checked, not the scores.
+  """
+  if not os.path.isdir(REALDATA):
+    pytest.skip("../shared/realdata is absent")
+  from msatt_jax import evaluate_folder
+  workdir, _, _ = trained
+  run = inference.restore_run(workdir, "best")
+  preds = tmp_path / "preds"
+  preds.mkdir()
+  out = str(preds / "BraTS2021_00006.nii.gz")
+  predict.predict_case(run, REALDATA, out, "brats")
+  reference = nib.load(os.path.join(REALDATA, "BraTS2021_00006_seg.nii.gz"))
+  written = nib.load(out)
+  assert written.shape == reference.shape == (240, 240, 155)
+  np.testing.assert_allclose(written.affine, reference.affine)
+  assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 4}
+  rows, summary = evaluate_folder.evaluate_folders(str(preds), os.path.dirname(REALDATA),
+                                                   "brats", out_dir=str(tmp_path / "scores"))
+  assert [r["case"] for r in rows] == ["BraTS2021_00006"]
+  for key in ("dice_ET", "dice_TC", "dice_WT"):
+    assert 0.0 <= rows[0][key] <= 1.0
+  assert os.path.isfile(tmp_path / "scores" / "per_case.csv")
