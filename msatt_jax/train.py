@@ -261,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         deep_supervision_weight=config.deep_supervision_weight))
   p_eval_step = par.eval_step_fn(functools.partial(eval_step, loss=config.loss))
   # One copy of the logs; checkpoints are written by every process together.
-  writer = writers.MetricWriter(workdir) if par.is_primary else parallel.Discard()
+  writer = writers.MetricWriter(workdir, start_step) if par.is_primary else parallel.Discard()
   meta_base = {"config": json.loads(config.to_json_best_effort()), "model": fingerprint,
                "data": {"source_dir": data_config.source_dir, "data_dir": data_config.data_dir},
                "steps_per_epoch": steps_per_epoch}

@@ -15,13 +15,29 @@ def _scalar(value: Any) -> float:
   return float(np.asarray(value))
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+  """A resumed run replays the steps after its checkpoint: their old rows go, so every step
+  appears once. The file is rewritten atomically."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class MetricWriter:
   """Scalars to TensorBoard and metrics.jsonl; images to TensorBoard."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int = 0):
     os.makedirs(workdir, exist_ok=True)
     self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_rows_after(path, start_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = {k: _scalar(v) for k, v in scalars.items()}

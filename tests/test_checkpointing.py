@@ -51,3 +51,17 @@ def test_fingerprint_mismatch_names_the_difference():
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"enc/kernel: \[3, 3, 4, 8\] vs \[3, 3, 4, 16\]"):
     checkpointing.check_compatible(saved, {**saved, "param_shapes": wider}, "runs/x")
+
+
+def test_metric_log_drops_rows_a_resumed_run_replays(tmp_path):
+  import json
+  from msatt_jax import writers
+  w = writers.MetricWriter(str(tmp_path))
+  for step in (10, 20, 30):
+    w.write_scalars(step, {"train_loss": step / 10})
+  w.close()
+  w = writers.MetricWriter(str(tmp_path), start_step=20)  # Resumed from the step-20 checkpoint.
+  w.write_scalars(30, {"train_loss": 0.5})
+  w.close()
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [(r["step"], r["train_loss"]) for r in rows] == [(10, 1.0), (20, 2.0), (30, 0.5)]
