@@ -27,7 +27,7 @@ MSCONVLSTM_ATT_PARTS: Tuple[Tuple[str, str], ...] = (
     ("attention: refine conv + SAM", r"^(refine\d+|sam\d+)(/|$)"),
     ("heads: classifiers", r"^classifier\d+(/|$)"),
 )
-TOP_LEVEL = "model top level: pad, resample, concat, resize, mean"
+TOP_LEVEL = "model top level (outside its sub-modules)"
 OUTSIDE = "loss, Adam, update, checks"
 OTHER = "unattributed"
 
@@ -38,16 +38,71 @@ _WRAPPERS = {"closed_call", "core_call", "pjit", "checkpoint", "remat", "custom_
              "custom_vjp_call", "custom_vjp_call_jaxpr"}
 # Events that enclose other instructions' events (their bodies are counted themselves).
 _CONTAINERS = re.compile(r"^(while|call|conditional|async)")
-_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", re.M)
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name=\"([^\"]*)\"",
-                          re.M)
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\([^=]*?\)|\S+)\s+([\w\-]+)\((.*)$")
+_OP_NAME = re.compile(r"metadata=\{[^}]*?op_name=\"([^\"]*)\"")
+_CALLS = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
+# Opcodes that carry a fusion's work, whose op_name names the fusion's module best.
+_HEAVY = ("convolution", "dot", "custom-call", "reduce-window")
 
 
-def instruction_op_names(hlo_text: str) -> Dict[str, str]:
-  """Instruction name -> op_name metadata ('' where none), over every computation of an HLO text."""
-  names = {m.group(1): "" for m in _NAME.finditer(hlo_text)}
-  names.update({m.group(1): m.group(2) for m in _INSTRUCTION.finditer(hlo_text)})
-  return names
+def instruction_op_names(hlo_text: str, model_name: Optional[str] = None) -> Dict[str, str]:
+  """Instruction name -> the op_name it is attributed to ('' where none), in an HLO text.
+
+  A fusion or call takes the op_name of the convolution or dot inside it (its own metadata is
+  often that of a cheap fused op at the model's top level); an instruction without metadata
+  (XLA creates some, e.g. rewritten backward convolutions) takes the first op_name inside the
+  model found among its operands, breadth first.
+  """
+  own: Dict[str, str] = {}
+  opcode: Dict[str, str] = {}
+  operands: Dict[str, List[str]] = {}
+  calls: Dict[str, List[str]] = {}
+  members: Dict[str, List[str]] = collections.defaultdict(list)
+  computation = ""
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and "=" not in line.split("{")[0]:
+      computation = header.group(1)
+      continue
+    m = _DEF.match(line)
+    if not m:
+      continue
+    name, op, rest = m.groups()
+    meta = _OP_NAME.search(rest)
+    own[name] = meta.group(1) if meta else ""
+    opcode[name] = op
+    body = rest.split(", metadata=")[0]
+    calls[name] = _CALLS.findall(body)
+    operands[name] = [t for t in re.findall(r"%([\w.\-]+)", body) if t not in calls[name]]
+    members[computation].append(name)
+
+  def inside(op_name: str) -> bool:
+    return bool(op_name) and (model_name is None or module_path(op_name, model_name) is not None)
+
+  def from_calls(name: str) -> str:
+    found = [m for comp in calls.get(name, ()) for m in members.get(comp, ())
+             if opcode[m] in _HEAVY and inside(own[m])]
+    # One inside a sub-module over one at the model's top level, then the heaviest kind of op.
+    found.sort(key=lambda m: (model_name is not None and not module_path(own[m], model_name),
+                              _HEAVY.index(opcode[m])))
+    return own[found[0]] if found else ""
+
+  def from_operands(name: str) -> str:
+    seen, frontier = {name}, list(operands.get(name, ()))
+    for _ in range(4):
+      nxt = []
+      for o in frontier:
+        if o in seen or o not in own:
+          continue
+        seen.add(o)
+        if inside(own[o]):
+          return own[o]
+        nxt += operands.get(o, [])
+      frontier = nxt
+    return ""
+
+  return {name: from_calls(name) or own[name] or from_operands(name) for name in own}
 
 
 def module_path(op_name: str, model_name: str) -> Optional[str]:
@@ -103,7 +158,7 @@ def trace_instruction_times(run: Callable[[], None], steps: int) -> Dict[str, fl
 def attribute(instruction_times: Mapping[str, float], hlo_text: str, model_name: str,
               parts: Sequence[Tuple[str, str]]) -> Tuple[Dict[str, float], Dict[str, float]]:
   """(seconds per coarse part, seconds per module path) of one step."""
-  op_names = instruction_op_names(hlo_text)
+  op_names = instruction_op_names(hlo_text, model_name)
   coarse: Dict[str, float] = collections.defaultdict(float)
   fine: Dict[str, float] = collections.defaultdict(float)
   for name, seconds in instruction_times.items():
@@ -114,8 +169,10 @@ def attribute(instruction_times: Mapping[str, float], hlo_text: str, model_name:
       part = OUTSIDE if op_names[name] else OTHER
     elif not path:
       part = TOP_LEVEL
-    else:
+    elif parts:
       part = next((p for p, rx in parts if re.search(rx, path)), TOP_LEVEL)
+    else:  # No named parts for this model: its top-level modules.
+      part = path.split("/")[0]
     coarse[part] += seconds
     fine[path if path is not None else f"({part})"] += seconds
   return dict(coarse), dict(fine)
