@@ -23,6 +23,7 @@ from configs import brats18
 from data_pipelines.brats import labels as labels_lib
 from msatt_jax import runtime
 from msatt_jax import train
+from msatt_jax.models.summary import xla_flops
 
 MODES = ("inference", "train")
 
@@ -51,16 +52,6 @@ def parse_value(text: Any, like: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------- FLOPs
-def xla_flops(compiled) -> Optional[float]:
-  """'flops' of XLA's cost analysis (a dict, or a one-element list in some JAX versions)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    return None
-  return float(cost["flops"])
-
-
 def _sub_jaxprs(params: Mapping[str, Any]):
   for value in params.values():
     for v in value if isinstance(value, (tuple, list)) else (value,):

@@ -23,14 +23,11 @@ import numpy as np
 import optax
 
 from msatt_jax import cli
+from msatt_jax import losses as losses_lib
 from msatt_jax.models import create_model
 
-try:  # The project's loss where it exists; a plain softmax cross-entropy otherwise.
-  from msatt_jax import losses as losses_lib
-except ImportError:  # pragma: no cover - only while the losses module is absent.
-  losses_lib = None
 
-def _flops(compiled) -> Optional[float]:
+def xla_flops(compiled) -> Optional[float]:
   """'flops' from a cost analysis (a dict, or a one-element list of dicts in older JAX)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -41,17 +38,12 @@ def _flops(compiled) -> Optional[float]:
 
 
 def _num_classes(config: ml_collections.ConfigDict) -> int:
-  if losses_lib is not None and "loss" in config:
-    return losses_lib.num_outputs(config.loss)
-  return 4  # Background and the three tumour labels.
+  return losses_lib.num_outputs(config.loss)
 
 
 def _loss_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  if losses_lib is not None and "loss" in config:
-    loss, ce_weight = config.loss, config.get("ce_weight", 1.0)
-    return lambda logits, labels: losses_lib.segmentation_loss(logits, labels, loss, ce_weight)
-  return lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(
-      logits, labels).mean()
+  loss, ce_weight = config.loss, config.get("ce_weight", 1.0)
+  return lambda logits, labels: losses_lib.segmentation_loss(logits, labels, loss, ce_weight)
 
 
 def parameter_table(params: Mapping[str, Any]) -> List[Dict[str, Any]]:
@@ -136,14 +128,14 @@ def summarize(config: ml_collections.ConfigDict,
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new_stats, opt_state, value
 
-  forward_flops = _flops(jax.jit(forward).lower(variables, x).compile())
-  train_flops = _flops(jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(
+  forward_flops = xla_flops(jax.jit(forward).lower(variables, x).compile())
+  train_flops = xla_flops(jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(
       params, batch_stats, opt_state, x, labels).compile())
 
   rows = tables["params"]
   num_params = sum(r["count"] for r in rows)
   num_stats = sum(r["count"] for r in tables["batch_stats"])
-  loss_name = config.loss if losses_lib is not None and "loss" in config else "softmax_ce"
+  loss_name = config.loss
 
   print_fn(f"Model {config.model.name} ({type(model).__name__}), compute dtype "
            f"{jnp.dtype(model.dtype).name}, {num_classes} outputs")
