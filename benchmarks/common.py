@@ -157,6 +157,9 @@ class Worker:
     env = dict(os.environ if env is None else env)
     # The benchmarks package must be importable without an installed project.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    # Workers share the accelerator: JAX's default grab of 75% of its memory would leave the
+    # next worker too little to compile.
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     self._proc = subprocess.Popen(
         [sys.executable, "-m", module, json.dumps(self.spec)], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=REPO_ROOT, text=True, bufsize=1)

@@ -20,6 +20,8 @@ from benchmarks import common
 from msatt_jax import runtime
 
 MODEL = "msconvlstm_att"
+# NVIDIA's datasheet figure for the H100 and H200 SXM (dense bfloat16 tensor cores).
+H100_BF16_DENSE_GFLOPS = 989_400.0
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -34,12 +36,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--case_batch", type=int, default=0,
                  help="slices per model call when segmenting (0: all of the case's at once)")
   p.add_argument("--case_repeats", type=int, default=5)
+  p.add_argument("--peak_gflops", type=float, default=H100_BF16_DENSE_GFLOPS,
+                 help="the card's peak GFLOP/s for the %% of peak column (default: the H100/H200 "
+                      "SXM dense bfloat16 datasheet figure)")
   p.add_argument("--json", help="append the results as JSON lines to this file")
   p.add_argument("--dry-run", dest="dry_run", action="store_true",
                  help="tiny sizes and a small model: checks the logic on a CPU in minutes")
   args = p.parse_args(argv)
   args.overrides = {}
   if args.dry_run:
+    args.peak_gflops = common.DEFAULT_PEAK_GFLOPS
     args.batch_sizes, args.size, args.steps, args.window = "2", 32, 2, 1
     args.case_shape, args.case_repeats = "48,48,40", 2
     args.overrides = {"lstm_features": "4", "inception_features": "8", "resnet_features": "8",
@@ -54,7 +60,8 @@ def train_throughput(args: argparse.Namespace) -> List[Dict[str, Any]]:
   from benchmarks import run  # pylint: disable=g-import-not-at-top
   argv = ["--models", MODEL, "--modes", "train", "--dtype", args.dtype,
           "--batch_sizes", ",".join(map(str, args.batch_sizes)), "--size", str(args.size),
-          "--steps", str(args.steps), "--window", str(args.window)]
+          "--steps", str(args.steps), "--window", str(args.window),
+          "--peak_gflops", str(args.peak_gflops)]
   for key, value in args.overrides.items():
     argv += ["--set", f"{key}={value}"]
   return run.main(argv)
@@ -66,7 +73,7 @@ def case_latency(args: argparse.Namespace) -> Dict[str, Any]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import brats18  # pylint: disable=g-import-not-at-top
   from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-  from msatt_jax import inference, train  # pylint: disable=g-import-not-at-top
+  from msatt_jax import inference, steps  # pylint: disable=g-import-not-at-top
   from benchmarks import jax_bench  # pylint: disable=g-import-not-at-top
 
   config = brats18.get_config(MODEL)
@@ -76,8 +83,8 @@ def case_latency(args: argparse.Namespace) -> Dict[str, Any]:
   if args.dry_run:  # Crop and slice range scaled to the small case.
     config.data.crop_size = min(x, y) * 190 // 240
     config.data.slice_start, config.data.slice_stop = z * 30 // 155, z * 120 // 155
-  model = train.create_model(config)
-  dummy = np.zeros((1, *train.input_shape(config)), np.float32)
+  model = steps.create_model(config)
+  dummy = np.zeros((1, *steps.input_shape(config)), np.float32)
   variables = jax.jit(lambda k: model.init(k, dummy, train=False))(jax.random.key(0))
   case = synthetic.make_case((x, y, z), seed=0, index=0)
   image = np.stack([case.images[m] for m in config.data.modalities], -1).astype(np.float32)

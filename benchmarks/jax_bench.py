@@ -1,7 +1,7 @@
 """JAX side of the benchmark (a worker process; see benchmarks/common.py).
 
-Measures the project's own code: the state from `train.create_train_state`, the step
-`train.train_step` jitted with the state donated (as the trainer does), and the model's forward
+Measures the project's own code: the state from `steps.create_train_state`, the step
+`steps.train_step` jitted with the state donated (as the trainer does), and the model's forward
 pass in inference mode. Batches are made on the device once, and a step's outputs are never
 copied to the host: the worker only waits for them.
 """
@@ -22,7 +22,7 @@ from benchmarks import common
 from configs import brats18
 from data_pipelines.brats import labels as labels_lib
 from msatt_jax import runtime
-from msatt_jax import train
+from msatt_jax import steps
 from msatt_jax.models.summary import xla_flops
 
 MODES = ("inference", "train")
@@ -91,13 +91,20 @@ def matmul_flops(jaxpr, loops_once: bool = False) -> float:
   return total
 
 
-def step_flops(fn: Callable, args: Tuple[Any, ...], compiled) -> Tuple[Optional[float], str]:
+def step_flops(fn: Callable, args: Tuple[Any, ...], compiled,
+               platform: str = "cpu") -> Tuple[Optional[float], str]:
   """FLOPs of one call: XLA's cost analysis, with its while loops counted in full.
+
+  On an accelerator XLA's cost analysis leaves out the library calls its convolutions become
+  (cuDNN custom calls), so there the convolutions and matmuls are counted from the jaxpr alone
+  (a fused attention kernel, a custom call too, is then not counted either).
 
   XLA's cost analysis counts a while loop's body once whatever its trip count; the scanned
   ConvLSTM compiles to one. When the compiled program has while loops, the convolution and
   matmul FLOPs of the remaining iterations, counted from the jaxpr, are added.
   """
+  if platform != "cpu":
+    return matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr), "jaxpr"
   flops = xla_flops(compiled)
   if flops is None:
     return None, "none"
@@ -123,13 +130,13 @@ class JaxBench:
     config.dtype = spec["dtype"]
     config.batch_size = spec["batch_size"]
     self.config = config
-    self.model = train.create_model(config)
-    self.lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=1000)
+    self.model = steps.create_model(config)
+    self.lr_fn = steps.create_learning_rate_fn(config, steps_per_epoch=1000)
     self.state = jax.jit(functools.partial(
-        train.create_train_state, config=config, model=self.model,
+        steps.create_train_state, config=config, model=self.model,
         learning_rate_fn=self.lr_fn))(jax.random.key(0))
     k_image, k_label = jax.random.split(jax.random.key(1))
-    shape = (spec["batch_size"], *train.input_shape(config))
+    shape = (spec["batch_size"], *steps.input_shape(config))
     self.batch = {
         "image": jax.random.normal(k_image, shape, jnp.float32),
         "label": jax.random.randint(k_label, shape[:3], 0, labels_lib.NUM_CLASSES
@@ -154,7 +161,7 @@ class JaxBench:
       args = (variables, batch["image"])
     elif mode == "train":
       fn = jax.jit(functools.partial(
-          train.train_step, learning_rate_fn=self.lr_fn, loss=self.config.loss,
+          steps.train_step, learning_rate_fn=self.lr_fn, loss=self.config.loss,
           ce_weight=self.config.ce_weight,
           deep_supervision_weight=self.config.deep_supervision_weight), donate_argnums=(0,))
       args = (state, batch)
@@ -163,7 +170,7 @@ class JaxBench:
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    flops, source = step_flops(fn, args, compiled)
+    flops, source = step_flops(fn, args, compiled, self.device.platform)
     self._compiled[mode] = compiled
     if mode == "inference":
       self._steps[mode] = lambda: compiled(*args)

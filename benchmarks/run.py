@@ -60,9 +60,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="model config override for every model that has KEY (repeatable)")
   p.add_argument("--variant", dest="variants", action="append", default=[],
                  metavar="NAME:SPEC", help="an extra JAX side (see above; repeatable)")
-  p.add_argument("--peak_gflops", type=float, default=common.DEFAULT_PEAK_GFLOPS,
-                 help="the machine's peak GFLOP/s for the %% of peak column (default: this "
-                      "project's 2-core Zen 4 fp32 figure, see benchmarks/common.py)")
+  p.add_argument("--peak_gflops", type=float,
+                 help="the machine's peak GFLOP/s for the %% of peak column (default on CPU: "
+                      "this project's 2-core Zen 4 fp32 figure, see benchmarks/common.py; none "
+                      "on an accelerator)")
   p.add_argument("--breakdown", action="store_true",
                  help="also profile the JAX sides' steps and print their time by model part")
   p.add_argument("--json", help="append one JSON line per result to this file")
@@ -186,15 +187,16 @@ def _row(base: Mapping[str, Any], side: Side, mode: str,
   info, setup = side.worker.info, side.setup[mode]
   stats = common.step_stats(side.times[mode])
   flops = setup.get("flops_per_step")
+  peak = args.peak_gflops or (common.DEFAULT_PEAK_GFLOPS if info["platform"] == "cpu" else None)
   row = {**base, "framework": side.label, "variant": side.variant, "mode": mode,
          "slices_per_s": base["batch_size"] / stats["step_s_median"], **stats,
          "compile_s": setup.get("compile_s"), "first_step_s": setup.get("first_step_s"),
          "flops_per_step": flops, "flops_source": setup.get("flops_source"),
          "gflop_per_step": flops / 1e9 if flops else None,
          "gflops_per_s": flops / 1e9 / stats["step_s_median"] if flops else None,
-         "peak_percent": (100 * flops / 1e9 / stats["step_s_median"] / args.peak_gflops
-                          if flops and info["platform"] == "cpu" else None),
-         "peak_gflops": args.peak_gflops if info["platform"] == "cpu" else None,
+         "peak_percent": 100 * flops / 1e9 / stats["step_s_median"] / peak if flops and peak
+                         else None,
+         "peak_gflops": peak,
          "peak_mem_mb": setup.get("peak_mem_mb"), "mem_kind": setup.get("mem_kind"),
          "params": info["params"], "threads": info["threads"], "device": info["device"],
          "platform": info["platform"], "framework_version": info["version"],

@@ -72,20 +72,20 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from msatt_jax import parallel  # pylint: disable=g-import-not-at-top
-  from msatt_jax import train  # pylint: disable=g-import-not-at-top
+  from msatt_jax import steps  # pylint: disable=g-import-not-at-top
 
   config = build_config(args, args.mode, args.worker)
   par = parallel.from_config(config)
-  lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=100)
-  model = train.create_model(config, axis_name=par.axis_name)
+  lr_fn = steps.create_learning_rate_fn(config, steps_per_epoch=100)
+  model = steps.create_model(config, axis_name=par.axis_name)
   state = par.place_state(par.create_state(functools.partial(
-      train.create_train_state, config=config, model=model, learning_rate_fn=lr_fn),
+      steps.create_train_state, config=config, model=model, learning_rate_fn=lr_fn),
       jax.random.key(0)))
   step = par.train_step_fn(functools.partial(
-      train.train_step, learning_rate_fn=lr_fn, loss=config.loss, ce_weight=config.ce_weight,
+      steps.train_step, learning_rate_fn=lr_fn, loss=config.loss, ce_weight=config.ce_weight,
       deep_supervision_weight=config.deep_supervision_weight))
   rng = np.random.default_rng(0)
-  h, w, m = train.input_shape(config)
+  h, w, m = steps.input_shape(config)
   batches = []
   for _ in range(3):
     image = rng.normal(size=(config.batch_size, h, w, m)).astype(np.float32)

@@ -15,6 +15,7 @@ import numpy as np
 from data_pipelines.brats import preprocess
 from msatt_jax import checkpointing
 from msatt_jax import losses
+from msatt_jax import steps
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
@@ -30,19 +31,18 @@ class TrainedRun:
 
 def restore_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
   """Restores a run's config and the variables of its 'best' / 'latest' / numbered checkpoint."""
-  from msatt_jax import train  # The train state's structure is defined there.
   checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
   step = checkpointer.resolve(checkpoint)
   meta = checkpointer.restore_meta(step)
   config = ml_collections.ConfigDict(meta["config"])
-  model = train.create_model(config)
-  lr_fn = train.create_learning_rate_fn(config, meta["steps_per_epoch"])
+  model = steps.create_model(config)
+  lr_fn = steps.create_learning_rate_fn(config, meta["steps_per_epoch"])
   # Onto this process's first device, whatever devices wrote the checkpoint (a multi-device
   # run's checkpoint records its layout, which Orbax would otherwise try to rebuild).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), config, model, lr_fn)))
+      jax.eval_shape(lambda: steps.create_train_state(jax.random.key(0), config, model, lr_fn)))
   state, meta = checkpointer.restore(step, abstract)
   checkpointer.close()
   variables = {"params": state.params, "batch_stats": state.batch_stats}

@@ -157,3 +157,28 @@ def test_benchmark_command_compare_torch(tmp_path):
   assert "jax / pytorch = " in stdout and "jax / jax[plain] = " in stdout
   plain = next(r for r in rows if r["framework"] == "jax[plain]")
   assert plain["runtime"] == {runtime.OPT_ENV: "none"}
+
+
+def test_gpu_benchmark_dry_run_needs_no_tensorflow(tmp_path):
+  """benchmarks/gpu.py's logic, tiny, on CPU, where TensorFlow cannot be imported (as on a GPU
+  machine that has JAX but no TensorFlow)."""
+  blocker = tmp_path / "site"
+  blocker.mkdir()
+  (blocker / "sitecustomize.py").write_text(
+      "import sys\nsys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n")
+  out_json = tmp_path / "gpu.jsonl"
+  env = _clean_env(MSATT_RUNTIME_DEFAULTS="none")
+  env["PYTHONPATH"] = os.pathsep.join([str(blocker), env["PYTHONPATH"]])
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--dry-run", "--json",
+                         str(out_json)], env=env, capture_output=True, text=True, cwd=ROOT,
+                        timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+  schedule = [r for r in rows if r["kind"] == "schedule"]
+  (case,) = [r for r in rows if r["kind"] == "case_latency"]
+  assert [r["batch_size"] for r in schedule] == [2]
+  for r in schedule:
+    assert r["schedule_hours"] == pytest.approx(
+        common.PAPER_SLICE_STEPS / r["slices_per_s"] / 3600)
+  assert case["case_shape"] == [48, 48, 40] and case["latency_s_median"] > 0
+  assert "500-epoch schedule" in proc.stdout and "segment one 48x48x40 case" in proc.stdout

@@ -8,6 +8,7 @@ import pytest
 
 from msatt_jax.models import (ConvLSTM, SEInception, SEResNetBlock, SpatialAttention,
                               SqueezeExcitation)
+from msatt_jax.models.blocks import resolve_attention_implementation
 
 
 def _key(seed: int = 0) -> jax.Array:
@@ -97,7 +98,7 @@ def _sam_reference(params, v: jax.Array) -> jax.Array:
   return params["lam"] * r + v
 
 
-@pytest.mark.parametrize("implementation", ["einsum", "xla"])
+@pytest.mark.parametrize("implementation", ["auto", "einsum", "xla"])
 def test_sam_is_identity_at_init_and_matches_einsum(implementation):
   v = _normal(5, (2, 5, 7, 16))  # Odd H, W; C = 16 -> B0, B1 have 2 channels.
   sam = SpatialAttention(implementation=implementation)
@@ -113,6 +114,20 @@ def test_sam_is_identity_at_init_and_matches_einsum(implementation):
   ref = _sam_reference(params, v)
   assert float(jnp.max(jnp.abs(out - v))) > 1e-2  # The attention term is really there.
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform, capability, dtype, expected", [
+    ("gpu", "9.0", jnp.bfloat16, "cudnn"),  # H100 / H200.
+    ("gpu", "8.0", jnp.float16, "cudnn"),  # A100.
+    ("gpu", "9.0", jnp.float32, "einsum"),  # The fused kernel has no float32 form.
+    ("gpu", "7.0", jnp.bfloat16, "einsum"),  # V100: no fused cuDNN attention.
+    ("gpu", None, jnp.bfloat16, "einsum"),  # A GPU that does not say (not CUDA).
+    ("cpu", None, jnp.bfloat16, "einsum"),
+    ("tpu", None, jnp.bfloat16, "einsum"),
+])
+def test_sam_auto_picks_the_fused_kernel_only_where_it_runs(platform, capability, dtype,
+                                                            expected):
+  assert resolve_attention_implementation(platform, capability, dtype) == expected
 
 
 def test_sam_rejects_unknown_implementation():

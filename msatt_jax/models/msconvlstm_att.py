@@ -127,7 +127,7 @@ class MSConvLSTMAtt(nn.Module):
   fused_features: int = 64
   attention_stride: int = 4
   se_ratio: int = 16
-  attention_implementation: str = "einsum"  # SpatialAttention's: 'einsum', 'xla' or 'cudnn'.
+  attention_implementation: str = "auto"  # SpatialAttention's: 'auto', 'einsum', 'xla', 'cudnn'.
   modality_map: str = "scan"  # ModalityEncoders': 'scan' or 'vmap' (same parameters).
 
   @nn.compact

@@ -1,0 +1,94 @@
+"""The model's train state and its pure step functions: the trainer's, the benchmarks' and
+inference's one definition of them.
+
+Nothing here reads data or writes files, so this module needs only JAX, Flax and optax (a GPU
+benchmark runs it without TensorFlow).
+"""
+
+import functools
+from typing import Any, Dict, Optional, Tuple
+
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from msatt_jax import losses
+from msatt_jax import models
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def input_shape(config: ml_collections.ConfigDict) -> Tuple[int, int, int]:
+  """(H, W, M) of one preprocessed slice."""
+  return (config.data.crop_size, config.data.crop_size, len(config.data.modalities))
+
+
+def create_model(config: ml_collections.ConfigDict, axis_name: Optional[str] = None):
+  return models.create_model(config.model, num_classes=losses.num_outputs(config.loss),
+                             dtype=config.dtype, axis_name=axis_name)
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict,
+                            steps_per_epoch: int) -> optax.Schedule:
+  """The paper's step decay: x lr_decay_factor every lr_decay_epochs epochs."""
+  return optax.exponential_decay(
+      init_value=config.learning_rate,
+      transition_steps=max(1, config.lr_decay_epochs * steps_per_epoch),
+      decay_rate=config.lr_decay_factor, staircase=True)
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: Any,
+                       learning_rate_fn: optax.Schedule) -> TrainState:
+  dummy = jnp.zeros((1, *input_shape(config)), jnp.float32)
+  # Jitted: an eager init dispatches every initializer op by op (tens of seconds on a CPU).
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, dummy)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables.get("batch_stats", {}),
+                           tx=optax.adam(learning_rate_fn))
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
+               learning_rate_fn: optax.Schedule, loss: str, ce_weight: float,
+               deep_supervision_weight: float,
+               axis_name: Optional[str] = None) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One Adam step; a non-finite loss or gradient leaves all but the step unchanged (counted)."""
+  collections = ["batch_stats"] + (["intermediates"] if deep_supervision_weight else [])
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                     batch["image"], train=True, mutable=collections)
+    # Under pmap the batch-pooled Dice sums are pooled over the devices as well.
+    value = losses.segmentation_loss(logits, batch["label"], loss, ce_weight, axis_name)
+    if deep_supervision_weight:
+      scale_logits = updates["intermediates"]["scale_logits"]
+      value += deep_supervision_weight * sum(
+          losses.segmentation_loss(s, batch["label"], loss, ce_weight, axis_name)
+          for s in scale_logits)
+    return value, updates["batch_stats"]
+
+  (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads, value, batch_stats = jax.lax.pmean((grads, value, batch_stats), axis_name)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  finite = jnp.isfinite(value) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  # Keep the previous state on a bad step so it can never reach a checkpoint.
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  # The step still advances: it is the data position a resumed run continues from, so a
+  # skipped batch ('skip' policy) is skipped the same way with or without an interruption.
+  new_state = new_state.replace(step=state.step + 1)
+  metrics = {"loss": value, "learning_rate": learning_rate_fn(state.step),
+             "nonfinite": 1 - finite.astype(jnp.int32)}
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Dict[str, jax.Array], *, loss: str) -> Dict[str, Any]:
+  """Per-example ET/TC/WT counts and predicted labels of a validation batch."""
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                          batch["image"], train=False)
+  pred = losses.logits_to_labels(logits, loss)
+  return {"pred": pred, **losses.region_counts(pred, batch["label"])}
