@@ -9,6 +9,12 @@ and WT in 3D with the BraTS 2018 rules, plus Dice over the training slice range.
 the paper's Table I) and figures/<case>.png (modalities, ground truth, prediction; Fig. 7).
 """
 
+if __name__ == "__main__":
+  # Before JAX loads: the XLA flags and allocator settings (msatt_jax/runtime.py) must be in
+  # the environment from the start, which may re-execute this process once.
+  from msatt_jax import runtime
+  runtime.configure()
+
 import os
 import time
 from typing import Any, Dict, List, Optional
@@ -129,6 +135,8 @@ def main(argv):
 
 
 def run():
+  from msatt_jax import runtime
+  runtime.configure()  # A no-op when the module's own guard above already ran it.
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "Run directory holding the checkpoints.")
   flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")

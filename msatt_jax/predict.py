@@ -8,6 +8,12 @@ CASE is a BraTS case folder (<case>_{flair,t1,t1ce,t2}.nii.gz) or an MSD 4D imag
 the input's shape, affine and header, in BraTS labels (0, 1, 2, 4) unless --labels=msd.
 """
 
+if __name__ == "__main__":
+  # Before JAX loads: the XLA flags and allocator settings (msatt_jax/runtime.py) must be in
+  # the environment from the start, which may re-execute this process once.
+  from msatt_jax import runtime
+  runtime.configure()
+
 import os
 from typing import Optional
 
@@ -84,6 +90,8 @@ def main(argv):
 
 
 def run():
+  from msatt_jax import runtime
+  runtime.configure()  # A no-op when the module's own guard above already ran it.
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "Run directory holding the checkpoints.")
   flags.DEFINE_string("input", None, "BraTS case folder or MSD 4D image.")

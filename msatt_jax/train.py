@@ -15,6 +15,12 @@ update with --config.nan_policy=skip); so does a checkpoint that cannot be writt
 the earlier checkpoints staying intact.
 """
 
+if __name__ == "__main__":
+  # Before JAX loads: the XLA flags and allocator settings (msatt_jax/runtime.py) must be in
+  # the environment from the start, which may re-execute this process once.
+  from msatt_jax import runtime
+  runtime.configure()
+
 import contextlib
 import functools
 import json
@@ -338,6 +344,8 @@ def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
 
 
 def run():
+  from msatt_jax import runtime
+  runtime.configure()  # A no-op when the module's own guard above already ran it.
   from absl import app, flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Training configuration file.",
