@@ -47,3 +47,21 @@ def make_synthetic(tmp_path) -> Callable[..., Path]:
     return out
 
   return make
+
+
+
+# Small preprocessing for the synthetic cases: 8 slices of 32 x 32.
+SMALL_DATA = dict(slice_start=10, slice_stop=17, crop_size=32)
+
+
+def small_data_config(source, data_dir, **overrides):
+  """The paper's data config over `source` -> `data_dir`, with SMALL_DATA and `overrides`.
+
+  A plain function (test modules import it from conftest), so module-scoped fixtures use it too.
+  """
+  from configs import brats18  # pylint: disable=g-import-not-at-top
+  data = brats18.get_data_config()
+  data.source_dir, data.data_dir = str(source), str(data_dir)
+  for key, value in {**SMALL_DATA, **overrides}.items():
+    data[key] = value
+  return data

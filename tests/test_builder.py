@@ -21,18 +21,11 @@ from data_pipelines.brats import builder as builder_lib
 from data_pipelines.brats import layouts
 from data_pipelines.brats import preprocess
 from data_pipelines.errors import DataError
+
+from conftest import SMALL_DATA, small_data_config
 # pylint: enable=g-import-not-at-top
 
 # Slices 10..17 with a 32x32 crop of the 48x48x40 fixtures: 8 small slices per case.
-SMALL = dict(slice_start=10, slice_stop=17, crop_size=32)
-
-
-def _data_config(source, data_dir, **overrides) -> ml_collections.ConfigDict:
-  data = brats18.get_data_config()
-  data.source_dir, data.data_dir = str(source), str(data_dir)
-  for key, value in {**SMALL, **overrides}.items():
-    data[key] = value
-  return data
 
 
 def _quiet(_: str) -> None:
@@ -117,7 +110,7 @@ def test_builder_from_config_defaults_and_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def prepared(synthetic_msd, tmp_path_factory):
-  data = _data_config(synthetic_msd, tmp_path_factory.mktemp("prepared"))
+  data = small_data_config(synthetic_msd, tmp_path_factory.mktemp("prepared"))
   return data, prepare_lib.prepare(data, progress=_quiet)
 
 
@@ -144,7 +137,7 @@ def test_examples_are_the_preprocessed_slices_of_their_split(prepared, synthetic
   expected = {}
   for case_id, ref in refs.items():
     case = layouts.load_case(ref)
-    expected[case_id] = preprocess.preprocess_case(case.image, case.label, **SMALL)
+    expected[case_id] = preprocess.preprocess_case(case.image, case.label, **SMALL_DATA)
   for split in builder_lib.SPLITS:
     seen = set()
     for ex in tfds.as_numpy(builder.as_dataset(split=split)):
@@ -170,7 +163,7 @@ def test_label_convention_warnings_are_counted(make_synthetic, tmp_path):
   swapped = raw.copy()
   swapped[raw == 2], swapped[raw == 3] = 3, 2
   nib.save(nib.Nifti1Image(swapped, img.affine, img.header), str(label_path))
-  data = _data_config(source, tmp_path / "out")
+  data = small_data_config(source, tmp_path / "out")
   messages = []
   builder = prepare_lib.prepare(data, progress=messages.append)
   warnings = builder.info.metadata["label_warnings"]

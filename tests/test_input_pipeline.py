@@ -13,29 +13,21 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 # pylint: disable=g-import-not-at-top
-from configs import brats18
 from data_pipelines import input_pipeline as ip
 from data_pipelines import prepare as prepare_lib
 from data_pipelines.errors import DataError
+
+from conftest import small_data_config
 # pylint: enable=g-import-not-at-top
 
 # 4 cases of 48x48x40 (conftest) split 2/1/1; slices 10..17 with a 32x32 crop: 16 train slices.
-SMALL = dict(slice_start=10, slice_stop=17, crop_size=32)
 BATCH = 4
 STEPS = 4  # 16 train slices / 4.
 
 
-def _data_config(source, data_dir, **overrides) -> ml_collections.ConfigDict:
-  data = brats18.get_data_config()
-  data.source_dir, data.data_dir = str(source), str(data_dir)
-  for key, value in {**SMALL, **overrides}.items():
-    data[key] = value
-  return data
-
-
 @pytest.fixture(scope="module")
 def data(synthetic_msd, tmp_path_factory):
-  config = _data_config(synthetic_msd, tmp_path_factory.mktemp("prepared"))
+  config = small_data_config(synthetic_msd, tmp_path_factory.mktemp("prepared"))
   prepare_lib.prepare(config, progress=lambda _: None)
   return config
 

@@ -11,23 +11,15 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from configs import brats18
 from data_pipelines import input_pipeline as ip
 from data_pipelines import prepare as prepare_lib
 from data_pipelines.brats import builder as builder_lib
 from data_pipelines.errors import DataError
 
-SMALL = dict(slice_start=10, slice_stop=17, crop_size=32)
+from conftest import small_data_config
+
 SMALL_FLAGS = ["--slice_start", "10", "--slice_stop", "17", "--crop_size", "32"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _data_config(source, data_dir, **overrides) -> ml_collections.ConfigDict:
-  data = brats18.get_data_config()
-  data.source_dir, data.data_dir = str(source), str(data_dir)
-  for key, value in {**SMALL, **overrides}.items():
-    data[key] = value
-  return data
 
 
 def _cli(*args, timeout=120) -> subprocess.CompletedProcess:
@@ -53,19 +45,19 @@ def test_cli_rejects_an_empty_folder_naming_it(tmp_path):
 
 def test_missing_folder_and_bad_settings_are_clear_errors(tmp_path, synthetic_msd):
   with pytest.raises(DataError, match="does not exist"):
-    prepare_lib.prepare(_data_config(tmp_path / "nowhere", tmp_path / "out"))
+    prepare_lib.prepare(small_data_config(tmp_path / "nowhere", tmp_path / "out"))
   with pytest.raises(ValueError, match="modalities"):
-    prepare_lib.prepare(_data_config(synthetic_msd, tmp_path / "out", modalities=("flair",
+    prepare_lib.prepare(small_data_config(synthetic_msd, tmp_path / "out", modalities=("flair",
                                                                                   "pd")))
   with pytest.raises(DataError, match="at least one case"):
-    prepare_lib.prepare(_data_config(synthetic_msd, tmp_path / "out", num_test_cases=0))
+    prepare_lib.prepare(small_data_config(synthetic_msd, tmp_path / "out", num_test_cases=0))
 
 
 def test_corrupt_file_stops_preparation_and_leaves_nothing(make_synthetic, tmp_path):
   source = make_synthetic("msd", num_cases=3)
   bad = source / "imagesTr" / "BRATS_003.nii.gz"
   bad.write_bytes(bad.read_bytes()[:2000])  # Truncated download.
-  data = _data_config(source, tmp_path / "out")
+  data = small_data_config(source, tmp_path / "out")
   with pytest.raises(DataError, match="BRATS_003.nii.gz"):
     prepare_lib.prepare(data, progress=lambda _: None)
   assert not builder_lib.builder_from_config(data).is_prepared()
@@ -76,7 +68,7 @@ def test_corrupt_file_stops_preparation_and_leaves_nothing(make_synthetic, tmp_p
 
 def test_prepared_data_is_reused_and_guarded_against_other_sources(synthetic_msd,
                                                                    synthetic_brats, tmp_path):
-  data = _data_config(synthetic_msd, tmp_path / "out")
+  data = small_data_config(synthetic_msd, tmp_path / "out")
   prepare_lib.prepare(data, progress=lambda _: None)
   info_file = Path(builder_lib.builder_from_config(data).data_path) / "dataset_info.json"
   before = info_file.stat().st_mtime_ns
@@ -84,7 +76,7 @@ def test_prepared_data_is_reused_and_guarded_against_other_sources(synthetic_msd
   prepare_lib.prepare(data, progress=messages.append)
   assert info_file.stat().st_mtime_ns == before and "Reusing" in messages[0]
   # Another data set pointed at the same folder with the same settings must not be mixed up.
-  other = _data_config(synthetic_brats, tmp_path / "out")
+  other = small_data_config(synthetic_brats, tmp_path / "out")
   with pytest.raises(DataError, match="differ"):
     prepare_lib.prepare(other, progress=lambda _: None)
 
@@ -108,7 +100,7 @@ _KILLABLE = textwrap.dedent("""
 
 def test_killed_preparation_is_not_readable_and_a_rerun_completes_it(synthetic_msd, tmp_path):
   out = tmp_path / "out"
-  data = _data_config(synthetic_msd, out)
+  data = small_data_config(synthetic_msd, out)
   script = _KILLABLE.format(config=data.to_dict())
   proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True, cwd=REPO)
