@@ -1,0 +1,62 @@
+"""3x3 convolution forms on XLA:CPU: the plain convolution vs im2col (nine shifted copies
+concatenated along channels, then one matmul), forward + backward, at the U-Net's layer shapes.
+
+  python -m benchmarks.conv_forms [--batch 8] [--steps 5]
+
+Prints the median time of each form per layer shape and their ratio (> 1: im2col faster). It
+answers whether routing the U-Net's convolutions through XLA's matmul path would help on CPU.
+"""
+
+import argparse
+import time
+
+from msatt_jax import runtime
+
+# (height = width, in channels, out channels) of the U-Net's levels at 192 x 192 (base width 32).
+SHAPES = ((192, 32, 32), (96, 64, 64), (48, 128, 128), (24, 256, 256), (12, 512, 512))
+
+
+def main() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  p = argparse.ArgumentParser(prog="python -m benchmarks.conv_forms", description=__doc__)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--steps", type=int, default=5)
+  args = p.parse_args()
+
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def im2col(x, w):
+    _, h, width, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([xp[:, i:i + h, j:j + width, :] for i in range(3) for j in range(3)],
+                           axis=-1)
+    return cols @ w.reshape(9 * c, -1)
+
+  def median_seconds(form, x, w):
+    step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(form(x, w) ** 2), argnums=(0, 1)))
+    jax.block_until_ready(step(x, w))
+    times = []
+    for _ in range(args.steps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(x, w))
+      times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+  print(f"# batch {args.batch}, forward + backward, median of {args.steps}; "
+        f"runtime settings: {runtime.describe() or 'none'}")
+  for size, c_in, c_out in SHAPES:
+    x = jax.random.normal(jax.random.key(0), (args.batch, size, size, c_in))
+    w = 0.01 * jax.random.normal(jax.random.key(1), (3, 3, c_in, c_out))
+    a, b = median_seconds(conv, x, w), median_seconds(im2col, x, w)
+    print(f"{size}x{size} {c_in}->{c_out}: conv {a * 1e3:.1f} ms, im2col {b * 1e3:.1f} ms, "
+          f"conv / im2col time = {a / b:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  runtime.configure()
+  main()
