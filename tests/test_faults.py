@@ -15,6 +15,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -308,16 +309,26 @@ def _nan_policy_skip_skips_only_that_update(ctx, tmp):
 # -------------------------------------------------------------------------------- full disk
 
 
-def _check_disk_full(ctx: Context, status: int, text: str, workdir: Path) -> None:
+def _check_disk_full(ctx: Context, status: int, text: str, workdir: Path,
+                     failed_step: Optional[int] = 20) -> None:
+  """The run stopped at the save of `failed_step` (None: whichever save the error names) and
+  every earlier checkpoint is intact and readable, exactly as it was written."""
   assert status == 1, text[-3000:]
   error = error_line(text)
-  assert error.startswith(f"error: Could not save the checkpoint of step 20 in "
+  match = re.match(r"error: Could not save the checkpoint of step (\d+) in ", error)
+  assert match, error
+  step = int(match.group(1))
+  if failed_step is not None:
+    assert step == failed_step, error
+  assert step > 10, error  # The first checkpoint was written.
+  earlier = list(range(10, step, 10))
+  assert error.startswith(f"error: Could not save the checkpoint of step {step} in "
                           f"{checkpoint_dir(workdir)}: No space left on device (ENOSPC)."), error
-  assert "The complete checkpoints [10] are intact" in error
-  # The previous checkpoint stays readable, exactly as it was written.
-  step, variables = restored(workdir)
-  assert step == 10
-  assert_bit_identical(variables, restored(ctx.reference, 10)[1])
+  assert f"The complete checkpoints {earlier} are intact" in error
+  assert complete_steps(workdir) == earlier
+  restored_step, variables = restored(workdir)
+  assert restored_step == earlier[-1]
+  assert_bit_identical(variables, restored(ctx.reference, earlier[-1])[1])
 
 
 @scenario
@@ -359,7 +370,9 @@ def _disk_full_on_a_real_tiny_filesystem(ctx, tmp):
   status, text = run(["unshare", "-rm", "sh", "-c", script], ctx.env, tmp / "console.txt")
   checkpoint_dir(workdir).rmdir()
   shutil.copytree(kept, checkpoint_dir(workdir), symlinks=True)
-  _check_disk_full(ctx, status, text, workdir)
+  # Usually the second save runs out of space; compressed checkpoint sizes and the timing of
+  # the asynchronous saves' cleanup can leave room for one more, so any later save may be it.
+  _check_disk_full(ctx, status, text, workdir, failed_step=None)
 
 
 # ------------------------------------------------------------------- another model's workdir
