@@ -35,13 +35,16 @@ PARTS = {"msconvlstm_att": MSCONVLSTM_ATT_PARTS}
 
 # Names JAX gives to call wrappers, not modules.
 _WRAPPERS = {"closed_call", "core_call", "pjit", "checkpoint", "remat", "custom_jvp_call",
-             "custom_vjp_call", "custom_vjp_call_jaxpr"}
+             "custom_vjp_call", "custom_vjp_call_jaxpr", "eval_jaxpr"}
 # Events that enclose other instructions' events (their bodies are counted themselves).
 _CONTAINERS = re.compile(r"^(while|call|conditional|async)")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\([^=]*?\)|\S+)\s+([\w\-]+)\((.*)$")
 _OP_NAME = re.compile(r"metadata=\{[^}]*?op_name=\"([^\"]*)\"")
 _CALLS = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
+# Lines a trace may add to a device plane that repeat the kernels' time per op or per module.
+_DERIVED_LINES = {"XLA Ops", "XLA Modules", "Steps", "Framework Name Scope", "Framework Ops",
+                  "Source code"}
 # Opcodes that carry a fusion's work, whose op_name names the fusion's module best.
 _HEAVY = ("convolution", "dot", "custom-call", "reduce-window")
 
@@ -127,11 +130,13 @@ def module_path(op_name: str, model_name: str) -> Optional[str]:
   return None
 
 
-def trace_instruction_times(run: Callable[[], None], steps: int) -> Dict[str, float]:
-  """Seconds per HLO instruction name over `steps` calls of `run`, from a profiler trace."""
-  # Imported here: the benchmark's driver formats breakdowns without importing JAX.
-  import jax  # pylint: disable=g-import-not-at-top
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+def trace_instruction_times(run: Callable[[], None], steps: int,
+                            keep_dir: Optional[str] = None) -> Dict[str, float]:
+  """Seconds per HLO instruction name over `steps` calls of `run`, from a profiler trace.
+
+  `keep_dir`: a folder to keep the trace in (as `step.xplane.pb`).
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (the driver formats without JAX)
   workdir = tempfile.mkdtemp(prefix="msatt-trace-")
   try:
     with jax.profiler.trace(workdir):
@@ -140,19 +145,44 @@ def trace_instruction_times(run: Callable[[], None], steps: int) -> Dict[str, fl
     paths = glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True)
     if not paths:
       raise RuntimeError("The profiler wrote no trace.")
-    space = xplane_pb2.XSpace()
-    with open(paths[0], "rb") as f:
-      space.ParseFromString(f.read())
+    if keep_dir:
+      os.makedirs(keep_dir, exist_ok=True)
+      shutil.copyfile(paths[0], os.path.join(keep_dir, "step.xplane.pb"))
+    return instruction_times(paths[0], steps)
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
-  times: Dict[str, float] = collections.defaultdict(float)
+
+
+def instruction_times(xplane_path: str, steps: int = 1) -> Dict[str, float]:
+  """Seconds per HLO instruction name and step in a saved trace of `steps` steps.
+
+  Events carry their instruction in an `hlo_op` statistic: XLA:CPU's on the host plane, GPU
+  kernels (several per cuDNN or fused instruction) on the device planes. Where device events
+  exist only they count: the host's events are then the launches, not the work. A kernel run
+  inside an XLA:GPU command buffer (a CUDA graph) carries the buffer's name instead; its own
+  name is its fusion's, with '_N' for '.N'.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  space = jax.profiler.ProfileData.from_file(xplane_path)
+  host: Dict[str, float] = collections.defaultdict(float)
+  device: Dict[str, float] = collections.defaultdict(float)
   for plane in space.planes:
-    if not (plane.name.startswith("/host:CPU") or plane.name.startswith("/device:")):
+    if plane.name.startswith("/device:"):
+      times = device
+    elif plane.name.startswith("/host:CPU"):
+      times = host
+    else:
       continue
     for line in plane.lines:
+      if line.name in _DERIVED_LINES:
+        continue
       for event in line.events:
-        times[plane.event_metadata[event.metadata_id].name] += event.duration_ps * 1e-12
-  return {k: v / steps for k, v in times.items()}
+        op = dict(event.stats).get("hlo_op")
+        if op and op.startswith("command_buffer"):
+          op = re.sub(r"_(\d+)$", r".\1", event.name)
+        if op:
+          times[op] += event.duration_ns * 1e-9
+  return {k: v / steps for k, v in (device or host).items()}
 
 
 def attribute(instruction_times: Mapping[str, float], hlo_text: str, model_name: str,

@@ -104,8 +104,8 @@ def serve(factory: Callable[[Dict[str, Any]], Any]) -> None:
 
   Commands (one JSON object a line): {"cmd": "setup", "mode": m} -> bench.setup(m) (compile;
   a dict of facts), {"cmd": "run", "mode": m, "steps": n, "window": w} -> {"times": [...]},
-  {"cmd": "memory", "mode": m} -> bench.memory(m), {"cmd": "breakdown", "mode": m, "steps": n}
-  -> bench.breakdown(m, n), {"cmd": "quit"}.
+  {"cmd": "memory", "mode": m} -> bench.memory(m), {"cmd": "breakdown", "mode": m, "steps": n,
+  "trace_dir": d} -> bench.breakdown(m, n, d), {"cmd": "quit"}.
   """
   proto = os.fdopen(os.dup(1), "w", buffering=1)
   os.dup2(2, 1)  # Library prints (and C-level writes to fd 1) go to stderr.
@@ -132,7 +132,7 @@ def serve(factory: Callable[[Dict[str, Any]], Any]) -> None:
       elif msg["cmd"] == "run":
         reply({"times": bench.run(msg["mode"], msg["steps"], msg.get("window", 1))})
       elif msg["cmd"] == "breakdown":
-        reply(bench.breakdown(msg["mode"], msg["steps"]))
+        reply(bench.breakdown(msg["mode"], msg["steps"], msg.get("trace_dir")))
       elif msg["cmd"] == "memory":
         reply(bench.memory(msg["mode"]))
       else:

@@ -40,6 +40,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="the card's peak GFLOP/s for the %% of peak column (default: the H100/H200 "
                       "SXM dense bfloat16 datasheet figure)")
   p.add_argument("--json", help="append the results as JSON lines to this file")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also profile the train steps and print their time by model part")
+  p.add_argument("--trace_dir", help="with --breakdown: keep the traces and HLO here")
   p.add_argument("--dry-run", dest="dry_run", action="store_true",
                  help="tiny sizes and a small model: checks the logic on a CPU in minutes")
   args = p.parse_args(argv)
@@ -64,6 +67,8 @@ def train_throughput(args: argparse.Namespace) -> List[Dict[str, Any]]:
           "--peak_gflops", str(args.peak_gflops)]
   for key, value in args.overrides.items():
     argv += ["--set", f"{key}={value}"]
+  if args.breakdown:
+    argv += ["--breakdown"] + (["--trace_dir", args.trace_dir] if args.trace_dir else [])
   return run.main(argv)
 
 

@@ -8,6 +8,7 @@ copied to the host: the worker only waits for them.
 
 import functools
 import math
+import os
 import re
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
@@ -185,13 +186,17 @@ class JaxBench:
     with self._rss[mode]:
       return common.time_steps(self._steps[mode], jax.block_until_ready, steps, window)
 
-  def breakdown(self, mode: str, steps: int) -> Dict[str, Any]:
+  def breakdown(self, mode: str, steps: int, trace_dir: Optional[str] = None) -> Dict[str, Any]:
     """Seconds per model part and per module path of one step, from a profiler trace."""
     step = self._steps[mode]
-    times = breakdown.trace_instruction_times(lambda: jax.block_until_ready(step()), steps)
+    hlo_text = self._compiled[mode].as_text()
+    times = breakdown.trace_instruction_times(lambda: jax.block_until_ready(step()), steps,
+                                              keep_dir=trace_dir)
+    if trace_dir:
+      with open(os.path.join(trace_dir, "step.hlo.txt"), "w") as f:
+        f.write(hlo_text)
     parts = breakdown.PARTS.get(self.spec["model"], ())
-    coarse, fine = breakdown.attribute(times, self._compiled[mode].as_text(),
-                                       type(self.model).__name__, parts)
+    coarse, fine = breakdown.attribute(times, hlo_text, type(self.model).__name__, parts)
     return {"coarse": coarse, "fine": fine}
 
   def memory(self, mode: str) -> Dict[str, Any]:

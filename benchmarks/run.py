@@ -66,6 +66,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       "on an accelerator)")
   p.add_argument("--breakdown", action="store_true",
                  help="also profile the JAX sides' steps and print their time by model part")
+  p.add_argument("--trace_dir",
+                 help="with --breakdown: keep each profiled step's trace (.xplane.pb, for "
+                      "TensorBoard's profiler or XProf) and optimised HLO text in this folder")
   p.add_argument("--json", help="append one JSON line per result to this file")
   p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
   args = p.parse_args(argv)
@@ -175,7 +178,13 @@ def measure(model: str, batch_size: int, args: argparse.Namespace) -> List[Dict[
         side.setup[mode].update(side.worker.call("memory", mode=mode))
         if args.breakdown and side.framework == "jax":
           # Profiled steps run slower; they are not part of the timings.
-          side.setup[mode]["breakdown"] = side.worker.call("breakdown", mode=mode, steps=3)
+          trace_dir = args.trace_dir and os.path.join(
+              args.trace_dir, f"{model}_b{batch_size}_{side.variant or 'default'}_{mode}")
+          try:
+            side.setup[mode]["breakdown"] = side.worker.call(
+                "breakdown", mode=mode, steps=3, trace_dir=trace_dir)
+          except common.WorkerError as e:  # The timings stand without it.
+            print(f"# no breakdown for {side.label} {model} {mode}: {e}", file=sys.stderr)
     return [_row(base, side, mode, args) for side in sides for mode in args.modes]
   finally:
     for side in sides:

@@ -12,7 +12,7 @@ import pytest
 from configs import brats18
 from msatt_jax.models import AttentionUNet, FCN, UNet, create_model
 from msatt_jax.models.attention_unet import AttentionGate
-from msatt_jax.models.common import UpsampleConv2x2
+from msatt_jax.models.common import UpsampleConv2x2, max_pool
 from msatt_jax.models.fcn import bilinear_upsample_init
 
 # Small widths keep compilation and steps cheap on CPU.
@@ -106,6 +106,25 @@ def test_upsample_conv_forms_agree_with_conv_transpose():
       {"params": {"kernel": kernel[::-1, ::-1], "bias": bias}}, x)
   for y in (y_mm, y_ct, y_flax):
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 8, 6, 3), (2, 2), None, "VALID"),  # reshape + max
+    ((2, 7, 6, 3), (3, 3), (1, 1), "SAME"),  # separable shifted maxima
+    ((2, 7, 5, 3), (2, 2), None, "VALID"),  # H not divisible: nn.max_pool
+    ((2, 8, 8, 3), (3, 3), (2, 2), "SAME"),  # overlapping strided: nn.max_pool
+])
+def test_max_pool_equals_flax_in_values_and_gradients(shape, window, strides, padding):
+  x = _normal(shape, 1)
+  flax_pool = lambda x: nn.max_pool(x, window, strides=strides or window, padding=padding)
+  ours = lambda x: max_pool(x, window, strides, padding)
+  np.testing.assert_array_equal(ours(x), flax_pool(x))
+  # Random inputs have no ties: the gradient goes to the same maxima, weighted alike.
+  weights = _normal(flax_pool(x).shape, 2)
+  grad = lambda f, x: jax.grad(lambda x: jnp.sum(f(x) * weights))(x)
+  np.testing.assert_allclose(grad(ours, x), grad(flax_pool, x), rtol=1e-6, atol=1e-6)
+  # Where inputs tie (ReLU zeros), each output's gradient is shared, none is lost or doubled.
+  np.testing.assert_allclose(grad(ours, jnp.zeros(shape)).sum(), weights.sum(), rtol=1e-5)
 
 
 def test_unet_upsample_methods_give_the_same_model():

@@ -8,7 +8,7 @@ import pytest
 
 from msatt_jax.models import (ConvLSTM, SEInception, SEResNetBlock, SpatialAttention,
                               SqueezeExcitation)
-from msatt_jax.models.blocks import resolve_attention_implementation
+from msatt_jax.models.blocks import resolve_attention_implementation, resolve_input_conv
 
 
 def _key(seed: int = 0) -> jax.Array:
@@ -20,22 +20,40 @@ def _normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
   return jax.random.normal(jax.random.key(seed), shape)
 
 
-@pytest.mark.parametrize("unroll", [1, 3])
-def test_scanned_convlstm_equals_hand_loop(unroll):
-  x = _normal(1, (2, 3, 6, 5, 2))  # (B, T, H, W, C): odd T, H, W.
-  model = ConvLSTM(4, (3, 3), unroll=unroll)
+@pytest.mark.parametrize("unroll,channels,input_conv", [
+    (1, 2, "auto"), (3, 2, "conv"), (3, 1, "taps"), (1, 1, "conv")])
+def test_scanned_convlstm_equals_hand_loop(unroll, channels, input_conv):
+  """Every form equals nn.ConvLSTMCell stepped by hand on the same parameters, values and
+  gradients; 'taps' (one input channel) computes the input convolution as 9 multiply-adds."""
+  x = _normal(1, (2, 3, 6, 5, channels))  # (B, T, H, W, C): odd T, H, W.
+  model = ConvLSTM(4, (3, 3), unroll=unroll, input_conv=input_conv)
   variables = jax.jit(model.init)(_key(), x)
-  scanned = jax.jit(model.apply)(variables, x)
-
   cell = nn.ConvLSTMCell(4, (3, 3))
-  carry = cell.initialize_carry(jax.random.key(0), x[:, 0].shape)
-  cell_vars = {"params": variables["params"]["cell"]}
-  steps = []
-  for t in range(x.shape[1]):
-    carry, h = cell.apply(cell_vars, carry, x[:, t])
-    steps.append(h)
+
+  def hand_loop(params):
+    carry = cell.initialize_carry(jax.random.key(0), x[:, 0].shape)
+    steps = []
+    for t in range(x.shape[1]):
+      carry, h = cell.apply({"params": params["cell"]}, carry, x[:, t])
+      steps.append(h)
+    return jnp.stack(steps, axis=1)
+
+  scanned = jax.jit(model.apply)(variables, x)
   assert scanned.shape == (2, 3, 6, 5, 4)
-  np.testing.assert_allclose(scanned, jnp.stack(steps, axis=1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(scanned, hand_loop(variables["params"]), rtol=1e-5, atol=1e-6)
+  weights = _normal(2, scanned.shape)
+  grads = [jax.grad(lambda p: jnp.sum(f(p) * weights))(variables["params"])
+           for f in (lambda p: model.apply({"params": p}, x), hand_loop)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+
+
+def test_convlstm_input_conv_choices():
+  assert resolve_input_conv("gpu") == "taps" and resolve_input_conv("cpu") == "conv"
+  x = jnp.zeros((1, 2, 4, 4, 2))
+  with pytest.raises(ValueError, match="one channel"):  # taps need a one-channel input.
+    ConvLSTM(4, input_conv="taps").init(_key(), x)
+  with pytest.raises(ValueError, match="Unknown input_conv 'fft'"):
+    ConvLSTM(4, input_conv="fft").init(_key(), x)
 
 
 def test_se_gates_lie_in_unit_interval_and_scale_channels():

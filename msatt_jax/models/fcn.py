@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msatt_jax.models.common import ConvBN, crop_to, pad_to_multiple, resize_to
+from msatt_jax.models.common import ConvBN, crop_to, max_pool, pad_to_multiple, resize_to
 
 Dtype = Any
 
@@ -65,7 +65,7 @@ class FCN(nn.Module):
       width = max(width * self.base_width // 64, 1)
       for i in range(n_convs):
         x = conv(width, (3, 3), name=f"conv{block + 1}_{i + 1}")(x, train)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x, (2, 2))
       pools.append(x)
     pool3, pool4 = pools[2], pools[3]
     x = conv(self.fc_width, (3, 3), name="fc6")(x, train)

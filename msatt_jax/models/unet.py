@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msatt_jax.models.common import ConvBN, UpsampleConv2x2, crop_to, pad_to_multiple
+from msatt_jax.models.common import ConvBN, UpsampleConv2x2, crop_to, max_pool, pad_to_multiple
 
 Dtype = Any
 
@@ -57,7 +57,7 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = DoubleConv(widths[level], self.dtype, self.axis_name, name=f"down{level}")(x, train)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x, (2, 2))
     x = DoubleConv(widths[-1], self.dtype, self.axis_name, name="bottleneck")(x, train)
     for level in reversed(range(self.depth)):
       skip = self.gate_skip(skips[level], x, level, train)
