@@ -63,9 +63,6 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
     # 'xla'/'cudnn' = jax.nn.dot_product_attention.
     m.attention_implementation = "auto"
     m.modality_map = "scan"  # Encoders: 'scan' (plain convs) or 'vmap' (grouped); same params.
-    # ConvLSTM input-to-hidden conv of each 1-channel modality image: 'conv', 'taps' (9 fused
-    # multiply-adds, no gate map in memory) or 'auto' = 'taps' on a GPU, 'conv' on CPU.
-    m.convlstm_input_conv = "auto"
   elif name in ("unet", "attunet"):
     m.base_width = 32  # Width of the first level; doubles at each of the 4 poolings.
     m.depth = 4  # Number of poolings.

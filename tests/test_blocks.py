@@ -8,7 +8,7 @@ import pytest
 
 from msatt_jax.models import (ConvLSTM, SEInception, SEResNetBlock, SpatialAttention,
                               SqueezeExcitation)
-from msatt_jax.models.blocks import resolve_attention_implementation, resolve_input_conv
+from msatt_jax.models.blocks import resolve_attention_implementation
 
 
 def _key(seed: int = 0) -> jax.Array:
@@ -20,13 +20,11 @@ def _normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
   return jax.random.normal(jax.random.key(seed), shape)
 
 
-@pytest.mark.parametrize("unroll,channels,input_conv", [
-    (1, 2, "auto"), (3, 2, "conv"), (3, 1, "taps"), (1, 1, "conv")])
-def test_scanned_convlstm_equals_hand_loop(unroll, channels, input_conv):
-  """Every form equals nn.ConvLSTMCell stepped by hand on the same parameters, values and
-  gradients; 'taps' (one input channel) computes the input convolution as 9 multiply-adds."""
+@pytest.mark.parametrize("unroll,channels", [(1, 2), (3, 1)])
+def test_scanned_convlstm_equals_hand_loop(unroll, channels):
+  """Values and gradients equal nn.ConvLSTMCell stepped by hand on the same parameters."""
   x = _normal(1, (2, 3, 6, 5, channels))  # (B, T, H, W, C): odd T, H, W.
-  model = ConvLSTM(4, (3, 3), unroll=unroll, input_conv=input_conv)
+  model = ConvLSTM(4, (3, 3), unroll=unroll)
   variables = jax.jit(model.init)(_key(), x)
   cell = nn.ConvLSTMCell(4, (3, 3))
 
@@ -46,14 +44,6 @@ def test_scanned_convlstm_equals_hand_loop(unroll, channels, input_conv):
            for f in (lambda p: model.apply({"params": p}, x), hand_loop)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
 
-
-def test_convlstm_input_conv_choices():
-  assert resolve_input_conv("gpu") == "taps" and resolve_input_conv("cpu") == "conv"
-  x = jnp.zeros((1, 2, 4, 4, 2))
-  with pytest.raises(ValueError, match="one channel"):  # taps need a one-channel input.
-    ConvLSTM(4, input_conv="taps").init(_key(), x)
-  with pytest.raises(ValueError, match="Unknown input_conv 'fft'"):
-    ConvLSTM(4, input_conv="fft").init(_key(), x)
 
 
 def test_se_gates_lie_in_unit_interval_and_scale_channels():

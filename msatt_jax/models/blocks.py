@@ -3,7 +3,6 @@
 See docs/architecture.md for the reading of the paper that each block follows.
 """
 
-import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -15,84 +14,10 @@ from msatt_jax.models.common import ConvBN, batch_norm, max_pool
 Dtype = Any
 
 
-class SingleChannelConv(nn.Module):
-  """`nn.Conv` (stride 1, 'SAME', odd kernel, bias) of a one-channel image, as shifted copies.
-
-  From one input channel a convolution is kh * kw multiply-adds per output value, which XLA
-  fuses into the layer that consumes the result: in the ConvLSTM, the 4 * features gate map of
-  each modality image is then never written out and read back. As a convolution it was, and on
-  a GPU cuDNN runs it with GEMM tiles that are mostly padding (on an H100 the input-to-hidden
-  convolutions took 12% of MSConvLSTM-Att's train step). Same parameters as nn.Conv; the sum
-  is taken in float32.
-  """
-  features: int
-  kernel_size: tuple[int, int] = (3, 3)
-  dtype: Optional[Dtype] = None  # None: the input's and parameters' promoted type (as nn.Conv).
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kh, kw = self.kernel_size
-    *batch, h, w, c = x.shape
-    if c != 1 or not kh % 2 or not kw % 2:
-      raise ValueError(f"SingleChannelConv takes one channel and an odd kernel, got {c} "
-                       f"channel(s) and a {kh}x{kw} kernel.")
-    kernel = self.param("kernel", self.kernel_init, (kh, kw, 1, self.features), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-    pads = [(0, 0)] * len(batch) + [(kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)]
-    padded = jnp.pad(x.astype(jnp.float32), pads)
-    kernel = kernel.astype(jnp.float32)
-    y = bias.astype(jnp.float32)
-    for i in range(kh):
-      for j in range(kw):
-        y = y + padded[..., i:i + h, j:j + w, :] * kernel[i, j, 0]
-    return y.astype(self.dtype or jnp.promote_types(x.dtype, self.param_dtype))
-
-
-def resolve_input_conv(platform: str) -> str:
-  """What ConvLSTMCell's input_conv='auto' runs on a one-channel input: 'taps' on a GPU, where
-  it saves the gate map's round trip through memory; 'conv' on CPU, where XLA differentiates
-  the taps about 2x slower than the convolution (MSConvLSTM-Att train step, 2 cores)."""
-  return "taps" if platform == "gpu" else "conv"
-
-
-class ConvLSTMCell(nn.ConvLSTMCell):
-  """`nn.ConvLSTMCell`, its maths and parameters, with a choice of how the input-to-hidden
-  convolution runs: `input_conv` 'conv' (nn.Conv), 'taps' (`SingleChannelConv`, for a
-  one-channel input such as a modality image) or 'auto' (see `resolve_input_conv`)."""
-  input_conv: str = "auto"
-
-  @nn.compact
-  def __call__(self, carry, inputs):
-    c, h = carry
-    conv = functools.partial(nn.Conv, 4 * self.features, self.kernel_size, strides=self.strides,
-                             padding=self.padding, use_bias=self.use_bias, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
-    form = self.input_conv
-    if form == "auto":
-      form = resolve_input_conv(jax.devices()[0].platform) if inputs.shape[-1] == 1 else "conv"
-    if form == "taps":
-      if self.padding != "SAME" or tuple(self.strides or (1, 1)) != (1, 1) or not self.use_bias:
-        raise ValueError("input_conv='taps' needs padding 'SAME', stride 1 and a bias.")
-      input_to_hidden = SingleChannelConv(4 * self.features, self.kernel_size, self.dtype,
-                                          self.param_dtype, name="ih")
-    elif form == "conv":
-      input_to_hidden = conv(name="ih")
-    else:
-      raise ValueError(f"Unknown input_conv {self.input_conv!r}; use 'auto', 'conv' or 'taps'.")
-    gates = input_to_hidden(inputs) + conv(name="hh")(h)
-    i, g, f, o = jnp.split(gates, 4, axis=-1)
-    f = nn.sigmoid(f + 1)
-    new_c = f * c + nn.sigmoid(i) * jnp.tanh(g)
-    new_h = nn.sigmoid(o) * jnp.tanh(new_c)
-    return (new_c, new_h), new_h
-
-
 class ConvLSTM(nn.Module):
   """A ConvLSTM (Shi et al. 2015) scanned over the time axis of (B, T, H, W, C).
 
-  One `ConvLSTMCell` (nn.ConvLSTMCell's maths) driven by `nn.RNN` (an `nn.scan`), so the recurrence compiles to a single
+  One `nn.ConvLSTMCell` driven by `nn.RNN` (an `nn.scan`), so the recurrence compiles to a single
   loop whatever T is. The carry starts at zero; returns every hidden state, (B, T, H, W, features).
   The carry is kept in float32 (the cell's param_dtype) even under a bfloat16 compute dtype, so the
   cell state does not lose precision across steps.
@@ -105,13 +30,11 @@ class ConvLSTM(nn.Module):
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   unroll: int = 1  # Steps per loop iteration; T unrolls the loop body fully.
-  input_conv: str = "auto"  # ConvLSTMCell's: 'auto', 'conv' or 'taps'.
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    cell = ConvLSTMCell(self.features, self.kernel_size, dtype=self.dtype,
-                        input_conv=self.input_conv, name="cell")
+    cell = nn.ConvLSTMCell(self.features, self.kernel_size, dtype=self.dtype, name="cell")
     zero = jnp.zeros((x.shape[0],) + (1,) * (x.ndim - 3) + (self.features,), cell.param_dtype)
     carry, first = cell((zero, zero), x[:, 0])
     if x.shape[1] == 1:

@@ -28,7 +28,6 @@ class ModalityEncoder(nn.Module):
   inception_features: int = 64
   resnet_features: int = 128
   se_ratio: int = 16
-  convlstm_input_conv: str = "auto"  # ConvLSTMCell's input_conv: 'auto', 'conv' or 'taps'.
   train: bool = False  # A field, not an argument: nn.vmap would map a call argument.
   dtype: Dtype = jnp.float32
   axis_name: Optional[str] = None
@@ -41,8 +40,7 @@ class ModalityEncoder(nn.Module):
     patches = x.reshape(b, 2, h // 2, 2, w // 2, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, 4, h // 2, w // 2, c)
     # Fully unrolled: XLA:CPU differentiates convolutions in a rolled loop ~20x slower.
-    hidden = ConvLSTM(f, (3, 3), unroll=4, input_conv=self.convlstm_input_conv,
-                      dtype=self.dtype, name="convlstm")(patches)
+    hidden = ConvLSTM(f, (3, 3), unroll=4, dtype=self.dtype, name="convlstm")(patches)
     s1 = hidden.reshape(b, 2, 2, h // 2, w // 2, f).transpose(0, 1, 3, 2, 4, 5)
     s1 = s1.reshape(b, h, w, f).astype(self.dtype)
     s2 = max_pool(s1, (2, 2))
@@ -76,7 +74,6 @@ class ModalityEncoders(nn.Module):
   inception_features: int = 64
   resnet_features: int = 128
   se_ratio: int = 16
-  convlstm_input_conv: str = "auto"
   train: bool = False
   modality_map: str = "scan"
   dtype: Dtype = jnp.float32
@@ -86,8 +83,7 @@ class ModalityEncoders(nn.Module):
   def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
     fields = dict(lstm_features=self.lstm_features, inception_features=self.inception_features,
                   resnet_features=self.resnet_features, se_ratio=self.se_ratio, train=self.train,
-                  convlstm_input_conv=self.convlstm_input_conv, dtype=self.dtype,
-                  axis_name=self.axis_name, name="encoder")
+                  dtype=self.dtype, axis_name=self.axis_name, name="encoder")
     lifted = dict(variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True},
                   in_axes=3, out_axes=3)
     if self.modality_map == "vmap":
@@ -133,7 +129,6 @@ class MSConvLSTMAtt(nn.Module):
   se_ratio: int = 16
   attention_implementation: str = "auto"  # SpatialAttention's: 'auto', 'einsum', 'xla', 'cudnn'.
   modality_map: str = "scan"  # ModalityEncoders': 'scan' or 'vmap' (same parameters).
-  convlstm_input_conv: str = "auto"  # ConvLSTMCell's input_conv: 'auto', 'conv' or 'taps'.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -146,8 +141,8 @@ class MSConvLSTMAtt(nn.Module):
     scales = ModalityEncoders(
         lstm_features=self.lstm_features, inception_features=self.inception_features,
         resnet_features=self.resnet_features, se_ratio=self.se_ratio, train=train,
-        modality_map=self.modality_map, convlstm_input_conv=self.convlstm_input_conv,
-        dtype=self.dtype, axis_name=self.axis_name, name="encoders")(x[..., None])
+        modality_map=self.modality_map, dtype=self.dtype, axis_name=self.axis_name,
+        name="encoders")(x[..., None])
 
     singles = []
     for s, feats in enumerate(scales, start=1):
