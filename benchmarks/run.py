@@ -213,6 +213,8 @@ def _row(base: Mapping[str, Any], side: Side, mode: str,
          "breakdown": (breakdown.rows(setup["breakdown"]["coarse"], stats["step_s_median"])
                        if "breakdown" in setup else None),
          "breakdown_modules": setup["breakdown"]["fine"] if "breakdown" in setup else None,
+         "breakdown_traced_ms": (1e3 * setup["breakdown"]["traced_s"]
+                                 if "breakdown" in setup else None),
          "steps": len(side.times[mode]), "window": args.window,
          "step_times_s": side.times[mode], "loadavg": list(os.getloadavg()),
          "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -272,6 +274,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
       print(breakdown.format_breakdown(
           {b["part"]: b["share"] for b in r["breakdown"]}, r["step_s_median"],
           r["breakdown_modules"]))
+      # On a GPU the kernels fill the step; XLA:CPU runs much of a convolution's work in
+      # thread-pool tasks that carry no event, so there the shares leave convolutions short.
+      print(f"(traced instruction time {r['breakdown_traced_ms']:.1f} ms per step, "
+            f"{100 * r['breakdown_traced_ms'] / 1e3 / r['step_s_median']:.0f}% of the step)")
   load = os.getloadavg()
   print(f"\n# load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
   for r in rows:

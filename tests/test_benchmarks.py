@@ -92,6 +92,9 @@ def test_module_path_and_attribution():
   name = "MSConvLSTMAtt"
   op = "jit(train_step)/transpose(jvp(MSConvLSTMAtt))/encoders/closed_call/encoder/encoder/convlstm/rnn/closed_call/cell.scan_fn/cell/hh/conv_general_dilated"
   assert breakdown.module_path(op, name) == "encoders/encoder/convlstm/rnn/cell/hh"
+  # JAX 0.11 names the scan body's wrapper eval_jaxpr.
+  assert breakdown.module_path(op.replace("closed_call", "eval_jaxpr"), name) == (
+      "encoders/encoder/convlstm/rnn/cell/hh")
   assert breakdown.module_path("jit(train_step)/jvp(MSConvLSTMAtt)/pad", name) == ""
   assert breakdown.module_path("jit(train_step)/mul", name) is None
   hlo = "\n".join([
@@ -107,6 +110,48 @@ def test_module_path_and_attribution():
   assert sum(fine.values()) == 4.5
   table = breakdown.format_breakdown(coarse, 0.9, fine)
   assert "ConvLSTM (scale 1)" in table and "66.7%" in table
+
+
+# A GPU trace in miniature: the host plane holds launches, the device plane the kernels (a
+# cuDNN call as two kernels, a fusion inside a command buffer) and a derived per-op line.
+_GPU_TRACE = """
+planes {
+  name: "/host:CPU"
+  lines { name: "launches" events { metadata_id: 3 duration_ps: 9000000
+                                    stats { metadata_id: 1 str_value: "cudnn-conv.1" } } }
+  event_metadata { key: 3 value { id: 3 name: "launch" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+planes {
+  name: "/device:GPU:0"
+  lines {
+    name: "Stream #14(Compute)"
+    events { metadata_id: 1 duration_ps: 2000000
+             stats { metadata_id: 1 str_value: "command_buffer_775" } }
+    events { metadata_id: 2 offset_ps: 3000000 duration_ps: 4000000
+             stats { metadata_id: 1 str_value: "cudnn-conv.1" } }
+    events { metadata_id: 2 offset_ps: 8000000 duration_ps: 4000000
+             stats { metadata_id: 1 str_value: "cudnn-conv.1" } }
+  }
+  lines {
+    name: "XLA Ops"
+    events { metadata_id: 2 offset_ps: 3000000 duration_ps: 8000000
+             stats { metadata_id: 1 str_value: "cudnn-conv.1" } }
+  }
+  event_metadata { key: 1 value { id: 1 name: "loop_multiply_fusion_47" } }
+  event_metadata { key: 2 value { id: 2 name: "sm90_xmma_fprop" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+"""
+
+
+def test_instruction_times_of_a_gpu_trace(tmp_path):
+  """Device kernels count, not host launches or derived lines; a command buffer's kernel
+  counts for its fusion."""
+  path = tmp_path / "step.xplane.pb"
+  path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(_GPU_TRACE))
+  times = breakdown.instruction_times(str(path), steps=2)
+  assert times == pytest.approx({"loop_multiply_fusion.47": 1e-6, "cudnn-conv.1": 4e-6})
 
 
 def test_stats_and_table():
@@ -138,14 +183,19 @@ def _run_benchmark(tmp_path, *args):
 
 
 def test_benchmark_command(tmp_path):
-  stdout, rows = _run_benchmark(tmp_path, "--set", "depth=2", "--breakdown")
+  stdout, rows = _run_benchmark(tmp_path, "--set", "depth=2", "--breakdown",
+                                "--trace_dir", str(tmp_path / "traces"))
   assert "slices/s" in stdout and "GFLOP/step" in stdout
   assert {(r["framework"], r["mode"]) for r in rows} == {("jax", "inference"), ("jax", "train")}
   for r in rows:
     assert r["flops_per_step"] > 0 and r["peak_mem_mb"] > 0 and r["compile_s"] > 0
     assert r["runtime"]["MALLOC_ARENA_MAX"] == "1"  # The driver applied the defaults.
     assert r["breakdown"] and abs(sum(b["share"] for b in r["breakdown"]) - 1) < 1e-6
-  assert "step time by part" in stdout
+    assert r["breakdown_traced_ms"] > 0
+    kept = tmp_path / "traces" / f"unet_b2_default_{r['mode']}"
+    assert (kept / "step.xplane.pb").stat().st_size > 0
+    assert "HloModule" in (kept / "step.hlo.txt").read_text()
+  assert "step time by part" in stdout and "traced instruction time" in stdout
 
 
 def test_benchmark_command_compare_torch(tmp_path):
