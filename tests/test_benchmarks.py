@@ -232,3 +232,21 @@ def test_gpu_benchmark_dry_run_needs_no_tensorflow(tmp_path):
         common.PAPER_SLICE_STEPS / r["slices_per_s"] / 3600)
   assert case["case_shape"] == [48, 48, 40] and case["latency_s_median"] > 0
   assert "500-epoch schedule" in proc.stdout and "segment one 48x48x40 case" in proc.stdout
+
+
+def test_pool_forms_baseline_really_uses_select_and_scatter():
+  """benchmarks.pool_forms' A/B: inside flax_pools() the models' pool gradients are
+  select_and_scatter (nn.max_pool); outside, the models' own elementwise forms."""
+  from benchmarks import pool_forms  # pylint: disable=g-import-not-at-top
+  from msatt_jax.models import UNet  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((1, 16, 16, 4))
+
+  def grad_hlo():
+    model = UNet(num_classes=4, base_width=2, depth=2)
+    variables = model.init(jax.random.key(0), x)
+    loss = lambda v: jnp.sum(model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+    return jax.jit(jax.grad(loss)).lower(variables).as_text()
+
+  with pool_forms.flax_pools():
+    assert "select_and_scatter" in grad_hlo()
+  assert "select_and_scatter" not in grad_hlo()
