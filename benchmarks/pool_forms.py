@@ -27,8 +27,8 @@ SHAPES = (
 def flax_pools() -> Iterator[None]:
   """Within: the models build their pools with nn.max_pool (the form before common.max_pool)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from msatt_jax.models import blocks, fcn, msconvlstm_att, unet  # pylint: disable=g-import-not-at-top
-  modules = (blocks, fcn, msconvlstm_att, unet)
+  from msatt_jax import models  # pylint: disable=g-import-not-at-top
+  modules = (models.blocks, models.fcn, models.msconvlstm_att, models.unet)
   saved = [m.max_pool for m in modules]
 
   def pool(x, window, strides=None, padding="VALID"):
