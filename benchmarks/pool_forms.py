@@ -2,6 +2,8 @@
 `common.max_pool` (reshape + max, or separable shifted maxima), forward + backward.
 
   python -m benchmarks.pool_forms [--batch 8] [--steps 8] [--models unet,msconvlstm_att]
+  python -m benchmarks.pool_forms --dtype bfloat16 --batch 64 --size 190 \
+      --models msconvlstm_att          # the GPU training setting
 
 First the pools alone at the models' shapes, then each model's whole train step built once with
 each form (the models' modules see `nn.max_pool` for the baseline) and timed alternately, step
@@ -56,9 +58,12 @@ def main() -> None:
   p.add_argument("--size", type=int, default=192, help="model input height and width")
   p.add_argument("--steps", type=int, default=8)
   p.add_argument("--models", default="unet,msconvlstm_att", help="comma list; '' for none")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype of the pools and the models")
   args = p.parse_args()
-  print(f"# batch {args.batch}, forward + backward, median of {args.steps} alternating steps; "
-        f"runtime settings: {runtime.describe() or 'none'}")
+  print(f"# {jax.devices()[0].device_kind}, {args.dtype}, batch {args.batch}, forward + "
+        f"backward, median of {args.steps} alternating steps; runtime settings: "
+        f"{runtime.describe() or 'none'}")
 
   def alternate(steps):
     """Median seconds of each step function, run alternately."""
@@ -73,17 +78,18 @@ def main() -> None:
     return [float(np.median(t)) for t in times]
 
   for size, channels, window, strides, padding in SHAPES:
-    x = jax.random.normal(jax.random.key(0), (args.batch, size, size, channels))
+    x = jax.random.normal(jax.random.key(0), (args.batch, size, size, channels), args.dtype)
     forms = (lambda x: nn.max_pool(x, window, strides=strides, padding=padding),
              lambda x: max_pool(x, window, strides, padding))
-    grads = [jax.jit(jax.grad(lambda x, f=f: jnp.sum(jnp.sin(f(x))))) for f in forms]
+    grads = [jax.jit(jax.grad(lambda x, f=f: jnp.sum(jnp.sin(f(x).astype(jnp.float32)))))
+             for f in forms]
     a, b = alternate([lambda g=g: jax.block_until_ready(g(x)) for g in grads])
     print(f"{size}x{size}x{channels} {window[0]}x{window[1]}/{strides[0]} {padding}: "
           f"nn.max_pool {a * 1e3:.1f} ms, common.max_pool {b * 1e3:.1f} ms, ratio {a / b:.2f}",
           flush=True)
 
   for model in filter(None, args.models.split(",")):
-    spec = {"model": model, "batch_size": args.batch, "size": args.size, "dtype": "float32"}
+    spec = {"model": model, "batch_size": args.batch, "size": args.size, "dtype": args.dtype}
     with flax_pools():
       baseline = jax_bench.JaxBench(spec)
       baseline.setup("train")  # Traced here, inside the context.
