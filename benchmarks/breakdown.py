@@ -161,17 +161,21 @@ def instruction_times(xplane_path: str, steps: int = 1) -> Dict[str, float]:
   exist only they count: the host's events are then the launches, not the work. A kernel run
   inside an XLA:GPU command buffer (a CUDA graph) carries the buffer's name instead; its own
   name is its fusion's, with '_N' for '.N'.
+
+  XLA:CPU runs some instructions (its convolutions) asynchronously: their event covers the
+  dispatch, and an 'end: NAME' marker the completion. Where every run of an instruction has
+  such a marker, it runs from start to marker. XLA:CPU also runs independent instructions at
+  once; each moment of the host's time is shared equally among the instructions running then,
+  so the host's times sum to the time anything ran, never more.
   """
   import jax  # pylint: disable=g-import-not-at-top
   space = jax.profiler.ProfileData.from_file(xplane_path)
-  host: Dict[str, float] = collections.defaultdict(float)
   device: Dict[str, float] = collections.defaultdict(float)
+  spans: Dict[str, List[Tuple[int, int]]] = collections.defaultdict(list)  # Host (start, end).
+  ends: Dict[str, List[int]] = collections.defaultdict(list)
   for plane in space.planes:
-    if plane.name.startswith("/device:"):
-      times = device
-    elif plane.name.startswith("/host:CPU"):
-      times = host
-    else:
+    on_device = plane.name.startswith("/device:")
+    if not on_device and not plane.name.startswith("/host:CPU"):
       continue
     for line in plane.lines:
       if line.name in _DERIVED_LINES:
@@ -180,9 +184,38 @@ def instruction_times(xplane_path: str, steps: int = 1) -> Dict[str, float]:
         op = dict(event.stats).get("hlo_op")
         if op and op.startswith("command_buffer"):
           op = re.sub(r"_(\d+)$", r".\1", event.name)
-        if op:
-          times[op] += event.duration_ns * 1e-9
-  return {k: v / steps for k, v in (device or host).items()}
+        if op and on_device:
+          device[op] += event.duration_ns * 1e-9
+        elif op:
+          spans[op].append((event.start_ns, event.end_ns))
+        elif not on_device and event.name.startswith("end: "):
+          ends[event.name[len("end: "):]].append(event.start_ns)
+  if device:
+    return {k: v / steps for k, v in device.items()}
+  for op, op_spans in spans.items():
+    if len(ends.get(op, ())) == len(op_spans):
+      op_spans.sort()
+      spans[op] = [(start, max(end, done)) for (start, end), done in zip(op_spans, sorted(ends[op]))]
+  return {k: v / steps for k, v in _shared_times(spans).items()}
+
+
+def _shared_times(spans: Mapping[str, Sequence[Tuple[int, int]]]) -> Dict[str, float]:
+  """Seconds per name when each nanosecond is split equally among the spans covering it."""
+  edges = sorted((t, +1 if i == 0 else -1, name) for name, name_spans in spans.items()
+                 for span in name_spans for i, t in enumerate(span))
+  times: Dict[str, float] = collections.defaultdict(float)
+  active: Dict[str, int] = collections.defaultdict(int)
+  running, last = 0, None
+  for t, step, name in edges:
+    if running and last is not None and t > last:
+      for other, count in active.items():
+        times[other] += (t - last) * 1e-9 * count / running
+    active[name] += step
+    running += step
+    if not active[name]:
+      del active[name]
+    last = t
+  return dict(times)
 
 
 def attribute(instruction_times: Mapping[str, float], hlo_text: str, model_name: str,

@@ -274,8 +274,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
       print(breakdown.format_breakdown(
           {b["part"]: b["share"] for b in r["breakdown"]}, r["step_s_median"],
           r["breakdown_modules"]))
-      # On a GPU the kernels fill the step; XLA:CPU runs much of a convolution's work in
-      # thread-pool tasks that carry no event, so there the shares leave convolutions short.
+      # About 100% on a GPU, whose kernels fill the step; XLA:CPU runs instructions
+      # concurrently on its threads, and their times (convolutions: dispatch to completion)
+      # overlap, so there it is more.
       print(f"(traced instruction time {r['breakdown_traced_ms']:.1f} ms per step, "
             f"{100 * r['breakdown_traced_ms'] / 1e3 / r['step_s_median']:.0f}% of the step)")
   load = os.getloadavg()

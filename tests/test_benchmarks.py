@@ -145,6 +145,46 @@ planes {
 """
 
 
+# XLA:CPU in miniature, two steps: a convolution dispatched at 0 us and completed at 7 us (its
+# 'end:' marker, on another thread), a fusion run from 0.2 to 3.2 us alongside it; then the
+# convolution alone from 10 to 19 us.
+_CPU_TRACE = """
+planes {
+  name: "/host:CPU"
+  lines {
+    name: "pool thread 1" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 100000
+             stats { metadata_id: 1 str_value: "convolution.2" } }
+    events { metadata_id: 2 offset_ps: 200000 duration_ps: 3000000
+             stats { metadata_id: 1 str_value: "fusion.5" } }
+    events { metadata_id: 1 offset_ps: 10000000 duration_ps: 100000
+             stats { metadata_id: 1 str_value: "convolution.2" } }
+  }
+  lines {
+    name: "pool thread 2" timestamp_ns: 1000
+    events { metadata_id: 3 offset_ps: 7000000 }
+    events { metadata_id: 3 offset_ps: 19000000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "convolution.2" } }
+  event_metadata { key: 2 value { id: 2 name: "fusion.5" } }
+  event_metadata { key: 3 value { id: 3 name: "end: convolution.2" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+"""
+
+
+def test_instruction_times_of_a_cpu_trace(tmp_path):
+  """An asynchronous instruction runs from dispatch to its completion marker; time when two
+  run at once is shared, so the times sum to the time anything ran."""
+  path = tmp_path / "step.xplane.pb"
+  path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(_CPU_TRACE))
+  times = breakdown.instruction_times(str(path), steps=2)
+  shared = 3e-6 / 2  # The fusion's 3 us, shared with the convolution.
+  assert times == pytest.approx({"convolution.2": (7e-6 - shared + 9e-6) / 2,
+                                 "fusion.5": shared / 2})
+  assert sum(times.values()) == pytest.approx((7e-6 + 9e-6) / 2)
+
+
 def test_instruction_times_of_a_gpu_trace(tmp_path):
   """Device kernels count, not host launches or derived lines; a command buffer's kernel
   counts for its fusion."""
