@@ -195,19 +195,20 @@ def instruction_times(xplane_path: str, steps: int = 1) -> Dict[str, float]:
   for op, op_spans in spans.items():
     if len(ends.get(op, ())) == len(op_spans):
       op_spans.sort()
-      spans[op] = [(start, max(end, done)) for (start, end), done in zip(op_spans, sorted(ends[op]))]
+      spans[op] = [(start, max(end, done))
+                   for (start, end), done in zip(op_spans, sorted(ends[op]))]
   return {k: v / steps for k, v in _shared_times(spans).items()}
 
 
 def _shared_times(spans: Mapping[str, Sequence[Tuple[int, int]]]) -> Dict[str, float]:
   """Seconds per name when each nanosecond is split equally among the spans covering it."""
-  edges = sorted((t, +1 if i == 0 else -1, name) for name, name_spans in spans.items()
-                 for span in name_spans for i, t in enumerate(span))
+  edges = sorted(edge for name, name_spans in spans.items() for start, end in name_spans
+                 for edge in ((start, +1, name), (end, -1, name)))
   times: Dict[str, float] = collections.defaultdict(float)
   active: Dict[str, int] = collections.defaultdict(int)
   running, last = 0, None
   for t, step, name in edges:
-    if running and last is not None and t > last:
+    if running and t > last:
       for other, count in active.items():
         times[other] += (t - last) * 1e-9 * count / running
     active[name] += step
