@@ -17,7 +17,8 @@ on the machine affects all sides alike. The process applies the project's runtim
 (msatt_jax/runtime.py) before anything starts.
 
 A --variant NAME:SPEC adds a JAX worker: SPEC is a comma list of key=value model overrides and
-optionally runtime=GROUPS, the runtime defaults that worker gets ('none', 'xla', 'malloc', 'all').
+optionally runtime=GROUPS, the runtime defaults that worker gets: 'none', 'all', or groups of
+msatt_jax/runtime.py joined by '+' (e.g. runtime=xla+malloc).
 """
 
 import argparse
@@ -105,13 +106,14 @@ def _pairs(items: Sequence[str]) -> Dict[str, str]:
 
 
 def _variant(text: str) -> Tuple[str, Dict[str, str], Optional[str]]:
-  """NAME:k=v,...,runtime=GROUPS -> (name, model overrides, runtime groups or None)."""
+  """NAME:k=v,...,runtime=G1+G2 -> (name, model overrides, runtime groups or None)."""
   name, sep, spec = text.partition(":")
   if not sep or not name:
     raise ValueError(f"--variant expects NAME:SPEC, got {text!r}")
   pairs = _pairs(_split(spec))
   groups = pairs.pop("runtime", None)
   if groups is not None:
+    groups = groups.replace("+", ",")
     runtime.enabled_groups({runtime.OPT_ENV: groups})  # Validates.
   return name, pairs, groups
 

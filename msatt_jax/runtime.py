@@ -11,6 +11,10 @@ Two settings measurably speed up training and inference on CPU (figures: BENCHMA
   every step page-faults its whole working set in again. A high mmap threshold, no trimming, a
   large top pad and a single arena keep that memory in the heap for reuse. glibc reads these
   variables only at process start, so `configure` re-executes the process once with them set.
+- Transparent huge pages for that heap (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, glibc >= 2.35):
+  malloc asks the kernel to back its memory with 2 MiB pages, so the convolutions' large
+  activations need far fewer TLB entries. Kernels set to 'madvise' (a common default) give huge
+  pages only to memory that asks for them; older glibc ignores the tunable.
 
 Call `configure()` first thing in a command's entry point, before anything imports JAX:
 
@@ -20,7 +24,7 @@ Call `configure()` first thing in a command's entry point, before anything impor
       ...
 
 Variables already set by the user are kept as they are. Opt out with MSATT_RUNTIME_DEFAULTS=none,
-or keep one group only with MSATT_RUNTIME_DEFAULTS=xla or =malloc.
+or keep some groups only, e.g. MSATT_RUNTIME_DEFAULTS=xla,malloc.
 """
 
 import os
@@ -29,7 +33,7 @@ import warnings
 from typing import Dict, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 OPT_ENV = "MSATT_RUNTIME_DEFAULTS"  # 'all' (default) | 'none' | comma list of GROUPS.
-GROUPS = ("xla", "malloc")
+GROUPS = ("xla", "malloc", "hugepages")
 # Set in the re-executed process so it never re-executes again.
 _REEXEC_MARK = "MSATT_RUNTIME_REEXECUTED"
 
@@ -50,6 +54,11 @@ MALLOC_ENV: Dict[str, str] = {
     # hold XLA's larger buffers, which would fall back to mmap() from XLA's worker threads.
     "MALLOC_ARENA_MAX": "1",
 }
+
+
+# A glibc tunable, appended to any GLIBC_TUNABLES the user set (unless they set this one).
+TUNABLES_ENV = "GLIBC_TUNABLES"
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
 def enabled_groups(environ: Optional[Mapping[str, str]] = None) -> Tuple[str, ...]:
@@ -99,6 +108,12 @@ def apply_environment(environ: MutableMapping[str, str],
       if name not in environ:
         environ[name] = value
         changed.append(name)
+  if "hugepages" in groups and sys.platform.startswith("linux"):
+    tunables = [t for t in environ.get(TUNABLES_ENV, "").split(":") if t]
+    name = HUGEPAGE_TUNABLE.split("=", 1)[0]
+    if not any(t.split("=", 1)[0] == name for t in tunables):
+      environ[TUNABLES_ENV] = ":".join(tunables + [HUGEPAGE_TUNABLE])
+      changed.append(TUNABLES_ENV)
   return tuple(changed)
 
 
@@ -112,6 +127,11 @@ def strip_environment(environ: MutableMapping[str, str]) -> None:
   for name, value in MALLOC_ENV.items():
     if environ.get(name) == value:
       del environ[name]
+  tunables = [t for t in environ.get(TUNABLES_ENV, "").split(":") if t and t != HUGEPAGE_TUNABLE]
+  if tunables:
+    environ[TUNABLES_ENV] = ":".join(tunables)
+  else:
+    environ.pop(TUNABLES_ENV, None)
 
 
 def configure(reexec: bool = True) -> None:
@@ -127,7 +147,8 @@ def configure(reexec: bool = True) -> None:
     warnings.warn("runtime.configure() was called after JAX initialised its backends; the XLA "
                   "flags it sets take effect only in child processes.", stacklevel=2)
   changed = apply_environment(os.environ, groups)
-  needs_restart = any(name.startswith("MALLOC_") for name in changed)
+  # glibc reads its allocator settings only when the process starts.
+  needs_restart = any(name.startswith("MALLOC_") or name == TUNABLES_ENV for name in changed)
   # An interactive session (no script) would lose its state: it keeps the default allocator.
   interactive = sys.flags.interactive or not sys.argv or not sys.argv[0]
   if reexec and needs_restart and not interactive and not os.environ.get(_REEXEC_MARK):
@@ -143,5 +164,5 @@ def configure(reexec: bool = True) -> None:
 def describe(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
   """The settings in force, for benchmark records."""
   environ = os.environ if environ is None else environ
-  keys = ("XLA_FLAGS", *MALLOC_ENV, OPT_ENV)
+  keys = ("XLA_FLAGS", *MALLOC_ENV, TUNABLES_ENV, OPT_ENV)
   return {k: environ[k] for k in keys if k in environ}

@@ -23,7 +23,8 @@ REQUIRED_KEYS = {"model", "framework", "mode", "batch_size", "slices_per_s", "co
 def _clean_env(**extra: str) -> dict:
   """This environment without the runtime settings (so each test decides them)."""
   env = dict(os.environ)
-  for name in ("XLA_FLAGS", runtime.OPT_ENV, runtime._REEXEC_MARK, *runtime.MALLOC_ENV):
+  for name in ("XLA_FLAGS", runtime.OPT_ENV, runtime._REEXEC_MARK, runtime.TUNABLES_ENV,
+               *runtime.MALLOC_ENV):
     env.pop(name, None)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
   env.update(extra)
@@ -35,6 +36,7 @@ def test_enabled_groups():
   assert runtime.enabled_groups({}) == runtime.GROUPS
   assert runtime.enabled_groups({runtime.OPT_ENV: "none"}) == ()
   assert runtime.enabled_groups({runtime.OPT_ENV: "malloc"}) == ("malloc",)
+  assert runtime.enabled_groups({runtime.OPT_ENV: "xla, hugepages"}) == ("xla", "hugepages")
   with pytest.raises(ValueError, match="unknown group"):
     runtime.enabled_groups({runtime.OPT_ENV: "fast"})
 
@@ -53,9 +55,26 @@ def test_user_values_win_and_strip_restores():
   assert env == {"XLA_FLAGS": "--xla_foo=1"}
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
+def test_hugepage_tunable_joins_the_users_tunables():
+  env = {runtime.TUNABLES_ENV: "glibc.malloc.tcache_count=0"}
+  assert runtime.TUNABLES_ENV in runtime.apply_environment(env, ("hugepages",))
+  assert env[runtime.TUNABLES_ENV] == "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"
+  runtime.strip_environment(env)
+  assert env == {runtime.TUNABLES_ENV: "glibc.malloc.tcache_count=0"}
+  env = {runtime.TUNABLES_ENV: "glibc.malloc.hugetlb=0"}  # The user's choice stays.
+  assert runtime.apply_environment(env, ("hugepages",)) == ()
+  assert env == {runtime.TUNABLES_ENV: "glibc.malloc.hugetlb=0"}
+  env = {}
+  runtime.apply_environment(env, ("hugepages",))
+  runtime.strip_environment(env)
+  assert env == {}
+
+
 _PROBE = ("import os, sys; from msatt_jax import runtime; "
           "open(sys.argv[1], 'a').write('start\\n'); runtime.configure(); "
-          "print(os.environ.get('MALLOC_ARENA_MAX'), os.environ.get('XLA_FLAGS'))")
+          "print(os.environ.get('MALLOC_ARENA_MAX'), os.environ.get('XLA_FLAGS'), "
+          "os.environ.get('GLIBC_TUNABLES'))")
 
 
 def test_configure_reexecutes_once(tmp_path):
@@ -63,7 +82,7 @@ def test_configure_reexecutes_once(tmp_path):
   out = subprocess.run([sys.executable, "-c", _PROBE, str(starts)], env=_clean_env(),
                        capture_output=True, text=True, check=True, cwd=ROOT)
   assert starts.read_text().count("start") == 2  # The original process and its re-execution.
-  assert out.stdout.split() == ["1", *runtime.XLA_FLAGS]
+  assert out.stdout.split() == ["1", *runtime.XLA_FLAGS, runtime.HUGEPAGE_TUNABLE]
 
 
 def test_configure_opt_out(tmp_path):
@@ -72,7 +91,7 @@ def test_configure_opt_out(tmp_path):
                        env=_clean_env(**{runtime.OPT_ENV: "none"}), capture_output=True,
                        text=True, check=True, cwd=ROOT)
   assert starts.read_text().count("start") == 1
-  assert out.stdout.split() == ["None", "None"]
+  assert out.stdout.split() == ["None", "None", "None"]
 
 
 # ------------------------------------------------------------------------ FLOPs, breakdown
@@ -230,6 +249,7 @@ def test_benchmark_command(tmp_path):
   for r in rows:
     assert r["flops_per_step"] > 0 and r["peak_mem_mb"] > 0 and r["compile_s"] > 0
     assert r["runtime"]["MALLOC_ARENA_MAX"] == "1"  # The driver applied the defaults.
+    assert runtime.HUGEPAGE_TUNABLE in r["runtime"][runtime.TUNABLES_ENV]
     assert r["breakdown"] and abs(sum(b["share"] for b in r["breakdown"]) - 1) < 1e-6
     assert r["breakdown_traced_ms"] > 0
     kept = tmp_path / "traces" / f"unet_b2_default_{r['mode']}"
@@ -247,6 +267,15 @@ def test_benchmark_command_compare_torch(tmp_path):
   assert "jax / pytorch = " in stdout and "jax / jax[plain] = " in stdout
   plain = next(r for r in rows if r["framework"] == "jax[plain]")
   assert plain["runtime"] == {runtime.OPT_ENV: "none"}
+
+
+def test_variant_spec():
+  from benchmarks import run  # pylint: disable=g-import-not-at-top
+  assert run._variant("convT:upsample=conv_transpose,runtime=xla+malloc") == (
+      "convT", {"upsample": "conv_transpose"}, "xla,malloc")
+  assert run._variant("plain:runtime=none") == ("plain", {}, "none")
+  with pytest.raises(ValueError, match="unknown group"):
+    run._variant("x:runtime=xla+fast")
 
 
 def test_gpu_benchmark_dry_run_needs_no_tensorflow(tmp_path):
