@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import breakdown
@@ -319,3 +320,18 @@ def test_pool_forms_baseline_really_uses_select_and_scatter():
   with pool_forms.flax_pools():
     assert "select_and_scatter" in grad_hlo()
   assert "select_and_scatter" not in grad_hlo()
+
+
+def test_conv_kernels_are_the_same_convolutions():
+  """benchmarks.conv_kernels times the same three convolutions in both frameworks."""
+  pytest.importorskip("torch")
+  from benchmarks import conv_kernels  # pylint: disable=g-import-not-at-top
+  arrays = conv_kernels.layer_arrays(2, 6, 3, 4)
+  ours = conv_kernels.jax_convolutions(*arrays)
+  theirs = conv_kernels.torch_convolutions(*arrays)
+  assert set(ours) == set(theirs) == set(conv_kernels.PARTS)
+  to_nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(ours["forward"](), to_nhwc(theirs["forward"]()), atol=1e-5)
+  np.testing.assert_allclose(ours["input grad"](), to_nhwc(theirs["input grad"]()), atol=1e-5)
+  np.testing.assert_allclose(ours["weight grad"](),
+                             theirs["weight grad"]().numpy().transpose(2, 3, 1, 0), atol=1e-4)
