@@ -63,6 +63,9 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
     # 'xla'/'cudnn' = jax.nn.dot_product_attention.
     m.attention_implementation = "auto"
     m.modality_map = "scan"  # Encoders: 'scan' (plain convs) or 'vmap' (grouped); same params.
+    # ConvLSTM gates: 'separate' input and hidden convolutions, or one 'stacked' convolution of
+    # both (same params; slower on CPU, to be measured on GPUs).
+    m.convlstm_gate_convs = "separate"
   elif name in ("unet", "attunet"):
     m.base_width = 32  # Width of the first level; doubles at each of the 4 poolings.
     m.depth = 4  # Number of poolings.

@@ -20,11 +20,13 @@ def _normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
   return jax.random.normal(jax.random.key(seed), shape)
 
 
-@pytest.mark.parametrize("unroll,channels", [(1, 2), (3, 1)])
-def test_scanned_convlstm_equals_hand_loop(unroll, channels):
+@pytest.mark.parametrize("unroll,channels,gate_convs",
+                         [(1, 2, "separate"), (3, 1, "separate"), (1, 1, "stacked"),
+                          (3, 2, "stacked")])
+def test_scanned_convlstm_equals_hand_loop(unroll, channels, gate_convs):
   """Values and gradients equal nn.ConvLSTMCell stepped by hand on the same parameters."""
   x = _normal(1, (2, 3, 6, 5, channels))  # (B, T, H, W, C): odd T, H, W.
-  model = ConvLSTM(4, (3, 3), unroll=unroll)
+  model = ConvLSTM(4, (3, 3), unroll=unroll, gate_convs=gate_convs)
   variables = jax.jit(model.init)(_key(), x)
   cell = nn.ConvLSTMCell(4, (3, 3))
 
@@ -43,6 +45,18 @@ def test_scanned_convlstm_equals_hand_loop(unroll, channels):
   grads = [jax.grad(lambda p: jnp.sum(f(p) * weights))(variables["params"])
            for f in (lambda p: model.apply({"params": p}, x), hand_loop)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+
+
+def test_convlstm_gate_forms_agree_in_bfloat16_and_keep_a_float32_carry():
+  x = _normal(1, (2, 4, 8, 8, 1))
+  forms = [ConvLSTM(4, (3, 3), unroll=4, gate_convs=g, dtype=jnp.bfloat16)
+           for g in ("separate", "stacked")]
+  variables = jax.jit(forms[0].init)(_key(), x)
+  outs = [jax.jit(m.apply)(variables, x) for m in forms]
+  assert outs[0].dtype == outs[1].dtype == jnp.float32  # The hidden state stays float32.
+  np.testing.assert_allclose(outs[0], outs[1], atol=2e-2)
+  with pytest.raises(ValueError, match="gate_convs"):
+    ConvLSTM(4, gate_convs="fused").init(_key(), x)
 
 
 

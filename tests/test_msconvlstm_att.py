@@ -72,12 +72,14 @@ def test_shapes_sown_scale_logits_and_modality_maps(tiny_variables, odd_batch_fl
   assert jax.tree.structure(state["batch_stats"]) == jax.tree.structure(
       tiny_variables["batch_stats"])
 
-  # Inference on an even size; the 'vmap' form gives the same logits from the same variables.
+  # Inference on an even size; the 'vmap' encoders and the 'stacked' ConvLSTM gate convolution
+  # give the same logits from the same variables.
   x = jax.random.normal(jax.random.key(2), (1, 32, 32, 4))
   scanned = jax.jit(model.apply)(tiny_variables, x)
-  vmapped = jax.jit(model.clone(modality_map="vmap").apply)(tiny_variables, x)
   assert scanned.shape == (1, 32, 32, 4) and bool(jnp.all(jnp.isfinite(scanned)))
-  np.testing.assert_allclose(scanned, vmapped, rtol=1e-4, atol=1e-5)
+  for form in (dict(modality_map="vmap"), dict(convlstm_gate_convs="stacked")):
+    np.testing.assert_allclose(scanned, jax.jit(model.clone(**form).apply)(tiny_variables, x),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_modality_encoders_have_separate_weights():

@@ -26,21 +26,55 @@ class ConvLSTM(nn.Module):
   broadcasts over the image: from the zero state the hidden-to-hidden convolution is only its
   bias, so this skips 1/T of the recurrence's largest convolution, forward and backward, with the
   same result and parameters.
+
+  `gate_convs` picks how the later steps compute the gates, on the same parameters:
+  - 'separate': the cell's two convolutions, input-to-hidden and hidden-to-hidden, added.
+  - 'stacked': one convolution of the input and hidden state side by side, with the two kernels
+    stacked along the input channels and the biases summed. The same arithmetic as one larger
+    convolution (C + features input channels) instead of two, one of which reads a thin input
+    (C = 1 in MSConvLSTM-Att). On CPU it made MSConvLSTM-Att's train step slower (0.71x;
+    inference 1.03x); it is here to be measured on GPUs, where the thin convolution costs
+    kernels of its own at every step (BENCHMARKS.md).
   """
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   unroll: int = 1  # Steps per loop iteration; T unrolls the loop body fully.
+  gate_convs: str = "separate"  # 'separate' | 'stacked' (see above).
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.gate_convs not in ("separate", "stacked"):
+      raise ValueError(f"Unknown gate_convs {self.gate_convs!r}; choose 'separate' or 'stacked'.")
     cell = nn.ConvLSTMCell(self.features, self.kernel_size, dtype=self.dtype, name="cell")
     zero = jnp.zeros((x.shape[0],) + (1,) * (x.ndim - 3) + (self.features,), cell.param_dtype)
     carry, first = cell((zero, zero), x[:, 0])
     if x.shape[1] == 1:
       return first[:, None]
-    rest = nn.RNN(cell, unroll=self.unroll, name="rnn")(x[:, 1:], initial_carry=carry)
+    if self.gate_convs == "separate":
+      rest = nn.RNN(cell, unroll=self.unroll, name="rnn")(x[:, 1:], initial_carry=carry)
+    else:
+      rest = self._stacked_steps(cell.variables["params"], carry, x[:, 1:])
     return jnp.concatenate([first[:, None].astype(rest.dtype), rest], axis=1)
+
+  def _stacked_steps(self, params, carry, x: jax.Array) -> jax.Array:
+    """nn.ConvLSTMCell's steps over (B, T, H, W, C), each with one stacked gate convolution."""
+    ih, hh = params["ih"], params["hh"]
+    kernel = jnp.concatenate([ih["kernel"], hh["kernel"]], axis=-2).astype(self.dtype)
+    bias = (ih["bias"] + hh["bias"]).astype(self.dtype)
+
+    def step(carry, x_t):
+      c, h = carry
+      inputs = jnp.concatenate([x_t.astype(self.dtype), h.astype(self.dtype)], axis=-1)
+      gates = jax.lax.conv_general_dilated(
+          inputs, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+      i, g, f, o = jnp.split(gates, 4, axis=-1)
+      c = nn.sigmoid(f + 1) * c + nn.sigmoid(i) * jnp.tanh(g)  # nn.ConvLSTMCell's gate order.
+      h = nn.sigmoid(o) * jnp.tanh(c)
+      return (c, h), h
+
+    _, hidden = jax.lax.scan(step, carry, jnp.moveaxis(x, 1, 0), unroll=self.unroll)
+    return jnp.moveaxis(hidden, 0, 1)
 
 
 class SqueezeExcitation(nn.Module):

@@ -29,6 +29,7 @@ class ModalityEncoder(nn.Module):
   resnet_features: int = 128
   se_ratio: int = 16
   train: bool = False  # A field, not an argument: nn.vmap would map a call argument.
+  convlstm_gate_convs: str = "separate"  # ConvLSTM.gate_convs: 'separate' | 'stacked'.
   dtype: Dtype = jnp.float32
   axis_name: Optional[str] = None
 
@@ -40,7 +41,8 @@ class ModalityEncoder(nn.Module):
     patches = x.reshape(b, 2, h // 2, 2, w // 2, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, 4, h // 2, w // 2, c)
     # Fully unrolled: XLA:CPU differentiates convolutions in a rolled loop ~20x slower.
-    hidden = ConvLSTM(f, (3, 3), unroll=4, dtype=self.dtype, name="convlstm")(patches)
+    hidden = ConvLSTM(f, (3, 3), unroll=4, gate_convs=self.convlstm_gate_convs, dtype=self.dtype,
+                      name="convlstm")(patches)
     s1 = hidden.reshape(b, 2, 2, h // 2, w // 2, f).transpose(0, 1, 3, 2, 4, 5)
     s1 = s1.reshape(b, h, w, f).astype(self.dtype)
     s2 = max_pool(s1, (2, 2))
@@ -76,6 +78,7 @@ class ModalityEncoders(nn.Module):
   se_ratio: int = 16
   train: bool = False
   modality_map: str = "scan"
+  convlstm_gate_convs: str = "separate"
   dtype: Dtype = jnp.float32
   axis_name: Optional[str] = None
 
@@ -83,7 +86,8 @@ class ModalityEncoders(nn.Module):
   def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
     fields = dict(lstm_features=self.lstm_features, inception_features=self.inception_features,
                   resnet_features=self.resnet_features, se_ratio=self.se_ratio, train=self.train,
-                  dtype=self.dtype, axis_name=self.axis_name, name="encoder")
+                  convlstm_gate_convs=self.convlstm_gate_convs, dtype=self.dtype,
+                  axis_name=self.axis_name, name="encoder")
     lifted = dict(variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True},
                   in_axes=3, out_axes=3)
     if self.modality_map == "vmap":
@@ -129,6 +133,7 @@ class MSConvLSTMAtt(nn.Module):
   se_ratio: int = 16
   attention_implementation: str = "auto"  # SpatialAttention's: 'auto', 'einsum', 'xla', 'cudnn'.
   modality_map: str = "scan"  # ModalityEncoders': 'scan' or 'vmap' (same parameters).
+  convlstm_gate_convs: str = "separate"  # ConvLSTM's: 'separate' or 'stacked' (same parameters).
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -141,8 +146,8 @@ class MSConvLSTMAtt(nn.Module):
     scales = ModalityEncoders(
         lstm_features=self.lstm_features, inception_features=self.inception_features,
         resnet_features=self.resnet_features, se_ratio=self.se_ratio, train=train,
-        modality_map=self.modality_map, dtype=self.dtype, axis_name=self.axis_name,
-        name="encoders")(x[..., None])
+        modality_map=self.modality_map, convlstm_gate_convs=self.convlstm_gate_convs,
+        dtype=self.dtype, axis_name=self.axis_name, name="encoders")(x[..., None])
 
     singles = []
     for s, feats in enumerate(scales, start=1):
