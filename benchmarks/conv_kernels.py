@@ -72,9 +72,11 @@ def torch_convolutions(x: np.ndarray, w: np.ndarray, dy: np.ndarray) -> Dict[str
           "weight grad": backward([False, True, False], 1)}
 
 
-def median_seconds(fn: Callable, steps: int) -> float:
-  """Median seconds of `steps` calls of `fn` after two warm-up calls."""
-  return common.step_stats(common.time_steps(fn, lambda _: None, steps + 2)[2:])["step_s_median"]
+def median_seconds(fn: Callable, steps: int, warmup: int = 5) -> float:
+  """Median seconds of `steps` calls of `fn` after `warmup` calls (the process's first calls
+  also fault its fresh heap in)."""
+  times = common.time_steps(fn, lambda _: None, warmup + steps)[warmup:]
+  return common.step_stats(times)["step_s_median"]
 
 
 def main() -> None:
