@@ -108,6 +108,74 @@ def instruction_op_names(hlo_text: str, model_name: Optional[str] = None) -> Dic
   return {name: from_calls(name) or own[name] or from_operands(name) for name in own}
 
 
+# Kinds of work, for the breakdown by instruction kind: a fusion counts as the heaviest kind of
+# op it contains (a convolution with its fused bias add is convolution work), and as a layout
+# change when that is what it produces (its root is a transpose, copy or concatenation).
+CONVOLUTIONS, MATMULS, REDUCTIONS = "convolutions", "matmuls", "reductions"
+LAYOUT = "transposes, copies, concatenations"
+ELEMENTWISE = "elementwise and other"
+_KIND_OF_OPCODE = (
+    (CONVOLUTIONS, ("convolution",)),
+    (MATMULS, ("dot",)),
+    (REDUCTIONS, ("reduce", "reduce-window", "select-and-scatter", "scatter")),
+)
+_LAYOUT_OPCODES = ("transpose", "copy", "concatenate")
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+
+
+def instruction_kinds(hlo_text: str) -> Dict[str, str]:
+  """Instruction name -> the kind of work it does (CONVOLUTIONS, MATMULS, ...), in an HLO text.
+
+  A fusion or call is the heaviest kind among the instructions of the computations it calls, or
+  a layout change if it has no convolution, matmul or reduction and its root is one; a library
+  custom call (cuDNN, cuBLAS) is a convolution or matmul by its target's name.
+  """
+  opcodes: Dict[str, set] = collections.defaultdict(set)  # Computation -> opcodes in it.
+  roots: Dict[str, str] = {}  # Computation -> its root's opcode.
+  own: Dict[str, Tuple[str, List[str], str]] = {}  # Name -> (opcode, called computations, target).
+  computation = ""
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and "=" not in line.split("{")[0]:
+      computation = header.group(1)
+      continue
+    m = _DEF.match(line)
+    if not m:
+      continue
+    name, op, rest = m.groups()
+    body = rest.split(", metadata=")[0]
+    target = _TARGET.search(rest)
+    own[name] = (op, _CALLS.findall(body), target.group(1).lower() if target else "")
+    opcodes[computation].add(op)
+    if line.lstrip().startswith("ROOT"):
+      roots[computation] = op
+
+  def kind(op: str, called: Sequence[str], target: str) -> str:
+    ops = {op}.union(*(opcodes.get(c, set()) for c in called))
+    if "conv" in target:
+      return CONVOLUTIONS
+    if any(k in target for k in ("gemm", "matmul", "cublas")):
+      return MATMULS
+    heavy = next((k for k, members in _KIND_OF_OPCODE if ops & set(members)), None)
+    if heavy:
+      return heavy
+    if op in _LAYOUT_OPCODES or any(roots.get(c) in _LAYOUT_OPCODES for c in called):
+      return LAYOUT
+    return ELEMENTWISE
+
+  return {name: kind(*info) for name, info in own.items()}
+
+
+def by_kind(instruction_times: Mapping[str, float], hlo_text: str) -> Dict[str, float]:
+  """Seconds per kind of work (see `instruction_kinds`) of one step."""
+  kinds = instruction_kinds(hlo_text)
+  out: Dict[str, float] = collections.defaultdict(float)
+  for name, seconds in instruction_times.items():
+    if name in kinds and not _CONTAINERS.match(name):
+      out[kinds[name]] += seconds
+  return dict(out)
+
+
 def module_path(op_name: str, model_name: str) -> Optional[str]:
   """The module path inside the model ('' at its top level), None outside the model.
 
@@ -243,10 +311,11 @@ def attribute(instruction_times: Mapping[str, float], hlo_text: str, model_name:
 
 
 def format_breakdown(coarse: Mapping[str, float], step_s: float,
-                     fine: Optional[Mapping[str, float]] = None, top: int = 12) -> str:
+                     fine: Optional[Mapping[str, float]] = None, top: int = 12,
+                     label: str = "part") -> str:
   """A table of parts: share of the instructions' summed time and that share of the step."""
   total = sum(coarse.values()) or 1.0
-  lines = [f"{'part':<52} {'share':>7} {'ms/step':>9}"]
+  lines = [f"{label:<52} {'share':>7} {'ms/step':>9}"]
   for part, seconds in sorted(coarse.items(), key=lambda kv: -kv[1]):
     share = seconds / total
     lines.append(f"{part:<52} {100 * share:6.1f}% {1e3 * share * step_s:9.1f}")

@@ -197,7 +197,8 @@ class JaxBench:
         f.write(hlo_text)
     parts = breakdown.PARTS.get(self.spec["model"], ())
     coarse, fine = breakdown.attribute(times, hlo_text, type(self.model).__name__, parts)
-    return {"coarse": coarse, "fine": fine, "traced_s": sum(times.values())}
+    return {"coarse": coarse, "fine": fine, "kinds": breakdown.by_kind(times, hlo_text),
+            "traced_s": sum(times.values())}
 
   def memory(self, mode: str) -> Dict[str, Any]:
     stats = self.device.memory_stats() if self.device.platform != "cpu" else None

@@ -215,6 +215,8 @@ def _row(base: Mapping[str, Any], side: Side, mode: str,
          "breakdown": (breakdown.rows(setup["breakdown"]["coarse"], stats["step_s_median"])
                        if "breakdown" in setup else None),
          "breakdown_modules": setup["breakdown"]["fine"] if "breakdown" in setup else None,
+         "breakdown_kinds": (breakdown.rows(setup["breakdown"]["kinds"], stats["step_s_median"])
+                             if "breakdown" in setup else None),
          "breakdown_traced_ms": (1e3 * setup["breakdown"]["traced_s"]
                                  if "breakdown" in setup else None),
          "steps": len(side.times[mode]), "window": args.window,
@@ -276,6 +278,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
       print(breakdown.format_breakdown(
           {b["part"]: b["share"] for b in r["breakdown"]}, r["step_s_median"],
           r["breakdown_modules"]))
+      print()
+      print(breakdown.format_breakdown(
+          {b["part"]: b["share"] for b in r["breakdown_kinds"]}, r["step_s_median"],
+          label="instruction kind"))
       # About 100% on a GPU, whose kernels fill the step; XLA:CPU runs instructions
       # concurrently on its threads, and their times (convolutions: dispatch to completion)
       # overlap, so there it is more.

@@ -132,6 +132,39 @@ def test_module_path_and_attribution():
   assert "ConvLSTM (scale 1)" in table and "66.7%" in table
 
 
+def test_instruction_kinds_by_the_heaviest_op_inside():
+  hlo = "\n".join([
+      "%fused_computation.1 (p: f32[2]) -> f32[2] {",
+      "  %p = f32[2] parameter(0)",
+      "  %r = f32[] reduce(%p, %c), dimensions={0}, to_apply=%add",
+      "}",
+      "%fused_computation.2 (p: f32[2,3]) -> f32[3,2] {",
+      "  %p = f32[2,3] parameter(0)",
+      "  %e = f32[2,3] exponential(%p)",
+      "  ROOT %t = f32[3,2] transpose(%e), dimensions={1,0}",
+      "}",
+      "ENTRY %main (a: f32[2]) -> f32[2] {",
+      "  %convolution.3 = f32[2] convolution(%a, %a), window={size=1}",
+      "  %ynn_fusion.4 = f32[] fusion(%a), kind=kCustom, calls=%fused_computation.1",
+      "  %transpose_copy_fusion.5 = f32[3,2] fusion(%b), kind=kLoop, calls=%fused_computation.2",
+      "  %dot.6 = f32[2] dot(%a, %a), lhs_contracting_dims={0}",
+      '  %cudnn-conv.7 = (f32[2], u8[0]) custom-call(%a, %a), custom_call_target="__cudnn$convForward"',
+      "  %add.8 = f32[2] add(%a, %a)",
+      "  %while.9 = f32[2] while(%a), condition=%c, body=%b",
+      "}",
+  ])
+  kinds = breakdown.instruction_kinds(hlo)
+  assert kinds["convolution.3"] == kinds["cudnn-conv.7"] == breakdown.CONVOLUTIONS
+  assert kinds["ynn_fusion.4"] == breakdown.REDUCTIONS
+  assert kinds["transpose_copy_fusion.5"] == breakdown.LAYOUT
+  assert kinds["dot.6"] == breakdown.MATMULS and kinds["add.8"] == breakdown.ELEMENTWISE
+  times = {"convolution.3": 3.0, "cudnn-conv.7": 1.0, "ynn_fusion.4": 0.5, "add.8": 0.25,
+           "while.9": 9.0, "unknown": 1.0}  # Loops contain others' time; unknown is left out.
+  assert breakdown.by_kind(times, hlo) == {breakdown.CONVOLUTIONS: 4.0,
+                                           breakdown.REDUCTIONS: 0.5,
+                                           breakdown.ELEMENTWISE: 0.25}
+
+
 # A GPU trace in miniature: the host plane holds launches, the device plane the kernels (a
 # cuDNN call as two kernels, a fusion inside a command buffer) and a derived per-op line.
 _GPU_TRACE = """
@@ -253,10 +286,13 @@ def test_benchmark_command(tmp_path):
     assert runtime.HUGEPAGE_TUNABLE in r["runtime"][runtime.TUNABLES_ENV]
     assert r["breakdown"] and abs(sum(b["share"] for b in r["breakdown"]) - 1) < 1e-6
     assert r["breakdown_traced_ms"] > 0
+    kinds = {k["part"]: k["ms_per_step"] for k in r["breakdown_kinds"]}
+    assert kinds[breakdown.CONVOLUTIONS] > 0  # A U-Net step is mostly convolutions.
     kept = tmp_path / "traces" / f"unet_b2_default_{r['mode']}"
     assert (kept / "step.xplane.pb").stat().st_size > 0
     assert "HloModule" in (kept / "step.hlo.txt").read_text()
   assert "step time by part" in stdout and "traced instruction time" in stdout
+  assert "instruction kind" in stdout
 
 
 def test_benchmark_command_compare_torch(tmp_path):
