@@ -7,7 +7,7 @@ reads skip and upsampled maps together) it times the three convolutions of a tra
 forward pass, the input gradient and the weight gradient, in JAX (each jitted with every array
 an argument, so nothing is folded at compile time) and in PyTorch (channels_last, the oneDNN path
 its CPU build takes, with as many threads). Each framework's calls run as a block: alternating
-single calls of the two in one process measured the JAX side up to 15% slower (the two thread
+single calls of the two in one process measured the JAX side 13-19% slower (the two thread
 pools share the cores; the main benchmark keeps the frameworks in separate processes). It
 prints GFLOP/s and the JAX / PyTorch speed ratio of each: where the U-Net's gap to MONAI comes
 from, layer by layer. Needs the `bench` extra (torch).
