@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 # Coarse parts of MSConvLSTM-Att: (part, regex over the module path inside the model).
 MSCONVLSTM_ATT_PARTS: Tuple[Tuple[str, str], ...] = (
@@ -49,6 +49,19 @@ _DERIVED_LINES = {"XLA Ops", "XLA Modules", "Steps", "Framework Name Scope", "Fr
 _HEAVY = ("convolution", "dot", "custom-call", "reduce-window")
 
 
+def _instructions(hlo_text: str) -> Iterator[Tuple[str, str, str, str, bool]]:
+  """(computation, name, opcode, rest of the line, is root) of each instruction of an HLO text."""
+  computation = ""
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and "=" not in line.split("{")[0]:
+      computation = header.group(1)
+      continue
+    m = _DEF.match(line)
+    if m:
+      yield (computation, *m.groups(), line.lstrip().startswith("ROOT"))
+
+
 def instruction_op_names(hlo_text: str, model_name: Optional[str] = None) -> Dict[str, str]:
   """Instruction name -> the op_name it is attributed to ('' where none), in an HLO text.
 
@@ -62,16 +75,7 @@ def instruction_op_names(hlo_text: str, model_name: Optional[str] = None) -> Dic
   operands: Dict[str, List[str]] = {}
   calls: Dict[str, List[str]] = {}
   members: Dict[str, List[str]] = collections.defaultdict(list)
-  computation = ""
-  for line in hlo_text.splitlines():
-    header = _HEADER.match(line)
-    if header and "=" not in line.split("{")[0]:
-      computation = header.group(1)
-      continue
-    m = _DEF.match(line)
-    if not m:
-      continue
-    name, op, rest = m.groups()
+  for computation, name, op, rest, _ in _instructions(hlo_text):
     meta = _OP_NAME.search(rest)
     own[name] = meta.group(1) if meta else ""
     opcode[name] = op
@@ -133,21 +137,12 @@ def instruction_kinds(hlo_text: str) -> Dict[str, str]:
   opcodes: Dict[str, set] = collections.defaultdict(set)  # Computation -> opcodes in it.
   roots: Dict[str, str] = {}  # Computation -> its root's opcode.
   own: Dict[str, Tuple[str, List[str], str]] = {}  # Name -> (opcode, called computations, target).
-  computation = ""
-  for line in hlo_text.splitlines():
-    header = _HEADER.match(line)
-    if header and "=" not in line.split("{")[0]:
-      computation = header.group(1)
-      continue
-    m = _DEF.match(line)
-    if not m:
-      continue
-    name, op, rest = m.groups()
+  for computation, name, op, rest, is_root in _instructions(hlo_text):
     body = rest.split(", metadata=")[0]
     target = _TARGET.search(rest)
     own[name] = (op, _CALLS.findall(body), target.group(1).lower() if target else "")
     opcodes[computation].add(op)
-    if line.lstrip().startswith("ROOT"):
+    if is_root:
       roots[computation] = op
 
   def kind(op: str, called: Sequence[str], target: str) -> str:
