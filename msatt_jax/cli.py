@@ -1,30 +1,58 @@
-"""What every command-line entry point shares: clean error exits and TensorFlow kept off GPUs."""
+"""The one command-line convention of every msatt-jax command.
+
+Each command module has `define_flags()` (absl flags, defined only here, so importing the module
+is safe) and `main(argv)` (the work), and its console-script entry is
+
+  def run():
+    cli.run_command(main, define_flags)
+
+`run_command` applies the runtime defaults before JAX loads, parses the flags (an unknown
+`--config.<key>` becomes one line, not a traceback), keeps TensorFlow off accelerators, sets up
+the console log, and turns a user-facing error into `error: <message>` on stderr and exit
+status 1. The data-pipeline commands (`prepare`, `synthetic`) use it too: this module imports
+nothing of the project at import time, so any layer's command may call it.
+"""
 
 import logging as py_logging
 import os
+import signal
 import sys
-from typing import Callable, TypeVar
+from typing import Any, Callable, Sequence
 
 from absl import logging
 
-T = TypeVar("T")
-
 # Errors that describe bad input or a bad request: printed as one line, no traceback.
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
-                FloatingPointError, NotADirectoryError, IsADirectoryError)
+# (DataError and CheckpointMismatchError are ValueErrors; CheckpointSaveError is an OSError.)
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+class CommandExit(Exception):
+  """Ends a command with a message on stderr and a chosen exit status (not 1 and not a
+  traceback): for example a preempted run's 128 + signal."""
+
+  def __init__(self, message: str, exit_status: int):
+    super().__init__(message)
+    self.exit_status = exit_status
 
 
 def hide_accelerators_from_tensorflow() -> None:
   """tf.data runs on the CPU: TensorFlow must never reserve GPU memory JAX needs."""
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:  # A GPU benchmark image may have no TensorFlow; nothing to hide then.
+    return
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # Already initialised: its devices were hidden by an earlier call.
+    pass
 
 
 class _QuietLibraries(py_logging.Filter):
   """Keeps the console to the run's own progress: library INFO chatter (Orbax logs every save
   step by step) is dropped; their warnings and errors still show."""
 
-  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
+  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}",
+            f"{os.sep}tensorflow_datasets{os.sep}")
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     return record.levelno >= py_logging.WARNING or not any(
@@ -37,11 +65,63 @@ def setup_logging() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
-def run_or_exit(fn: Callable[[], T]) -> T:
+def fail(message: str, exit_status: int = 1) -> None:
+  """Prints `error: message` and exits: the one way a command reports a failure."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(exit_status)
+
+
+def run_or_exit(fn: Callable[[], Any]) -> Any:
   """Runs fn; a user-facing error becomes 'error: <message>' on stderr and exit status 1."""
   try:
     return fn()
-  except _USER_ERRORS as e:
+  except CommandExit as e:
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(e.exit_status)
+  except USER_ERRORS as e:
     logging.debug("Traceback:", exc_info=True)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    fail(str(e))
+  except KeyboardInterrupt:
+    print("Interrupted; nothing this command was writing is left half-written.",
+          file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
+
+
+def config_key_error(argv: Sequence[str], error: Exception) -> str:
+  """One line naming the --config.<key> override that names no key of the config."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]  # ml_collections wraps a KeyError into an AttributeError.
+  text = " ".join(str(error.args[0] if error.args else error).split())
+  overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  key = text.split("'")[1] if text.count("'") >= 2 else ""
+  culprit = next((o for o in overrides if o.split(".")[-1] == key), None)
+  where = culprit or (", ".join(overrides) if overrides else "--config")
+  return f"{where}: the config has no key {text}"
+
+
+def parse_flags(argv: Sequence[str]) -> Sequence[str]:
+  """absl's flag parsing, with an unknown --config key reported in one line, not a traceback."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    fail(config_key_error(argv, e))
+
+
+def run_command(main: Callable[[Sequence[str]], Any], define_flags: Callable[[], None], *,
+                runtime_defaults: bool = True) -> None:
+  """The console-script entry of a command: runtime defaults, flags, the error convention."""
+  if runtime_defaults:
+    from msatt_jax import runtime  # pylint: disable=g-import-not-at-top
+    runtime.configure()  # A no-op when the module's own `__main__` guard already ran it.
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags()
+
+  def command(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value)")
+    hide_accelerators_from_tensorflow()
+    setup_logging()
+    run_or_exit(lambda: main(argv))
+
+  app.run(command, flags_parser=parse_flags)

@@ -86,6 +86,20 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
   return new_state, metrics
 
 
+def make_train_step(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
+  """`train_step` with the config's loss settings bound: the one step every caller runs (the
+  trainer, the benchmarks, the scaling script, the FLOP count of the summary command). The
+  parallel strategy binds `axis_name` where it needs one."""
+  return functools.partial(train_step, learning_rate_fn=learning_rate_fn, loss=config.loss,
+                           ce_weight=config.ce_weight,
+                           deep_supervision_weight=config.deep_supervision_weight)
+
+
+def make_eval_step(config: ml_collections.ConfigDict):
+  """`eval_step` with the config's loss bound."""
+  return functools.partial(eval_step, loss=config.loss)
+
+
 def eval_step(state: TrainState, batch: Dict[str, jax.Array], *, loss: str) -> Dict[str, Any]:
   """Per-example ET/TC/WT counts and predicted labels of a validation batch."""
   logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},

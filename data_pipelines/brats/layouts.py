@@ -268,7 +268,7 @@ def find_cases(folder, layout: str = "auto") -> List[CaseRef]:
   raise ValueError(f"Unknown layout {layout!r}; choose 'auto', 'msd' or 'brats'.")
 
 
-def _read_nifti(path: str) -> Tuple[nib.Nifti1Image, np.ndarray]:
+def read_nifti(path: str) -> Tuple[nib.Nifti1Image, np.ndarray]:
   """Reads header and voxels; any failure (truncated, not NIfTI) is a DataError naming path."""
   if not os.path.isfile(path):
     raise DataError(f"{path}: file does not exist.")
@@ -303,7 +303,7 @@ def _load_msd_image(ref: CaseRef, modalities: Sequence[str]):
   if len(paths) != 1:
     raise DataError(f"case {ref.case_id}: MSD modalities point at several files {sorted(paths)}.")
   path = paths.pop()
-  img, data = _read_nifti(path)
+  img, data = read_nifti(path)
   data = _squeeze_to_ndim(data, 4, path)
   num_channels = len(ref.channel)
   if data.shape[3] != num_channels:
@@ -321,7 +321,7 @@ def _load_brats_image(ref: CaseRef, modalities: Sequence[str]):
   image, ref_img, first = None, None, None
   for i, m in enumerate(modalities):
     path = ref.image_paths[m]
-    img, data = _read_nifti(path)
+    img, data = read_nifti(path)
     data = _squeeze_to_ndim(data, 3, path)
     _check_finite(data, path)
     if image is None:
@@ -358,7 +358,7 @@ def load_case(ref: CaseRef, modalities: Sequence[str] = MODALITIES,
   label = None
   if ref.label_path is not None:
     convention = labels_lib.resolve_convention(label_convention, ref.layout)
-    _, raw = _read_nifti(ref.label_path)
+    _, raw = read_nifti(ref.label_path)
     raw = _squeeze_to_ndim(raw, 3, ref.label_path)
     if raw.shape != image.shape[:3]:
       raise DataError(f"{ref.label_path}: label shape {raw.shape} differs from image shape "
