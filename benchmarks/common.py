@@ -26,6 +26,9 @@ import numpy as np
 # 256-bit FMA pipes: 2 x 8 lanes x 2 FLOP; AVX-512 is executed as two 256-bit halves). Pass
 # --peak_gflops for another machine.
 DEFAULT_PEAK_GFLOPS = 2 * 3.66 * 32
+# NVIDIA's datasheet figure for the H100 and H200 SXM (dense bfloat16 tensor cores): the
+# GPU suite's default peak.
+H100_BF16_DENSE_GFLOPS = 989_400.0
 
 # The paper's schedule: 225 training patients x 91 slices x 500 epochs.
 PAPER_SLICE_STEPS = 225 * 91 * 500

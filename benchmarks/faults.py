@@ -21,6 +21,9 @@ injects the slow and stalled saves. Compiled programs are shared through a persi
 compilation cache, so only the reference run compiles. Everything runs from a copy of the code
 taken at the start (<workdir>/code): edits to the working tree while the benchmark runs cannot
 make the rounds differ from the reference.
+
+The helpers that start the processes and read their checkpoints are tests/test_faults.py's too,
+which imports them from here: the soak and the tests check a run the same way.
 """
 
 import argparse
@@ -36,28 +39,139 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 300  # Seconds for any one process: a hang fails its check instead of blocking.
 NUM_STEPS = 30
 STEPS_PER_SAVE = 5  # 40 train slices / batch 8, a checkpoint every epoch.
 SAVE_STEPS = tuple(range(STEPS_PER_SAVE, NUM_STEPS + 1, STEPS_PER_SAVE))
 STEP_DELAY = 0.03  # Seconds added to each step: the training phase lasts about a second or two.
 SLOW_SAVE = 0.2  # Seconds before each commit when saves are slowed.
-TIMEOUT = 300  # Seconds for any one process.
 KINDS = ("kill9", "kill9_in_save", "sigterm", "sigint")
 SHAPE = (48, 48, 40)
 
-TINY = ["--config=configs/demo.py:unet", "--config.data.slice_start=10",
-        "--config.data.slice_stop=29", "--config.data.crop_size=32",
-        "--config.model.base_width=4", "--config.model.depth=2", "--config.batch_size=8",
-        "--config.checkpoint_every_epochs=1", "--config.eval_every_epochs=100",
-        "--config.log_every_steps=1", "--config.data.augment=True",
-        f"--config.num_train_steps={NUM_STEPS}"]
-
 
 class Lost(AssertionError):
-  """A round lost something: a check failed."""
+  """A run lost something: a check failed (under pytest, a test failure)."""
+
+
+# ------------------------------------------ shared with tests/test_faults.py: runs, checkpoints
+
+
+def tiny_train_args(batch_size: int) -> List[str]:
+  """Train flags of a U-Net of a few thousand parameters on 32x32 crops of slices 10..29, a
+  checkpoint every epoch and no validation; augmentation on, so exact resume covers the random
+  flips and intensity draws too."""
+  return ["--config=configs/demo.py:unet", "--config.data.slice_start=10",
+          "--config.data.slice_stop=29", "--config.data.crop_size=32",
+          "--config.model.base_width=4", "--config.model.depth=2",
+          f"--config.batch_size={batch_size}", "--config.checkpoint_every_epochs=1",
+          "--config.eval_every_epochs=100", "--config.log_every_steps=1",
+          "--config.data.augment=True"]
+
+
+def process_env(cache_dir: Path) -> Dict[str, str]:
+  """This environment with a persistent JAX compilation cache, which every process shares:
+  only the first run compiles."""
+  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+          "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def train_command(*args: str, code: Path = REPO) -> List[str]:
+  """The train command through the fault injector (a plain run without FAULTS_* variables)."""
+  return [sys.executable, str(code / "tests" / "faults_run.py"), *args]
+
+
+def start(argv: Sequence[str], env: Mapping[str, str], log: Path,
+          faults: Optional[Mapping[str, str]] = None, cwd: Path = REPO) -> subprocess.Popen:
+  """A command in `cwd`, its console (stdout and stderr) going to `log`."""
+  with open(log, "w", encoding="utf-8") as f:
+    return subprocess.Popen(list(argv), cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
+                            env={**env, **(faults or {})})
+
+
+def wait(proc: subprocess.Popen, log: Optional[Path] = None) -> int:
+  """The exit status; a process that runs over TIMEOUT is killed, and that is a Lost."""
+  try:
+    return proc.wait(TIMEOUT)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    console = f"; console:\n{log.read_text(errors='replace')[-3000:]}" if log else ""
+    raise Lost(f"a process ran over {TIMEOUT} s{console}") from None
+
+
+def finish(proc: subprocess.Popen, log: Path) -> str:
+  """Waits for the process; its console."""
+  wait(proc, log)
+  return log.read_text(errors="replace")
+
+
+def run(argv: Sequence[str], env: Mapping[str, str], log: Path,
+        faults: Optional[Mapping[str, str]] = None, cwd: Path = REPO) -> Tuple[int, str]:
+  """(exit status, console) of a command run to its end."""
+  proc = start(argv, env, log, faults, cwd)
+  text = finish(proc, log)
+  return proc.returncode, text
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen) -> bool:
+  """Polls until `condition()`; False if the process ended first or TIMEOUT passed."""
+  deadline = time.monotonic() + TIMEOUT
+  while not condition():
+    if proc.poll() is not None or time.monotonic() > deadline:
+      return False
+    time.sleep(0.01)
+  return True
+
+
+def logged_step(log: Path, num_steps: int = NUM_STEPS) -> int:
+  """The newest 'step N/num_steps' progress line of a console log (0 before the first)."""
+  steps = [int(m.group(1)) for m in re.finditer(rf"step (\d+)/{num_steps}  epoch",
+                                                 log.read_text(errors="replace"))]
+  return max(steps, default=0)
+
+
+def checkpoint_dir(workdir: Path) -> Path:
+  return workdir / "checkpoints"
+
+
+def complete_steps(workdir: Path) -> List[int]:
+  from orbax.checkpoint._src.path import step as step_lib  # pylint: disable=g-import-not-at-top
+  folder = checkpoint_dir(workdir)
+  return sorted(step_lib.checkpoint_steps(folder)) if folder.exists() else []
+
+
+def partial_saves(workdir: Path) -> List[str]:
+  folder = checkpoint_dir(workdir)
+  return sorted(p.name for p in folder.iterdir() if "tmp" in p.name) if folder.exists() else []
+
+
+def restored(workdir: Path, which: Any = "latest") -> Tuple[int, Any]:
+  """(step, variables) of a checkpoint, read the way evaluate and predict read it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from msatt_jax import inference  # pylint: disable=g-import-not-at-top
+  trained = inference.restore_run(str(workdir), which)
+  return trained.step, jax.device_get(trained.variables)
+
+
+def bit_identical(a: Any, b: Any) -> bool:
+  """The same tree of arrays, of the same dtypes, shapes and bytes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  pairs = [(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b)]
+  return tree_a == tree_b and all(x.dtype == y.dtype and x.shape == y.shape and
+                                  x.tobytes() == y.tobytes() for x, y in pairs)
+
+
+# ------------------------------------------------------------------------------ the soak
+
+TINY = [*tiny_train_args(batch_size=8), f"--config.num_train_steps={NUM_STEPS}"]
 
 
 @dataclasses.dataclass
@@ -70,72 +184,9 @@ class Setup:
   life: float  # Seconds from start to exit of an uninterrupted run.
 
 
-# ------------------------------------------------------------------------------ processes
-
-
-def _start(setup: "Setup", workdir: Path, log: Path, faults: Dict[str, str]) -> subprocess.Popen:
-  with open(log, "w", encoding="utf-8") as f:
-    return subprocess.Popen([sys.executable, str(setup.code / "tests" / "faults_run.py"), *TINY,
-                             *setup.data_args, f"--workdir={workdir}"], cwd=setup.code,
-                            stdout=f, stderr=subprocess.STDOUT, env={**setup.env, **faults})
-
-
-def _wait(proc: subprocess.Popen) -> int:
-  try:
-    return proc.wait(TIMEOUT)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
-    raise Lost(f"a process ran over {TIMEOUT} s") from None
-
-
-def _logged_step(log: Path) -> int:
-  steps = [int(m.group(1)) for m in re.finditer(rf"step (\d+)/{NUM_STEPS}  epoch",
-                                                 log.read_text(errors="replace"))]
-  return max(steps, default=0)
-
-
-def _wait_for(condition, proc: subprocess.Popen) -> bool:
-  """Polls until `condition()`; False if the process ended first."""
-  deadline = time.monotonic() + TIMEOUT
-  while not condition():
-    if proc.poll() is not None or time.monotonic() > deadline:
-      return False
-    time.sleep(0.01)
-  return True
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def _complete_steps(workdir: Path) -> List[int]:
-  from orbax.checkpoint._src.path import step as step_lib  # pylint: disable=g-import-not-at-top
-  folder = workdir / "checkpoints"
-  return sorted(step_lib.checkpoint_steps(folder)) if folder.exists() else []
-
-
-def _partial_saves(workdir: Path) -> List[str]:
-  folder = workdir / "checkpoints"
-  return sorted(p.name for p in folder.iterdir() if "tmp" in p.name) if folder.exists() else []
-
-
-def _variables(workdir: Path) -> Tuple[int, Any]:
-  import jax  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from msatt_jax import inference  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.ERROR)  # Orbax's notes about read-only restores.
-  trained = inference.restore_run(str(workdir), "latest")
-  return trained.step, jax.device_get(trained.variables)
-
-
-def _bit_identical(a: Any, b: Any) -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  return tree_a == tree_b and all(
-      np.asarray(x).dtype == np.asarray(y).dtype and np.asarray(x).tobytes() ==
-      np.asarray(y).tobytes() for x, y in zip(leaves_a, leaves_b))
+def _start(setup: Setup, workdir: Path, log: Path, faults: Dict[str, str]) -> subprocess.Popen:
+  return start(train_command(*TINY, *setup.data_args, f"--workdir={workdir}", code=setup.code),
+               setup.env, log, faults, cwd=setup.code)
 
 
 def _check_resume(log: Path, newest: Optional[int]) -> None:
@@ -156,7 +207,7 @@ def _check_resume(log: Path, newest: Optional[int]) -> None:
 
 def _interrupt(kind: str, rng: random.Random, setup: Setup, workdir: Path, log: Path) -> str:
   """One interrupted start; returns what happened, or raises Lost."""
-  newest = (_complete_steps(workdir) or [None])[-1]
+  newest = (complete_steps(workdir) or [None])[-1]
   first = (newest or 0) + 1
   faults = {"FAULTS_STEP_DELAY": str(STEP_DELAY)}
   if kind == "kill9_in_save":
@@ -176,7 +227,7 @@ def _interrupt(kind: str, rng: random.Random, setup: Setup, workdir: Path, log: 
   proc = _start(setup, workdir, log, faults)
   try:
     if kind == "kill9_in_save":
-      if not _wait_for(marker.exists, proc):
+      if not wait_for(marker.exists, proc):
         raise Lost(f"the save of step {stall} was never reached")
       what = f"kill9 in the save of {stall}"
       proc.kill()
@@ -187,19 +238,19 @@ def _interrupt(kind: str, rng: random.Random, setup: Setup, workdir: Path, log: 
         what = f"kill9 at {moment:.1f}s"
       else:
         after = rng.randint(first, NUM_STEPS)
-        _wait_for(lambda: _logged_step(log) >= after, proc)
+        wait_for(lambda: logged_step(log) >= after, proc)
         time.sleep(rng.uniform(0, 2 * STEP_DELAY))
-        what = f"kill9 after step {_logged_step(log)}"
+        what = f"kill9 after step {logged_step(log)}"
       what += " (slow saves)" if slow else ""
       proc.kill()
     else:
       signum = signal.SIGTERM if kind == "sigterm" else signal.SIGINT
       after = rng.randint(first, NUM_STEPS - 1)
-      if not _wait_for(lambda: _logged_step(log) >= after, proc):
+      if not wait_for(lambda: logged_step(log) >= after, proc):
         raise Lost(f"{kind}: the run ended before step {after}")
       proc.send_signal(signum)
       what = f"{kind} after step {after}"
-    status = _wait(proc)
+    status = wait(proc)
   finally:
     if proc.poll() is None:
       proc.kill()
@@ -208,48 +259,48 @@ def _interrupt(kind: str, rng: random.Random, setup: Setup, workdir: Path, log: 
   if kind in ("sigterm", "sigint"):
     text = log.read_text(errors="replace")
     stopped = re.search(r"Stopped by SIG\w+ at step (\d+);", text)
-    if status == 0 and NUM_STEPS in _complete_steps(workdir):
+    if status == 0 and NUM_STEPS in complete_steps(workdir):
       return what + ": the run had finished"
     if status != 128 + signum or not stopped:
       raise Lost(f"{what}: exit status {status}, expected {128 + signum}")
     step = int(stopped.group(1))
-    if _complete_steps(workdir)[-1:] != [step] or _partial_saves(workdir):
+    if complete_steps(workdir)[-1:] != [step] or partial_saves(workdir):
       raise Lost(f"{what}: step {step} is not the newest complete checkpoint")
     return f"{what}: saved {step}"
   if status not in (-signal.SIGKILL, 0):
     raise Lost(f"{what}: exit status {status}")
-  return f"{what}: newest complete {(_complete_steps(workdir) or ['none'])[-1]}"
+  return f"{what}: newest complete {(complete_steps(workdir) or ['none'])[-1]}"
 
 
 def run_round(index: int, seed: int, setup: Setup) -> Tuple[bool, str, float]:
   """(survived, description, seconds) of one round."""
   rng = random.Random(seed * 100_003 + index)
   workdir = setup.root / f"round_{index:03d}"
-  start = time.perf_counter()
+  t0 = time.perf_counter()
   events = []
   try:
     for j in range(rng.randint(1, 3)):
-      if NUM_STEPS in _complete_steps(workdir):
+      if NUM_STEPS in complete_steps(workdir):
         break  # A kill came too late: the run had finished.
       events.append(_interrupt(rng.choice(KINDS), rng, setup, workdir,
                                workdir.parent / f"round_{index:03d}_{j}.log"))
-    newest = (_complete_steps(workdir) or [None])[-1]
+    newest = (complete_steps(workdir) or [None])[-1]
     log = workdir.parent / f"round_{index:03d}_final.log"
-    status = _wait(_start(setup, workdir, log, {}))
+    status = wait(_start(setup, workdir, log, {}))
     if status != 0:
       raise Lost(f"the final run exited with {status}")
     _check_resume(log, newest)
-    if _partial_saves(workdir):
-      raise Lost(f"partial saves left: {_partial_saves(workdir)}")
-    step, variables = _variables(workdir)
-    if step != NUM_STEPS or not _bit_identical(variables, setup.reference):
+    if partial_saves(workdir):
+      raise Lost(f"partial saves left: {partial_saves(workdir)}")
+    step, variables = restored(workdir)
+    if step != NUM_STEPS or not bit_identical(variables, setup.reference):
       raise Lost("the final parameters differ from the uninterrupted run's")
     events.append(f"resumed from {newest}: identical")
     shutil.rmtree(workdir)
-    return True, "; ".join(events), time.perf_counter() - start
+    return True, "; ".join(events), time.perf_counter() - t0
   except Lost as e:
     events.append(f"LOST: {e}")
-    return False, "; ".join(events), time.perf_counter() - start
+    return False, "; ".join(events), time.perf_counter() - t0
 
 
 def snapshot(root: Path) -> Path:
@@ -274,11 +325,7 @@ def prepare(root: Path) -> Setup:
   source = root / "source"
   if not source.exists():
     synthetic.generate_dataset(source, "msd", 4, SHAPE, 0)
-  env = dict(os.environ)
-  env.update({"JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
-              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-              "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
+  env = process_env(root / "jax_cache")
   data_args = [f"--config.data.source_dir={source}",
                f"--config.data.data_dir={root / 'prepared'}"]
   setup = Setup(root, code, env, data_args, None, 0.0)
@@ -286,13 +333,13 @@ def prepare(root: Path) -> Setup:
   # Twice: the first run prepares the data and compiles; the second's life is a typical one.
   for _ in range(2):
     shutil.rmtree(reference, ignore_errors=True)
-    start = time.perf_counter()
-    status = _wait(_start(setup, reference, root / "reference.log",
-                          {"FAULTS_STEP_DELAY": str(STEP_DELAY)}))
-    setup.life = time.perf_counter() - start
+    t0 = time.perf_counter()
+    status = wait(_start(setup, reference, root / "reference.log",
+                         {"FAULTS_STEP_DELAY": str(STEP_DELAY)}))
+    setup.life = time.perf_counter() - t0
     if status != 0:
       raise SystemExit(f"the reference run failed; see {root / 'reference.log'}")
-  step, setup.reference = _variables(reference)
+  step, setup.reference = restored(reference)
   assert step == NUM_STEPS
   return setup
 
@@ -304,6 +351,8 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default=None, help="Default: a temporary folder.")
   args = parser.parse_args()
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.ERROR)  # Orbax's notes about read-only restores.
   root = Path(args.workdir or tempfile.mkdtemp(prefix="msatt_faults_")).resolve()
   root.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Issue 7's GPU figures: MSConvLSTM-Att train slices/s at batch 32 and 64 in bfloat16, the
-# paper's 500-epoch schedule estimated from them, and one 240x240x155 case's latency.
+# `python -m benchmarks.run --suite gpu` on a fresh GPU machine: installs what the benchmark
+# needs, checks that JAX sees the GPU, then runs the suite (MSConvLSTM-Att train slices/s in
+# bfloat16, the paper's 500-epoch schedule estimated from them, one 240x240x155 case's latency).
 #
 #   bash benchmarks/gpu.sh                 # on a CUDA machine, from the repository root or not
 #   bash benchmarks/gpu.sh --dry-run       # the same logic, tiny, on a CPU-only machine
 #
-# Extra arguments go to `python -m benchmarks.gpu` (see --help). The benchmark needs JAX (with
-# its CUDA plugin), Flax, optax, Orbax, ml-collections, nibabel and numpy; not TensorFlow.
-# On a machine without a package index, set WHEELS=DIR to a folder of downloaded wheels of the
-# missing packages (pinned in pyproject.toml): they are installed without their dependencies
-# into a private folder put first on PYTHONPATH, and JAX with its CUDA plugin must be there
-# already. PYTHON picks the interpreter (default python3).
+# Extra arguments go to benchmarks.run (see `python -m benchmarks.run --help`). The benchmark
+# needs JAX (with its CUDA plugin), Flax, optax, Orbax, ml-collections, nibabel and numpy; not
+# TensorFlow. On a machine without a package index, set WHEELS=DIR to a folder of downloaded
+# wheels of the missing packages (pinned in pyproject.toml): they are installed without their
+# dependencies into a private folder put first on PYTHONPATH, and JAX with its CUDA plugin must
+# be there already. PYTHON picks the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -54,4 +55,4 @@ if (( ! dry_run )); then
     echo "JAX does not see a GPU." >&2; exit 1; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-exec "$py" -m benchmarks.gpu "$@"
+exec "$py" -m benchmarks.run --suite gpu "$@"

@@ -1,8 +1,8 @@
 """JAX side of the benchmark (a worker process; see benchmarks/common.py).
 
-Measures the project's own code: the state from `steps.create_train_state`, the step
-`steps.train_step` jitted with the state donated (as the trainer does), and the model's forward
-pass in inference mode. Batches are made on the device once, and a step's outputs are never
+Measures the project's own code: the state from `steps.create_train_state`, the trainer's step
+(`steps.make_train_step`) jitted with the state donated (as the trainer does), and the model's
+forward pass in inference mode. Batches are made on the device once, and a step's outputs are never
 copied to the host: the worker only waits for them.
 """
 
@@ -24,7 +24,7 @@ from configs import brats18
 from data_pipelines.brats import labels as labels_lib
 from msatt_jax import runtime
 from msatt_jax import steps
-from msatt_jax.models.summary import xla_flops
+from msatt_jax.summary import xla_flops
 
 MODES = ("inference", "train")
 
@@ -115,6 +115,47 @@ def step_flops(fn: Callable, args: Tuple[Any, ...], compiled,
   return flops + matmul_flops(jaxpr) - matmul_flops(jaxpr, loops_once=True), "xla+loops"
 
 
+# ------------------------------------------------------------------------------ one case
+def case_latency(model_name: str, overrides: Mapping[str, Any], dtype: str,
+                 case_shape: Tuple[int, int, int], case_batch: int = 0,
+                 repeats: int = 5) -> Dict[str, Any]:
+  """Seconds to segment one synthetic case with `inference.segment_volume`, after a first,
+  compiling, call. The crop and slice range scale with the case as the paper's 190 and 30..120
+  do with 240x240x155 (so that case gets exactly those)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+  from msatt_jax import inference  # pylint: disable=g-import-not-at-top
+
+  config = brats18.get_config(model_name)
+  config.model = model_config(model_name, overrides)
+  config.dtype = dtype
+  x, y, z = case_shape
+  config.data.crop_size = min(x, y) * 190 // 240
+  config.data.slice_start, config.data.slice_stop = z * 30 // 155, z * 120 // 155
+  model = steps.create_model(config)
+  dummy = np.zeros((1, *steps.input_shape(config)), np.float32)
+  variables = jax.jit(lambda k: model.init(k, dummy, train=False))(jax.random.key(0))
+  case = synthetic.make_case(case_shape, seed=0, index=0)
+  image = np.stack([case.images[m] for m in config.data.modalities], -1).astype(np.float32)
+  num_slices = config.data.slice_stop - config.data.slice_start + 1
+  batch = case_batch or num_slices
+  predict = inference.make_predict_fn(model, variables, config.loss)
+
+  def segment():
+    return inference.segment_volume(predict, image, config.data, batch_size=batch)
+
+  t0 = time.perf_counter()
+  labels = segment()
+  first = time.perf_counter() - t0
+  if labels.shape != image.shape[:3]:
+    raise AssertionError(f"segment_volume returned {labels.shape} for a {image.shape} case")
+  times = common.time_steps(segment, lambda _: None, repeats)
+  return {"case_shape": list(case_shape), "slices": num_slices, "case_batch": batch,
+          "first_call_s": first, "latency_s_median": float(np.median(times)),
+          "latency_s_min": float(np.min(times)), "device": jax.devices()[0].device_kind,
+          "dtype": dtype}
+
+
 # ----------------------------------------------------------------------------------- worker
 class JaxBench:
   """One model at one batch size: setup(mode) compiles, run(mode, n) times n steps.
@@ -161,10 +202,7 @@ class JaxBench:
       fn = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
       args = (variables, batch["image"])
     elif mode == "train":
-      fn = jax.jit(functools.partial(
-          steps.train_step, learning_rate_fn=self.lr_fn, loss=self.config.loss,
-          ce_weight=self.config.ce_weight,
-          deep_supervision_weight=self.config.deep_supervision_weight), donate_argnums=(0,))
+      fn = jax.jit(steps.make_train_step(self.config, self.lr_fn), donate_argnums=(0,))
       args = (state, batch)
     else:
       raise ValueError(f"Unknown mode {mode!r}.")

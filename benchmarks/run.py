@@ -1,14 +1,26 @@
-"""Training and inference throughput of the models, optionally beside PyTorch/MONAI.
+r"""Training and inference throughput of the models, optionally beside PyTorch/MONAI.
 
   python -m benchmarks.run --models unet --batch_sizes 8 --size 192 --compare-torch
-  python -m benchmarks.run --models msconvlstm_att --json results.jsonl
-  python -m benchmarks.run --models unet --variant convT:upsample=conv_transpose \
-      --variant no-xla-flags:runtime=malloc
+  python -m benchmarks.run --models msconvlstm_att --json results.jsonl --breakdown
+  python -m benchmarks.run --models msconvlstm_att --variant stacked:convlstm_gate_convs=stacked \
+      --variant no-xla-flags:runtime=malloc+hugepages
+  python -m benchmarks.run --suite gpu          # on a GPU (benchmarks/gpu.sh installs first)
+  python -m benchmarks.run --suite gpu --dry-run  # the same logic, tiny, on any machine
 
-For each model and batch size: compile time; train-step (forward + the project's loss + backward
-+ Adam, jitted with the state donated) and inference slices/s, median and interquartile range
-over --steps steps after --warmup; FLOPs per step from XLA's cost analysis and the achieved
-fraction of --peak_gflops; peak memory (resident set size on CPU, the device's peak on GPU).
+For each model and batch size: compile time; train-step (the trainer's own step,
+`steps.make_train_step`, jitted with the state donated) and inference slices/s, median and
+interquartile range over --steps steps after --warmup; FLOPs per step from XLA's cost analysis
+and the achieved fraction of --peak_gflops; peak memory (resident set size on CPU, the device's
+peak on GPU); for train rows, the paper's 500-epoch schedule at that rate. With --case_shape,
+also the latency of segmenting one synthetic case with `inference.segment_volume`
+(preprocessing, every slice through the model, pasting back; an untrained model, whose time
+does not depend on its weights).
+
+--suite picks the defaults of a question: 'models' (every model, float32, 192x192, as on the
+CPU) or 'gpu' (MSConvLSTM-Att training in bfloat16 at the paper's 190x190 crop, batch 32 and
+64, several steps per timing sample to keep the GPU's queue full, and one 240x240x155 case).
+Flags given on the command line override the suite's values; --dry-run shrinks any suite to
+tiny sizes and small models, to check its logic on a CPU in minutes.
 
 Every side (the project's JAX model, each --variant of it, and with --compare-torch its
 PyTorch/MONAI counterpart) runs in its own worker process with the same threads and allocator
@@ -37,9 +49,28 @@ TORCH_MODELS = ("unet", "attunet")
 MODES = ("inference", "train")  # Inference first: the train step donates the parameters.
 
 
+SUITES: Dict[str, Dict[str, Any]] = {
+    "models": {},  # The parser's own defaults.
+    "gpu": {"models": "msconvlstm_att", "modes": "train", "dtype": "bfloat16",
+            "batch_sizes": "32,64", "size": 190, "window": 5,
+            "peak_gflops": common.H100_BF16_DENSE_GFLOPS, "case_shape": "240,240,155"},
+}
+# --dry-run: any suite at tiny sizes; the model overrides apply to the models that have the key.
+DRY_RUN = {"batch_sizes": "2", "size": 32, "steps": 2, "warmup": 1, "window": 1,
+           "peak_gflops": None, "case_repeats": 2}
+DRY_RUN_CASE_SHAPE = "48,48,40"
+DRY_RUN_OVERRIDES = {"lstm_features": "4", "inception_features": "8", "resnet_features": "8",
+                     "fused_features": "8", "base_width": "4", "fc_width": "16"}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0],
+                              epilog=__doc__.split("\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--suite", default="models", choices=sorted(SUITES),
+                 help="the defaults of a question (see above)")
+  p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                 help="tiny sizes and small models: checks the suite's logic in minutes")
   p.add_argument("--models", default=",".join(ALL_MODELS),
                  help="comma list of " + ", ".join(ALL_MODELS))
   p.add_argument("--batch_sizes", default="8", help="comma list of batch sizes")
@@ -70,8 +101,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--trace_dir",
                  help="with --breakdown: keep each profiled step's trace (.xplane.pb, for "
                       "TensorBoard's profiler or XProf) and optimised HLO text in this folder")
+  p.add_argument("--case_shape", default="",
+                 help="X,Y,Z of a synthetic case to segment with each model, timed (default: "
+                      "none; the crop and slice range scale with it as the paper's do with "
+                      "240,240,155)")
+  p.add_argument("--case_batch", type=int, default=0,
+                 help="slices per model call when segmenting (0: all of the case's at once)")
+  p.add_argument("--case_repeats", type=int, default=5, help="timed segmentations of the case")
   p.add_argument("--json", help="append one JSON line per result to this file")
   p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+  # The suite's values, then --dry-run's, replace the parser's defaults; given flags win.
+  first, _ = p.parse_known_args(argv)
+  p.set_defaults(**SUITES[first.suite])
+  if first.dry_run:
+    p.set_defaults(**DRY_RUN)
+    if p.get_default("case_shape"):
+      p.set_defaults(case_shape=DRY_RUN_CASE_SHAPE)
   args = p.parse_args(argv)
   args.models = _split(args.models)
   unknown = sorted(set(args.models) - set(ALL_MODELS))
@@ -81,13 +126,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   args.modes = [m for m in MODES if m in _split(args.modes)]
   if not args.modes:
     p.error("--modes names neither inference nor train")
-  if args.steps < 1 or args.warmup < 0 or args.window < 1:
-    p.error("--steps and --window must be >= 1, --warmup >= 0")
+  if args.steps < 1 or args.warmup < 0 or args.window < 1 or args.case_repeats < 1:
+    p.error("--steps, --window and --case_repeats must be >= 1, --warmup >= 0")
   try:
+    args.case_shape = tuple(int(s) for s in _split(args.case_shape))
+    if args.case_shape and len(args.case_shape) != 3:
+      raise ValueError(f"--case_shape takes X,Y,Z, not {args.case_shape}")
     args.overrides = _pairs(args.overrides)
     args.variants = [_variant(v) for v in args.variants]
   except ValueError as e:
     p.error(str(e))
+  for overrides in [args.overrides] + [v[1] for v in args.variants]:
+    for key in overrides:
+      if not any(key in _overrides_for(m, {key: ""}) for m in args.models):
+        p.error(f"no model of {args.models} has the config key {key!r}")
+  if args.dry_run:  # Applied after the check: each model takes the keys it has.
+    args.overrides = {**DRY_RUN_OVERRIDES, **args.overrides}
   return args
 
 
@@ -199,8 +253,11 @@ def _row(base: Mapping[str, Any], side: Side, mode: str,
   stats = common.step_stats(side.times[mode])
   flops = setup.get("flops_per_step")
   peak = args.peak_gflops or (common.DEFAULT_PEAK_GFLOPS if info["platform"] == "cpu" else None)
-  row = {**base, "framework": side.label, "variant": side.variant, "mode": mode,
-         "slices_per_s": base["batch_size"] / stats["step_s_median"], **stats,
+  slices_per_s = base["batch_size"] / stats["step_s_median"]
+  row = {"kind": "step", **base, "framework": side.label, "variant": side.variant, "mode": mode,
+         "slices_per_s": slices_per_s, **stats,
+         "schedule_hours": (common.PAPER_SLICE_STEPS / slices_per_s / 3600 if mode == "train"
+                            else None),
          "compile_s": setup.get("compile_s"), "first_step_s": setup.get("first_step_s"),
          "flops_per_step": flops, "flops_source": setup.get("flops_source"),
          "gflop_per_step": flops / 1e9 if flops else None,
@@ -239,38 +296,22 @@ def ratios(rows: Sequence[Mapping[str, Any]]) -> List[str]:
   return lines
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-  args = parse_args(argv)
-  for overrides in [args.overrides] + [v[1] for v in args.variants]:
-    for key in overrides:
-      if not any(key in _overrides_for(m, {key: ""}) for m in args.models):
-        raise SystemExit(f"No model of {args.models} has the config key {key!r}.")
-  load = os.getloadavg()
-  print(f"# {len(args.models)} model(s), batch {args.batch_sizes}, {args.size}x{args.size}, "
-        f"{args.dtype}, {args.steps} steps after {args.warmup} warm-up; {common.cpu_threads()} "
-        f"CPU threads; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-  print(f"# runtime settings: {runtime.describe() or 'none'}", flush=True)
-  rows: List[Dict[str, Any]] = []
-  for model in args.models:
-    for batch_size in args.batch_sizes:
-      new = measure(model, batch_size, args)
-      rows += new
-      for r in new:
-        print(f"# {r['model']} {r['framework']} {r['mode']} batch {r['batch_size']}: "
-              f"{r['slices_per_s']:.2f} slices/s", flush=True)
-      if args.json:
-        with open(args.json, "a") as f:
-          for r in new:
-            f.write(json.dumps(r) + "\n")
-  print()
-  print(common.format_table(rows))
-  if args.markdown:
-    print()
-    print(common.format_markdown(rows))
-  lines = ratios(rows)
-  if lines:
-    print()
-    print("\n".join(lines))
+def schedules(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+  """The paper's schedule at each measured train rate."""
+  return [f"{r['model']} {r['framework']} batch {r['batch_size']}: {r['slices_per_s']:.1f} "
+          f"slices/s -> the paper's 500-epoch schedule ({common.PAPER_SLICE_STEPS / 1e6:.2f} M "
+          f"slice-steps) in {r['schedule_hours']:.2f} h" for r in rows if r["mode"] == "train"]
+
+
+def case_latencies(args: argparse.Namespace) -> List[Dict[str, Any]]:
+  """Each model's latency on one synthetic case, in this process (the workers have ended)."""
+  from benchmarks import jax_bench  # pylint: disable=g-import-not-at-top
+  return [{"kind": "case_latency", "model": model, **jax_bench.case_latency(
+      model, _overrides_for(model, args.overrides), args.dtype, args.case_shape,
+      args.case_batch, args.case_repeats)} for model in args.models]
+
+
+def _print_breakdowns(rows: Sequence[Mapping[str, Any]]) -> None:
   for r in rows:
     if r.get("breakdown"):
       print(f"\n{r['model']} {r['framework']} {r['mode']} batch {r['batch_size']}: step time by "
@@ -287,12 +328,56 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
       # overlap, so there it is more.
       print(f"(traced instruction time {r['breakdown_traced_ms']:.1f} ms per step, "
             f"{100 * r['breakdown_traced_ms'] / 1e3 / r['step_s_median']:.0f}% of the step)")
+
+
+def _append_json(path: Optional[str], rows: Sequence[Mapping[str, Any]]) -> None:
+  if path:
+    with open(path, "a") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+  """Runs the benchmark; returns its result rows (steps, then case latencies)."""
+  args = parse_args(argv)
+  load = os.getloadavg()
+  print(f"# suite {args.suite}{' (dry run)' if args.dry_run else ''}: {len(args.models)} "
+        f"model(s), batch {args.batch_sizes}, {args.size}x{args.size}, {args.dtype}, "
+        f"{args.steps} steps after {args.warmup} warm-up; {common.cpu_threads()} CPU threads; "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+  print(f"# runtime settings: {runtime.describe() or 'none'}", flush=True)
+  rows: List[Dict[str, Any]] = []
+  for model in args.models:
+    for batch_size in args.batch_sizes:
+      new = measure(model, batch_size, args)
+      rows += new
+      for r in new:
+        print(f"# {r['model']} {r['framework']} {r['mode']} batch {r['batch_size']}: "
+              f"{r['slices_per_s']:.2f} slices/s", flush=True)
+      _append_json(args.json, new)
+  cases = case_latencies(args) if args.case_shape else []
+  _append_json(args.json, cases)
+  print()
+  print(common.format_table(rows))
+  if args.markdown:
+    print()
+    print(common.format_markdown(rows))
+  for lines in (ratios(rows), schedules(rows)):
+    if lines:
+      print()
+      print("\n".join(lines))
+  for c in cases:
+    print(f"\n{c['model']}: segment one {'x'.join(map(str, c['case_shape']))} case "
+          f"({c['slices']} slices, {c['case_batch']} per call) on {c['device']}: "
+          f"{c['latency_s_median']:.3f} s median (first call, with compilation: "
+          f"{c['first_call_s']:.1f} s)")
+  _print_breakdowns(rows)
   load = os.getloadavg()
   print(f"\n# load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-  for r in rows:
+  for r in rows + cases:
     print(json.dumps({k: v for k, v in r.items()
                       if k not in ("step_times_s", "breakdown_modules")}))
-  return rows
+  return rows + cases
 
 
 if __name__ == "__main__":

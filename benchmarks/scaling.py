@@ -78,12 +78,10 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
   par = parallel.from_config(config)
   lr_fn = steps.create_learning_rate_fn(config, steps_per_epoch=100)
   model = steps.create_model(config, axis_name=par.axis_name)
-  state = par.place_state(par.create_state(functools.partial(
+  state = par.to_step_layout(par.create_state(functools.partial(
       steps.create_train_state, config=config, model=model, learning_rate_fn=lr_fn),
       jax.random.key(0)))
-  step = par.train_step_fn(functools.partial(
-      steps.train_step, learning_rate_fn=lr_fn, loss=config.loss, ce_weight=config.ce_weight,
-      deep_supervision_weight=config.deep_supervision_weight))
+  step = par.train_step_fn(steps.make_train_step(config, lr_fn))
   rng = np.random.default_rng(0)
   h, w, m = steps.input_shape(config)
   batches = []

@@ -15,31 +15,47 @@ MODEL_NAMES = ("msconvlstm_att", "unet", "attunet", "fcn")
 
 
 def get_data_config() -> ml_collections.ConfigDict:
-  """Raw data location and the paper's preprocessing (Section IV)."""
+  """Raw data location, the paper's preprocessing (Section IV) and the input pipeline."""
+  from data_pipelines.brats import preprocess  # pylint: disable=g-import-not-at-top
   d = ml_collections.ConfigDict()
   # Raw NIfTI folder: MSD Task01_BrainTumour or a BraTS challenge training folder.
   d.source_dir = config_dict.placeholder(str)
   # Prepared TFDS data; default: <source_dir>/../prepared when unset.
   d.data_dir = config_dict.placeholder(str)
   d.layout = "auto"  # 'auto' | 'msd' | 'brats': how case folders are laid out.
-  d.label_convention = "auto"  # 'auto' (the layout's own) | 'msd' | 'brats'.
-  d.modalities = ("flair", "t1", "t1ce", "t2")  # Any subset/order; the paper's four by default.
-  d.slice_start = 30  # First axial slice kept (inclusive), as in the paper.
-  d.slice_stop = 120  # Last axial slice kept (inclusive): 91 slices.
-  d.crop_size = 190  # Square in-plane crop of the 240x240 slices.
-  d.crop_center = config_dict.placeholder(tuple)  # (x, y) crop centre; None = volume centre.
-  d.normalize = "zscore"  # Per modality per volume over brain (non-zero) voxels; 0 stays 0.
-  d.split_seed = 0  # Seed of the patient-level train/validation/test split.
-  d.num_validation_cases = -1  # -1: 30 of 285 (the paper), proportional to the case count.
-  d.num_test_cases = -1  # -1: 30 of 285 (the paper), proportional to the case count.
+  # 'msd_task01': download the Decathlon's Task01_BrainTumour instead of reading source_dir
+  # (checked against its published size and MD5, resumable, kept in <data_dir>/downloads;
+  # data_dir default: TFDS's, ~/tensorflow_datasets). Unset: source_dir, as downloaded by hand.
+  d.download = config_dict.placeholder(str)
+  d.download_url = config_dict.placeholder(str)  # A mirror; needs download_md5 unless the same.
+  d.download_md5 = config_dict.placeholder(str)  # The MD5 the downloaded archive must have.
+  # > 0: only the archive's first N cases, by HTTP range requests (into data_dir/<download>_firstN).
+  d.download_cases = 0
+  # The preprocessing, what a prepared data set holds. Its keys, their defaults (the paper's)
+  # and help are the fields of data_pipelines/brats/preprocess.py:Preprocessing, also the
+  # flags of `python -m data_pipelines.prepare`; a change of any of them prepares new data:
+  #   label_convention      Label values on disk: 'auto' (the layout's own), 'msd' or 'brats'.
+  #   modalities            Image channels: any subset and order of flair, t1, t1ce, t2.
+  #   slice_start           First axial slice kept (inclusive).
+  #   slice_stop            Last axial slice kept (inclusive).
+  #   crop_size             Square in-plane crop of the 240x240 slices.
+  #   crop_center           (x, y) centre of the crop; unset: the centre of the volume.
+  #   normalize             'zscore': per modality per volume over brain (non-zero) voxels, 0 stays
+  #                         0; or 'none'.
+  #   split_seed            Seed of the patient-level train/validation/test split.
+  #   num_validation_cases  -1: 30 of 285 (the paper), proportional to the case count.
+  #   num_test_cases        -1: 30 of 285 (the paper), proportional to the case count.
+  #   storage_dtype         Stored images: 'float16' holds z-scores to ~3 significant digits at half
+  #                         the bytes of 'float32'.
+  #   compression           'none': fastest to read (7.5 GB for 285 cases at float16); 'zlib': ~1/3
+  #                         of that on disk for synthetic data, but ~0.5 ms of CPU per slice to
+  #                         inflate.
+  for field in preprocess.parameters():
+    d[field.name] = (config_dict.placeholder(preprocess.value_type(field))
+                     if field.default is None else field.default)
   d.augment = False  # Random flips + small intensity scale/shift (off in the paper).
   d.shuffle_buffer = 4096  # Slices held for shuffling within an epoch.
   d.prefetch = 2  # Batches prepared ahead of the train step.
-  # Prepared images: float16 holds z-scores to ~3 significant digits at half the bytes.
-  d.storage_dtype = "float16"  # 'float16' | 'float32'.
-  # 'none': fastest to read (7.5 GB for 285 cases at float16); 'zlib': ~1/3 of that on
-  # disk for synthetic data, but inflating costs ~0.5 ms of CPU per slice when reading.
-  d.compression = "none"
   # > 0: when source_dir is unset, generate this many synthetic BraTS-like cases into
   # <workdir>/synthetic and train on them (the demo); 0: source_dir is required.
   d.synthetic_cases = 0
@@ -59,17 +75,18 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
     m.fused_features = 64  # C: width of single-scale, multi-scale and refined features.
     m.attention_stride = 4  # SAM runs at H/stride x W/stride (full size needs N^2 = 36,100^2).
     m.se_ratio = 16  # Squeeze-and-Excitation reduction ratio r.
-    # SAM: 'auto' = 'cudnn' (fused) on a recent NVIDIA GPU in 16-bit compute, else 'einsum';
-    # 'xla'/'cudnn' = jax.nn.dot_product_attention.
+    # SAM: 'auto' = 'cudnn' (jax.nn.dot_product_attention's fused kernel) on a recent NVIDIA
+    # GPU in 16-bit compute, else 'einsum'.
     m.attention_implementation = "auto"
-    m.modality_map = "scan"  # Encoders: 'scan' (plain convs) or 'vmap' (grouped); same params.
     # ConvLSTM gates: 'separate' input and hidden convolutions, or one 'stacked' convolution of
     # both (same params; slower on CPU, to be measured on GPUs).
     m.convlstm_gate_convs = "separate"
+    # 'none' (the full model), or remove one block: 'no_convlstm', 'no_se', 'no_sam',
+    # 'no_fusion', 'deepest_only' (docs/architecture.md, "Ablations").
+    m.ablation = "none"
   elif name in ("unet", "attunet"):
     m.base_width = 32  # Width of the first level; doubles at each of the 4 poolings.
     m.depth = 4  # Number of poolings.
-    m.upsample = "matmul"  # 2x2 up-conv as 'matmul' + depth-to-space or 'conv_transpose'.
   elif name == "fcn":
     m.base_width = 64  # VGG16 widths (64, 128, 256, 512, 512) scaled by base_width / 64.
     m.fc_width = 1024  # Width of the convolutional fc6/fc7 layers (4096 in VGG16).
@@ -101,7 +118,7 @@ def get_config(model: str = "msconvlstm_att") -> ml_collections.ConfigDict:
   # 'region_dice' (sigmoid outputs for the overlapping ET/TC/WT regions).
   config.loss = "dice"
   config.ce_weight = 1.0  # Weight of the cross-entropy term of 'dice_ce'.
-  config.deep_supervision_weight = 0.0  # Weight of per-scale losses (MSConvLSTM-Att only).
+  config.deep_supervision_weight = 0.0  # Per-scale losses' weight; > 0 only for MSConvLSTM-Att.
 
   # 16 slices of 190x190x4: about 4 GB of activations for MSConvLSTM-Att in float32, which fits
   # the paper's 12 GB K80 with room for the optimizer (the paper does not state its batch size).
@@ -112,9 +129,10 @@ def get_config(model: str = "msconvlstm_att") -> ml_collections.ConfigDict:
   config.lr_decay_factor = 0.5  # Multiplied into the learning rate ...
   config.lr_decay_epochs = 30  # ... every this many epochs (the paper).
 
-  config.eval_every_epochs = 10  # Validation Dice (ET/TC/WT) and the best checkpoint.
-  config.checkpoint_every_epochs = 50  # The paper saved every 50 epochs.
-  config.max_checkpoints_to_keep = 3  # Periodic checkpoints kept besides the best one.
+  # Every interval is a positive whole number; each also fires at the last step.
+  config.eval_every_epochs = 10  # Validation Dice (ET/TC/WT); a new best is saved as 'best'.
+  config.checkpoint_every_epochs = 50  # Periodic save, independent of validation (the paper's).
+  config.max_checkpoints_to_keep = 3  # Newest periodic checkpoints kept besides the best one.
   config.log_every_steps = 50  # Console, TensorBoard and metrics.jsonl.
   config.nan_policy = "stop"  # 'stop': halt on a NaN/Inf loss; 'skip': drop that update.
 

@@ -24,16 +24,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 import numpy as np
 import tensorflow as tf
 
-try:
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:
-  # TF was initialised before this import; devices can no longer change (tests hide GPUs too).
-  pass
-
-# pylint: disable=g-import-not-at-top
 from data_pipelines.brats import builder as builder_lib
 from data_pipelines.errors import DataError
-# pylint: enable=g-import-not-at-top
 
 SPLITS = builder_lib.SPLITS
 # Augmentation (data_config.augment): a flip of each in-plane axis with probability 1/2, a
@@ -340,25 +332,3 @@ def eval_batches(data_config, split: str, batch_size: int, *, process_index: int
 
   return as_numpy()
 
-
-def shard_for_devices(batch: Any, num_devices: int) -> Any:
-  """Reshapes every array leaf (B, ...) -> (num_devices, B / num_devices, ...) for pmap."""
-  num_devices = int(num_devices)
-
-  def shard(x):
-    x = np.asarray(x)
-    if x.ndim == 0 or x.shape[0] % num_devices:
-      raise ValueError(f"Cannot split a batch of shape {x.shape} over {num_devices} devices: "
-                       "the leading size must be a multiple of the device count.")
-    return x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:])
-
-  def walk(tree):
-    if isinstance(tree, dict):
-      return {k: walk(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-      return type(tree)(walk(v) for v in tree)
-    return shard(tree)
-
-  if num_devices <= 0:
-    raise ValueError(f"num_devices must be positive, got {num_devices}.")
-  return walk(batch)

@@ -2,76 +2,93 @@ r"""Prepares the 'brats' TFDS data set from an MSD Task01 or BraTS challenge tra
 
 Usage:
   python -m data_pipelines.prepare --src /data/Task01_BrainTumour [--data_dir /data/prepared] \
-      [--slice_start 30 --slice_stop 120 --crop_size 190 --modalities flair,t1,t1ce,t2 \
-       --label_convention auto --layout auto --split_seed 0 ...]
+      [--layout auto --crop_size 160 --modalities flair,t1ce,t2 --split_seed 1 ...]
+  python -m data_pipelines.prepare --download msd_task01 [--data_dir /data]  # the paper's data
+  python -m data_pipelines.prepare --download msd_task01 --download_cases 20  # its first 20 cases
   msatt-prepare ...   (the same, installed as a console script)
 
+--download fetches the Decathlon's Task01_BrainTumour archive (7.6 GB) into <data_dir>/downloads
+(data_dir default: TFDS's, ~/tensorflow_datasets), checked against its published size and MD5,
+resumable; --download_cases N fetches only the first N cases (a few hundred MB for 20) with HTTP
+range requests, prepared into <data_dir>/msd_task01_first<N>. --download_url (a mirror) needs
+--download_md5: a download is never used unchecked.
+
+There is one flag per preprocessing parameter, the fields of preprocess.Preprocessing (`--help`
+lists them with their defaults); an unset flag keeps that default.
+
 With the paper's settings the TFDS command line builds the same data set (TFDS 4.9's `tfds`
-command needs apache-beam installed, which it imports at start-up):
+command needs apache-beam and mlcroissant installed, which it imports at start-up):
   tfds build data_pipelines/brats/builder.py --manual_dir=/data/Task01_BrainTumour \
       --data_dir=/data/prepared
 
-Unset flags take their defaults from configs/brats18.py (config.data). Cases are processed one
-at a time; the data set becomes readable only when every split is written (TFDS writes into an
-`incomplete.*` folder and renames it at the end; leftovers of a killed run are removed by the
-next run). Bad input stops with a message naming the file and a non-zero exit.
+Cases are processed one at a time; the data set becomes readable only when every split is
+written (TFDS writes into an `incomplete.*` folder and renames it at the end; leftovers of a
+killed run are removed by the next run). Bad input stops with one `error: ...` line naming the
+file, and exit status 1.
 """
 
 import os
-import shutil
-import sys
-import time
 from pathlib import Path
+import shutil
+import time
 from typing import Callable, Dict, List, Optional
 
-from absl import app
 from absl import flags
-import tensorflow as tf
-
-try:
-  # Preparation is CPU work; TensorFlow must not take accelerator memory from a trainer.
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:
-  pass
-
-# pylint: disable=g-import-not-at-top
+from absl import logging
+import ml_collections
 import tensorflow_datasets as tfds
 
 from configs import brats18
+from data_pipelines import download as download_lib
+from data_pipelines import synthetic
 from data_pipelines.brats import builder as builder_lib
 from data_pipelines.brats import layouts
+from data_pipelines.brats import preprocess
 from data_pipelines.errors import DataError
-# pylint: enable=g-import-not-at-top
 
 _FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """The command-line flags (defined only by the CLI, so importing this module is safe)."""
+  """The command-line flags (defined only by the CLI, so importing this module is safe).
+
+  One flag per preprocessing parameter, named, typed and explained by its field of
+  preprocess.Preprocessing; unset, it keeps config.data's value (the field's default).
+  """
   flags.DEFINE_string("src", None, "Raw NIfTI folder: MSD Task01_BrainTumour or BraTS training.")
   flags.DEFINE_string("data_dir", None,
-                      "Where the prepared data goes (default <src>/../prepared).")
-  flags.DEFINE_enum("layout", None, ["auto", "msd", "brats"], "How the folder is laid out.")
-  flags.DEFINE_enum("label_convention", None, ["auto", "msd", "brats"],
-                    "Label values on disk; 'auto' = the layout's own.")
-  flags.DEFINE_list("modalities", None, "Modalities in order, e.g. flair,t1,t1ce,t2.")
-  flags.DEFINE_integer("slice_start", None, "First axial slice kept (inclusive).")
-  flags.DEFINE_integer("slice_stop", None, "Last axial slice kept (inclusive).")
-  flags.DEFINE_integer("crop_size", None, "Square in-plane crop size.")
-  flags.DEFINE_list("crop_center", None, "Crop centre x,y (default: the volume centre).")
-  flags.DEFINE_enum("normalize", None, ["zscore", "none"], "Intensity normalisation.")
-  flags.DEFINE_integer("split_seed", None, "Seed of the patient-level split.")
-  flags.DEFINE_integer("num_validation_cases", None, "-1: 30 of 285, proportional.")
-  flags.DEFINE_integer("num_test_cases", None, "-1: 30 of 285, proportional.")
-  flags.DEFINE_enum("storage_dtype", None, list(builder_lib.STORAGE_DTYPES),
-                    "Dtype of the stored images.")
-  flags.DEFINE_enum("compression", None, list(builder_lib.COMPRESSIONS),
-                    "Compression of the stored images.")
+                      "Where the prepared data goes (default <src>/../prepared; with "
+                      "--download, TFDS's data folder).")
+  flags.DEFINE_enum("layout", None, ("auto",) + layouts.LAYOUTS,
+                    "How the folder is laid out; 'auto' (the default) detects it.")
+  flags.DEFINE_enum("download", None, tuple(download_lib.SOURCES),
+                    "Download this archive (checked, resumable) instead of reading --src; the "
+                    "data then go into --data_dir (default: TFDS's data folder).")
+  flags.DEFINE_string("download_url", None, "A mirror of the --download archive; needs "
+                      "--download_md5 unless it serves the same archive.")
+  flags.DEFINE_string("download_md5", None, "The MD5 the downloaded archive must have.")
+  flags.DEFINE_integer("download_cases", None, "Fetch only the archive's first N cases, with "
+                       "HTTP range requests (0: all). Default: 0.")
+  for field in preprocess.parameters():
+    name, kind, choices = field.name, preprocess.value_type(field), field.metadata["choices"]
+    help_text = f"{field.metadata['help']} Default: {_flag_text(field.default)}."
+    if choices:
+      flags.DEFINE_enum(name, None, choices, help_text)
+    elif kind is int:
+      flags.DEFINE_integer(name, None, help_text)
+    elif kind is tuple:
+      flags.DEFINE_list(name, None, help_text)
+    else:
+      flags.DEFINE_string(name, None, help_text)
 
 
-_OVERRIDES = ("layout", "label_convention", "modalities", "slice_start", "slice_stop",
-              "crop_size", "crop_center", "normalize", "split_seed", "num_validation_cases",
-              "num_test_cases", "storage_dtype", "compression")
+def _flag_text(value) -> str:
+  """A default as one would write it on the command line."""
+  if value is None:
+    return "unset"
+  if isinstance(value, tuple):
+    return ",".join(map(str, value))
+  return str(value)
 
 
 def _print(message: str) -> None:
@@ -98,22 +115,18 @@ def _check_same_source(builder, refs: List[layouts.CaseRef], source: str) -> Non
         "Choose another data_dir or delete that folder.")
 
 
-def prepare(data_config, *, progress: Callable[[str], None] = _print):
-  """Prepares config.data's data set unless it is already; returns a fresh, prepared builder.
+def _check_same_download(builder, request: download_lib.Request) -> None:
+  """Data prepared from another archive, a subset or a folder are not this download's."""
+  recorded = builder.info.metadata.get("download")
+  if recorded != request.identity():
+    raise DataError(
+        f"{builder.data_path}: prepared from {download_lib.describe_identity(recorded)}, not "
+        f"from {request.describe()}. Choose another data_dir or delete that folder.")
 
-  Cheap when the data is prepared (the trainer may call it at every start): it then only
-  checks that the source folder, where present, holds the cases the data was made from. The
-  source folder is checked before anything is written (an empty or wrong folder raises a
-  DataError naming it).
-  """
-  builder = builder_lib.builder_from_config(data_config)
-  source = data_config.get("source_dir", None)
-  source = os.path.abspath(os.path.expanduser(source)) if source else None
-  if builder.is_prepared():
-    if source and os.path.isdir(source):
-      _check_same_source(builder, layouts.find_cases(source, builder.layout), source)
-    progress(f"Reusing prepared data at {builder.data_path}.")
-    return builder
+
+def _checked_source(builder, source: Optional[str], data_config,
+                    progress: Callable[[str], None]) -> str:
+  """The manual folder, checked to hold enough cases before anything is written."""
   if not source:
     raise DataError("config.data.source_dir is not set and no prepared data is at "
                     f"{builder.data_path}.\n{builder_lib.Brats.MANUAL_DOWNLOAD_INSTRUCTIONS}")
@@ -125,11 +138,40 @@ def prepare(data_config, *, progress: Callable[[str], None] = _print):
                           data_config.get("num_test_cases", -1))
   progress(f"Preparing {len(refs)} cases from {source} into {builder.data_path} "
            f"(config '{builder.builder_config.name}').")
+  return source
+
+
+def prepare(data_config, *, progress: Callable[[str], None] = _print):
+  """Prepares config.data's data set unless it is already; returns a fresh, prepared builder.
+
+  Cheap when the data is prepared (the trainer may call it at every start): it then only
+  checks that the source folder, where present, holds the cases the data was made from. The
+  source folder is checked before anything is written (an empty or wrong folder raises a
+  DataError naming it).
+  """
+  builder = builder_lib.builder_from_config(data_config)
+  request = builder.download
+  source = data_config.get("source_dir", None)
+  source = os.path.abspath(os.path.expanduser(source)) if source else None
+  if builder.is_prepared():
+    if request is not None:
+      _check_same_download(builder, request)
+    elif source and os.path.isdir(source):
+      _check_same_source(builder, layouts.find_cases(source, builder.layout), source)
+    progress(f"Reusing prepared data at {builder.data_path}.")
+    return builder
+  if request is not None:
+    # The download (checked before use) is the builder's, in TFDS's downloads folder.
+    manual_dir = None
+    progress(f"Preparing {request.describe()} into {builder.data_path} "
+             f"(config '{builder.builder_config.name}').")
+  else:
+    manual_dir = _checked_source(builder, source, data_config, progress)
   builder.progress_fn = progress
   tfds.disable_progress_bar()  # Our own per-case lines instead of TFDS's progress bars.
   start = time.perf_counter()
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=source, try_download_gcs=False))
+      manual_dir=manual_dir, try_download_gcs=False))
   _remove_empty_dirs(Path(builder.data_dir_root) / "downloads")
   report = dict(builder.report)
   report["wall_seconds"] = time.perf_counter() - start
@@ -139,6 +181,56 @@ def prepare(data_config, *, progress: Callable[[str], None] = _print):
   else:
     progress(f"Reusing prepared data at {prepared.data_path} (prepared by another process).")
   return prepared
+
+
+def prepare_for_training(data_config, workdir: str) -> ml_collections.ConfigDict:
+  """A copy of config.data with its folders resolved, the data generated and prepared if need be.
+
+  With `download` set (msd_task01), the archive is downloaded and checked, and the data
+  prepared, into data_dir (default: TFDS's data folder); the copy names the folders used.
+  Without `source_dir`, a config with `synthetic_cases > 0` (the demo) generates a synthetic
+  BraTS-like set into <workdir>/synthetic, whole or not at all, and prepares it into
+  <workdir>/prepared unless data_dir is set; any other config stops with a message saying
+  where to get the data.
+  """
+  data_config = ml_collections.ConfigDict(data_config.to_dict())
+  workdir = os.path.abspath(workdir)
+  if data_config.get("download", None):
+    return _prepare_download(data_config)
+  if data_config.source_dir is None:
+    if data_config.synthetic_cases <= 0:
+      raise FileNotFoundError(
+          "No training data: set --config.data.source_dir to the Medical Segmentation "
+          "Decathlon Task01_BrainTumour folder (http://medicaldecathlon.com) or to the BraTS "
+          "2018 training folder (registration on the BraTS challenge site), e.g. "
+          "--config.data.source_dir=/data/Task01_BrainTumour; or download and check the "
+          "Decathlon's archive with --config.data.download=msd_task01 (7.6 GB; add "
+          "--config.data.download_cases=20 for its first 20 cases alone).")
+    data_config.source_dir = os.path.join(workdir, "synthetic")
+    if data_config.data_dir is None:
+      data_config.data_dir = os.path.join(workdir, "prepared")
+    if not os.path.isdir(data_config.source_dir):
+      shape = tuple(data_config.synthetic_shape)
+      logging.info("Generating %d synthetic cases of shape %s into %s.",
+                   data_config.synthetic_cases, shape, data_config.source_dir)
+      synthetic.generate_dataset_atomically(
+          data_config.source_dir, data_config.synthetic_layout, data_config.synthetic_cases,
+          shape=shape, seed=data_config.split_seed)
+  elif not os.path.isdir(data_config.source_dir):
+    raise FileNotFoundError(f"{data_config.source_dir}: --config.data.source_dir is not a folder.")
+  prepare(data_config)
+  return data_config
+
+
+def _prepare_download(data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Downloads (unless cached) and prepares config.data.download; names the folders used."""
+  if data_config.source_dir:
+    raise ValueError(f"config.data.download={data_config.download} and config.data.source_dir="
+                     f"{data_config.source_dir} are both set; choose one.")
+  builder = prepare(data_config)
+  data_config.data_dir = str(builder.data_dir_root)
+  data_config.source_dir = builder.info.metadata["source_dir"]
+  return data_config
 
 
 def summary(builder, report: Optional[Dict] = None) -> str:
@@ -163,45 +255,46 @@ def summary(builder, report: Optional[Dict] = None) -> str:
   return "\n".join(lines)
 
 
-def data_config_from_flags():
+def data_config_from_flags() -> ml_collections.ConfigDict:
   """config.data with the flags' overrides applied."""
   data = brats18.get_data_config()
   data.source_dir = _FLAGS.src
   if _FLAGS.data_dir:
     data.data_dir = _FLAGS.data_dir
-  for name in _OVERRIDES:
-    value = getattr(_FLAGS, name)
-    if value is None:
-      continue
-    if name == "modalities":
-      value = tuple(v.strip() for v in value if v.strip())
-    elif name == "crop_center":
-      try:
-        value = tuple(int(v) for v in value)
-      except ValueError:
-        raise ValueError(f"--crop_center must be two integers x,y, got {value}.") from None
-    setattr(data, name, value)
+  if _FLAGS.layout is not None:
+    data.layout = _FLAGS.layout
+  for name in ("download", "download_url", "download_md5", "download_cases"):
+    if _FLAGS[name].value is not None:
+      data[name] = _FLAGS[name].value
+  overrides = {}
+  for name in preprocess.defaults():
+    value = _FLAGS[name].value
+    if isinstance(value, list):
+      value = tuple(v for v in value if v)
+    if value is not None:
+      overrides[name] = value
+  # Converted and checked by the one list of parameters (config.data holds their defaults).
+  checked = preprocess.Preprocessing(**overrides)
+  for name in overrides:
+    data[name] = getattr(checked, name)
   return data
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    data = data_config_from_flags()
-    # Builds and validates the BuilderConfig (unknown modality names, bad crops, ...).
-    builder_lib.config_from_data_config(data)
-    prepare(data)
-  except (DataError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  del argv  # The command line is all flags (run_command refuses other arguments).
+  if _FLAGS.src and _FLAGS.download:
+    raise ValueError("--src and --download are both given; choose one.")
+  if not _FLAGS.src and not _FLAGS.download:
+    raise ValueError("--src is required: the raw NIfTI folder (MSD Task01_BrainTumour or a "
+                     "BraTS training folder); or --download=msd_task01 to download the paper's "
+                     "data.")
+  prepare(data_config_from_flags())
 
 
 def run() -> None:
   """Console-script entry point (msatt-prepare)."""
-  define_flags()
-  flags.mark_flag_as_required("src")
-  app.run(main)
+  from msatt_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_command(main, define_flags, runtime_defaults=False)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: the train state plus a JSON record of what produced it.
 
 One `CheckpointManager` under `<workdir>/checkpoints` keeps the newest `max_to_keep` checkpoints
-and, besides them, the one with the best validation mean Dice. Saves are asynchronous and atomic:
+of the periodic schedule, the one with the best validation mean Dice, and the newest of all (a
+final or preemption save, which a restart resumes from). Saves are asynchronous and atomic:
 Orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only once it is
 complete, so a run killed mid-save (even by kill -9) resumes from the previous complete
 checkpoint; a partial one is never listed or read, and the next (writable) start deletes it.
@@ -9,11 +10,14 @@ A save that fails (a full disk) raises CheckpointSaveError naming the step and t
 deletes old steps only after a save commits, so the previous checkpoints stay readable.
 """
 
+import dataclasses
 import errno
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -30,12 +34,25 @@ class CheckpointSaveError(OSError):
   """A checkpoint could not be written (e.g. the disk is full); earlier ones are intact."""
 
 
-def _cause(error: BaseException) -> str:
-  """The short reason of a failed write: the OS error's text where one is known."""
+class CheckpointRestoreError(ValueError):
+  """A committed checkpoint could not be read back (a file truncated or missing)."""
+
+
+DAMAGED_DIR = "damaged_checkpoints"  # Beside checkpoints/: damaged steps moved aside, kept.
+
+
+def _error_code(error: BaseException) -> Optional[int]:
+  """The OS error number behind a failed write, where one is known."""
   code = getattr(error, "errno", None)
   if code is None:  # TensorStore reports OS errors inside a ValueError's text.
     match = re.search(r"os_error_code='?(\d+)", str(error))
     code = int(match.group(1)) if match else None
+  return code or None
+
+
+def _cause(error: BaseException) -> str:
+  """The short reason of a failed write: the OS error's text where one is known."""
+  code = _error_code(error)
   if code:
     return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
   text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -50,13 +67,31 @@ def _best_value(metrics: Mapping[str, float]) -> float:
   return float(metrics[BEST_METRIC])
 
 
-class Checkpointer:
-  """Latest + best checkpoints of one run."""
+@dataclasses.dataclass
+class LatestPeriodic:
+  """An Orbax preservation policy: the newest `n` checkpoints whose step is periodic."""
+  n: int
+  is_periodic: Callable[[int], bool]
 
-  def __init__(self, workdir: str, max_to_keep: int = 3, read_only: bool = False):
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> Sequence[bool]:
+    del context
+    periodic = [i for i, c in enumerate(checkpoints) if self.is_periodic(c.step)]
+    keep = set(periodic[-self.n:]) if self.n > 0 else set()
+    return [i in keep for i in range(len(checkpoints))]
+
+
+class Checkpointer:
+  """Periodic + best + newest checkpoints of one run.
+
+  is_periodic: which steps belong to the periodic schedule (default: every save).
+  """
+
+  def __init__(self, workdir: str, max_to_keep: int = 3, read_only: bool = False,
+               is_periodic: Callable[[int], bool] = lambda step: True):
     self.directory = checkpoint_dir(workdir)
     policy = checkpoint_managers.AnyPreservationPolicy([
-        checkpoint_managers.LatestN(n=max_to_keep),
+        checkpoint_managers.LatestN(n=1),
+        LatestPeriodic(n=max_to_keep, is_periodic=is_periodic),
         checkpoint_managers.BestN(get_metric_fn=_best_value, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
@@ -72,6 +107,12 @@ class Checkpointer:
 
   def best_step(self) -> Optional[int]:
     return self._manager.best_step()
+
+  def best_metric(self) -> Optional[float]:
+    """The best validation mean Dice among the checkpoints, None before the first validation."""
+    step = self.best_step()
+    metrics = None if step is None else self._manager.metrics(step)
+    return None if not metrics else _best_value(metrics)
 
   def all_steps(self):
     return self._manager.all_steps()
@@ -117,10 +158,62 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def restore(self, step: int, abstract_state: Any) -> Tuple[Any, Dict[str, Any]]:
-    """Restores into the structure, shapes and shardings of `abstract_state`."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    """Restores into the structure, shapes and shardings of `abstract_state`.
+
+    Raises CheckpointRestoreError naming the step when its files cannot be read back.
+    """
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointRestoreError(
+          f"{os.path.join(self.directory, str(step))}: the checkpoint of step {step} cannot be "
+          f"restored ({_cause(e)}).") from e
     return restored.state, restored.meta
+
+  def restore_newest_intact(self, abstract_state: Any,
+                            check_meta: Callable[[Dict[str, Any]], None] = lambda meta: None
+                            ) -> Tuple[int, Any, Dict[str, Any]]:
+    """Restores the newest checkpoint that reads back whole; newer damaged ones are moved aside.
+
+    `check_meta` may refuse a checkpoint (a different model): its error propagates at once,
+    since the workdir is then someone else's, not damaged. When no checkpoint restores, nothing
+    is moved and CheckpointRestoreError lists them all.
+    """
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        meta = self.restore_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append((step, f"{os.path.join(self.directory, str(step))}: its record cannot "
+                               f"be read ({_cause(e)})"))
+        continue
+      check_meta(meta)
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except CheckpointRestoreError as e:
+        failures.append((step, str(e)))
+        continue
+      for bad, reason in failures:
+        moved = self._move_aside(bad)
+        logging.warning("%s Moved it to %s and resumed from step %d instead.", reason, moved,
+                        step)
+      return step, state, meta
+    raise CheckpointRestoreError(
+        "No checkpoint in this workdir can be restored, so nothing was started over them: " +
+        "; ".join(reason for _, reason in failures) + ". Restore the files from a copy, or move "
+        "the checkpoints folder away to start from scratch.")
+
+  def _move_aside(self, step: int) -> str:
+    """Renames a damaged step folder out of Orbax's sight (never deletes it)."""
+    target_dir = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
 
   def wait(self) -> None:
     """Blocks until the save in flight is committed; CheckpointSaveError if it failed."""
@@ -140,13 +233,23 @@ class Checkpointer:
       steps = self.steps_on_disk()
     except Exception:  # pylint: disable=broad-except
       steps = []
-    kept = (f"The complete checkpoints {steps} are intact; once the cause is fixed (e.g. disk "
-            f"space freed), rerun the same command to resume from step {steps[-1]}." if steps
-            else "No earlier checkpoint exists; once the cause is fixed, rerun the same command.")
+    # Steps this run never saved (or saved and deleted) mean another process wrote here.
+    foreign = sorted(set(steps) - set(self._manager.all_steps()) - {step})
     what = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+    if foreign:
+      cause = (f"another process changed the checkpoint folder while this run was saving (it "
+               f"holds steps {foreign} this run did not write): only one run may use a workdir")
+      fix = "once the other run has stopped"
+    elif _error_code(error) == errno.ENOSPC:
+      cause, fix = _cause(error), "once disk space is freed"
+    else:
+      cause, fix = _cause(error), "once the cause is fixed"
+    kept = (f"The complete checkpoints {steps} are intact; {fix}, rerun the same command to "
+            f"resume from step {steps[-1]}." if steps
+            else f"No earlier checkpoint exists; {fix}, rerun the same command.")
     raise CheckpointSaveError(
-        f"Could not save {what} in {self.directory}: {_cause(error)}. The run stopped; the "
-        f"unfinished save will never be read. {kept}") from error
+        f"Could not save {what} in {self.directory}: {cause}. The run stopped; the unfinished "
+        f"save will never be read. {kept}") from error
 
   def close(self) -> None:
     self._manager.close()

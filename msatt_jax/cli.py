@@ -36,11 +36,14 @@ class CommandExit(Exception):
 
 
 def hide_accelerators_from_tensorflow() -> None:
-  """tf.data runs on the CPU: TensorFlow must never reserve GPU memory JAX needs."""
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  except ImportError:  # A GPU benchmark image may have no TensorFlow; nothing to hide then.
+  """tf.data runs on the CPU: TensorFlow must never reserve GPU memory JAX needs.
+
+  The modules that use TensorFlow import it at their top, so by the time a command's `main`
+  runs it is loaded wherever it will be used; a command without it does not pay its import.
+  """
+  if "tensorflow" not in sys.modules:
     return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:  # Already initialised: its devices were hidden by an earlier call.

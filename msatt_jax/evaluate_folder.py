@@ -1,7 +1,7 @@
 r"""Scores a folder of predicted segmentations against reference segmentations.
 
   python -m msatt_jax.evaluate_folder --pred=PRED_DIR --ref=REF_DIR [--labels=brats|msd] \
-      [--out=OUT_DIR] [--allow_missing]
+      [--out=OUT_DIR] [--allow_missing] [--hd95=official|max]
 
 Files are matched by case name: the file name without `.nii.gz`/`.nii` and without a trailing
 `_seg`. Either folder may be flat (`<case>.nii.gz`, `<case>_seg.nii.gz`), hold BraTS case
@@ -9,26 +9,25 @@ folders (`<case>/<case>_seg.nii.gz`, also grouped under e.g. HGG/ and LGG/), or 
 case folder itself. Image files (`_flair`, `_t1`, `_t1ce`, `_t2`) and hidden files are ignored.
 
 Both sides are read in the --labels convention, converted to canonical labels, and scored per
-case with Dice and HD95 (mm, the reference's voxel spacing) for ET, TC and WT, plus the Dice on
-axial slices 30..120; see `msatt_jax.metrics` for the exact definitions. Writes
-`<out>/per_case.csv` and `<out>/summary.json` (default out: the prediction folder).
+case with Dice, HD95 (mm, the reference's voxel spacing; --hd95=official, the BraTS scorer's
+pooled percentile, or max, the larger directed one), sensitivity and specificity for ET, TC and
+WT, plus the Dice on axial slices 30..120; see `msatt_jax.metrics` for the exact definitions.
+Writes `<out>/per_case.csv` and `<out>/summary.json` (default out: the prediction folder), which
+records the HD95 definition used.
 """
 
 import os
 import re
-import sys
-import tempfile
-import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from absl import app
 from absl import flags
 from absl import logging
-import nibabel as nib
 import numpy as np
 
 from data_pipelines.brats import labels
+from data_pipelines.brats import layouts
 from data_pipelines.errors import DataError
+from msatt_jax import cli
 from msatt_jax import metrics
 from msatt_jax import reporting
 
@@ -38,8 +37,6 @@ _IMAGE_SUFFIXES = ("_flair", "_t1", "_t1ce", "_t1gd", "_t2")
 _MAX_DEPTH = 2
 # Largest per-axis voxel-spacing difference (mm) accepted between prediction and reference.
 DEFAULT_SPACING_TOL = 1e-3
-HD95_DEFINITION = ("max of the two directed 95th percentiles of surface-voxel distances (mm); "
-                   "both empty -> 0, one empty -> 373.13")
 
 
 def _case_name(filename: str) -> Optional[str]:
@@ -103,25 +100,10 @@ def find_segmentations(root: str, side: str = "segmentation") -> Dict[str, str]:
 
 def read_label_volume(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Reads a 3-D label NIfTI as stored -> (raw labels, voxel spacing (3,), affine)."""
-  try:
-    image = nib.load(path)
-    data = np.asanyarray(image.dataobj)
-    spacing = np.asarray(image.header.get_zooms()[:3], np.float64)
-    affine = np.asarray(image.affine, np.float64)
-  except (nib.filebasedimages.ImageFileError, EOFError, zlib.error, OSError, ValueError) as e:
-    raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e}).") from e
-  # Some tools write (X, Y, Z, 1); trailing singleton axes carry no labels.
-  while data.ndim > 3 and data.shape[-1] == 1:
-    data = data[..., 0]
-  if data.ndim != 3:
-    raise DataError(f"{path}: expected a 3-D label volume, got shape {data.shape}.")
-  return data, spacing, affine
-
-
-def read_segmentation(path: str, convention: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Reads a 3-D label NIfTI -> (canonical labels, voxel spacing (3,), affine)."""
-  data, spacing, affine = read_label_volume(path)
-  return labels.to_canonical(data, convention, source=path), spacing, affine
+  image, data = layouts.read_nifti(path)
+  data = layouts.squeeze_to_ndim(data, 3, path)
+  spacing = np.asarray(image.header.get_zooms()[:3], np.float64)
+  return data, spacing, np.asarray(image.affine, np.float64)
 
 
 def _check_pair(pred_path: str, ref_path: str, pred: np.ndarray, ref: np.ndarray,
@@ -138,7 +120,8 @@ def _check_pair(pred_path: str, ref_path: str, pred: np.ndarray, ref: np.ndarray
 def evaluate_folders(pred_dir: str, ref_dir: str, convention: str = "brats",
                      out_dir: Optional[str] = None, allow_missing: bool = False,
                      slice_range: Optional[Tuple[int, int]] = (30, 120),
-                     spacing_tol: float = DEFAULT_SPACING_TOL) -> Tuple[List[dict], dict]:
+                     spacing_tol: float = DEFAULT_SPACING_TOL,
+                     hd95_mode: str = "official") -> Tuple[List[dict], dict]:
   """Scores every reference case; returns (per-case rows, summary) and writes them to out_dir.
 
   Raises DataError for unusable input: missing predictions (unless allow_missing), unreadable
@@ -147,10 +130,13 @@ def evaluate_folders(pred_dir: str, ref_dir: str, convention: str = "brats",
   if convention not in labels.CONVENTIONS:
     raise DataError(f"Unknown label convention {convention!r}; choose one of "
                     f"{', '.join(labels.CONVENTIONS)}.")
-  if out_dir is not None:
-    _check_writable(out_dir)
+  if hd95_mode not in metrics.HD95_MODES:
+    raise DataError(f"Unknown --hd95 {hd95_mode!r}; choose one of "
+                    f"{', '.join(metrics.HD95_MODES)}.")
   refs = find_segmentations(ref_dir, "reference")
   preds = find_segmentations(pred_dir, "prediction")
+  if out_dir is not None:  # After the inputs are found: a mistyped --pred creates no folder.
+    reporting.check_writable_folder(out_dir)
   missing = sorted(set(refs) - set(preds))
   extra = sorted(set(preds) - set(refs))
   if missing and not allow_missing:
@@ -170,7 +156,7 @@ def evaluate_folders(pred_dir: str, ref_dir: str, convention: str = "brats",
   for case in cases:
     try:
       rows.append(_score_case(case, preds[case], refs[case], convention, slice_range,
-                              spacing_tol))
+                              spacing_tol, hd95_mode))
     except (DataError, ValueError) as e:
       errors.append(str(e))
   if errors:
@@ -181,7 +167,8 @@ def evaluate_folders(pred_dir: str, ref_dir: str, convention: str = "brats",
       "labels": convention,
       "pred_dir": pred_dir,
       "ref_dir": ref_dir,
-      "hd95": HD95_DEFINITION,
+      "hd95_mode": hd95_mode,
+      "hd95": metrics.HD95_DEFINITIONS[hd95_mode],
       "slice_range": list(slice_range) if slice_range else None,
       "missing_predictions": missing,
       "extra_predictions": extra,
@@ -194,7 +181,8 @@ def evaluate_folders(pred_dir: str, ref_dir: str, convention: str = "brats",
 
 
 def _score_case(case: str, pred_path: str, ref_path: str, convention: str,
-                slice_range: Optional[Tuple[int, int]], spacing_tol: float) -> dict:
+                slice_range: Optional[Tuple[int, int]], spacing_tol: float,
+                hd95_mode: str) -> dict:
   pred, pred_spacing, pred_affine = read_label_volume(pred_path)
   ref, ref_spacing, ref_affine = read_label_volume(ref_path)
   try:
@@ -208,20 +196,10 @@ def _score_case(case: str, pred_path: str, ref_path: str, convention: str,
     # the scores, so warn rather than refuse.
     logging.warning("%s: affine differs from the reference %s.", pred_path, ref_path)
   row = {"case": case}
-  row.update(metrics.region_scores(pred, ref, ref_spacing))
+  row.update(metrics.region_scores(pred, ref, ref_spacing, hd95_mode))
   if slice_range is not None:
     row.update(metrics.slice_dice(pred, ref, *slice_range))
   return row
-
-
-def _check_writable(out_dir: str) -> None:
-  """Fails before any scoring when the output folder cannot be created or written."""
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=out_dir):
-      pass
-  except OSError as e:
-    raise DataError(f"Output folder {out_dir} is not writable ({e.strerror or e}).") from e
 
 
 def summary_rows(summary: dict) -> List[dict]:
@@ -234,8 +212,16 @@ def summary_rows(summary: dict) -> List[dict]:
 FLAGS = flags.FLAGS
 
 
+def define_hd95_flag() -> None:
+  """--hd95, shared with `evaluate`."""
+  flags.DEFINE_enum("hd95", "official", list(metrics.HD95_MODES),
+                    "HD95 definition: 'official' (BraTS/CaPTk: the 95th percentile of both "
+                    "directions' surface distances pooled) or 'max' (the larger of the two "
+                    "directed 95th percentiles).")
+
+
 def define_flags() -> None:
-  """Defines the CLI flags; called by run() only, so importing this module (tests, other
+  """The command's flags; defined by `run` only, so importing this module (tests, other
   tools) adds nothing to absl's global flags and cannot collide with their names."""
   flags.DEFINE_string("pred", None, "Folder of predicted segmentation NIfTI files.")
   flags.DEFINE_string("ref", None,
@@ -250,27 +236,25 @@ def define_flags() -> None:
   flags.DEFINE_bool("slice_dice", True, "Also report Dice on slices slice_start..slice_stop.")
   flags.DEFINE_float("spacing_tol", DEFAULT_SPACING_TOL,
                      "Largest voxel-spacing difference (mm) accepted between pred and ref.")
+  define_hd95_flag()
   flags.mark_flags_as_required(["pred", "ref"])
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  del argv
   out_dir = FLAGS.out or FLAGS.pred
   slice_range = (FLAGS.slice_start, FLAGS.slice_stop) if FLAGS.slice_dice else None
-  try:
-    rows, summary = evaluate_folders(FLAGS.pred, FLAGS.ref, FLAGS.labels, out_dir,
-                                     FLAGS.allow_missing, slice_range, FLAGS.spacing_tol)
-  except DataError as e:
-    print(f"evaluate_folder: error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print(reporting.format_table(rows + summary_rows(summary)))
-  print(f"\n{len(rows)} case(s); per-case scores and summary written to {out_dir}")
+  rows, summary = evaluate_folders(FLAGS.pred, FLAGS.ref, FLAGS.labels, out_dir,
+                                   FLAGS.allow_missing, slice_range, FLAGS.spacing_tol,
+                                   FLAGS.hd95)
+  print(reporting.format_metric_tables(rows + summary_rows(summary)))
+  print(f"\nHD95 ({summary['hd95_mode']}): {summary['hd95']}")
+  print(f"{len(rows)} case(s); per-case scores and summary written to {out_dir}")
 
 
 def run() -> None:
-  define_flags()
-  app.run(main)
+  # No JAX here: the XLA and allocator defaults (and their re-execution) would only cost time.
+  cli.run_command(main, define_flags, runtime_defaults=False)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,39 @@
-"""A trained run applied to whole volumes: restore, slice, segment, paste back.
+"""Trained runs applied to whole volumes: restore, slice, segment, paste back.
 
 The one path shared by `evaluate` and `predict`; it reuses the data pipeline's preprocessing so a
-volume is prepared exactly as the training slices were.
+volume is prepared exactly as the training slices were. A `Predictor` is one jit-compiled
+function of a batch of slices: the probabilities of every member of an ensemble (several runs
+of the same input and output) under mirroring test-time augmentation (the identity and the
+flips of each in-plane axis and of both, each flipped back), averaged, then turned into labels.
+Softmax runs average the K class probabilities (argmax); 'region_dice' runs average the three
+sigmoid region probabilities (ET/TC/WT > 0.5, i.e. a logit > 0 for one model without TTA).
+
+Between the labels and the output sits one hook, `rules`: a function of the whole canonical
+label volume (rules chosen on validation data, such as small-ET relabelling or removal of small
+connected components, need the whole case), applied by `segment_slices`.
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from data_pipelines.brats import labels as labels_lib
 from data_pipelines.brats import preprocess
 from msatt_jax import checkpointing
 from msatt_jax import losses
 from msatt_jax import steps
 
-PredictFn = Callable[[np.ndarray], np.ndarray]
+# The in-plane flips of mirroring TTA, as axes of a (B, H, W, C) batch: identity, H, W, both.
+TTA_FLIPS = ((), (1,), (2,), (1, 2))
+# The preprocessing keys (config.data) that define a model's input: an ensemble's members share
+# them, so that one prepared batch of slices means the same to each.
+INPUT_KEYS = ("modalities", "crop_size", "crop_center", "slice_start", "slice_stop", "normalize")
+# Canonical label volume -> canonical label volume (postprocessing rules).
+LabelRules = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass
@@ -27,6 +43,7 @@ class TrainedRun:
   step: int
   meta: Dict[str, Any]
   model: Any
+  workdir: Optional[str] = None  # Where it was restored from (named in errors).
 
 
 def restore_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
@@ -46,29 +63,209 @@ def restore_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRu
   state, meta = checkpointer.restore(step, abstract)
   checkpointer.close()
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return TrainedRun(config=config, variables=variables, step=step, meta=meta, model=model)
+  return TrainedRun(config=config, variables=variables, step=step, meta=meta, model=model,
+                    workdir=workdir)
 
 
-def make_predict_fn(model: Any, variables: Dict[str, Any], loss: str) -> PredictFn:
-  """(B,H,W,M) float32 slices -> (B,H,W) canonical uint8 labels, jit-compiled."""
-
-  @jax.jit
-  def predict(images):
-    logits = model.apply(variables, images, train=False)
-    return losses.logits_to_labels(logits, loss)
-
-  return lambda images: np.asarray(predict(jnp.asarray(images, jnp.float32)))
+def restore_runs(workdirs: Sequence[str], checkpoint: Union[str, int] = "best") -> List[TrainedRun]:
+  """Restores the runs of an ensemble (the same checkpoint name in each) and checks they fit."""
+  if not workdirs:
+    raise ValueError("--workdir: name at least one run directory.")
+  runs = [restore_run(w, checkpoint) for w in workdirs]
+  check_ensemble(runs)
+  return runs
 
 
-def predict_slices(predict: PredictFn, slices: np.ndarray, batch_size: int) -> np.ndarray:
-  """Runs (S,H,W,M) slices through the model in fixed-size batches (one compilation)."""
-  out = np.zeros(slices.shape[:3], np.uint8)
+def is_region_output(loss: str) -> bool:
+  """True for sigmoid region outputs (ET, TC, WT: the 'region_dice' loss), False for softmax
+  classes; the same split as losses.logits_to_labels."""
+  losses.check_loss(loss)
+  return loss == "region_dice"
+
+
+def channel_names(loss: str) -> Tuple[str, ...]:
+  """Names of the probability channels a run of this loss produces."""
+  return labels_lib.REGIONS if is_region_output(loss) else labels_lib.CLASS_NAMES
+
+
+def _plain(value: Any) -> Any:
+  """Config values as restored (lists) and as written (tuples) compare equal."""
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _input_signature(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  signature = {f"data.{k}": _plain(config.data.get(k)) for k in INPUT_KEYS}
+  signature["output"] = "sigmoid regions" if is_region_output(config.loss) else "softmax classes"
+  return signature
+
+
+def check_ensemble(runs: Sequence[TrainedRun]) -> None:
+  """Refuses runs whose inputs (modalities, crop, slices, normalization) or outputs differ."""
+  first = _input_signature(runs[0].config)
+  for run in runs[1:]:
+    for key, value in _input_signature(run.config).items():
+      if value != first[key]:
+        raise ValueError(
+            f"{run.workdir}: trained with {key}={value!r} but {runs[0].workdir} with "
+            f"{first[key]!r}; an ensemble averages models of the same input and output.")
+
+
+def _probabilities(logits: jax.Array, region_output: bool) -> jax.Array:
+  logits = logits.astype(jnp.float32)
+  return jax.nn.sigmoid(logits) if region_output else jax.nn.softmax(logits, axis=-1)
+
+
+def probabilities_to_labels(probs: jax.Array, loss: str) -> jax.Array:
+  """Averaged probabilities (..., C) -> canonical uint8 labels (...), as losses.logits_to_labels
+  maps logits (a region is present where its probability exceeds 1/2)."""
+  return losses.logits_to_labels(probs - 0.5 if is_region_output(loss) else probs, loss)
+
+
+class Predictor:
+  """One jit-compiled prediction of (B,H,W,M) slices by an ensemble, with or without TTA.
+
+  Calling it returns (B,H,W) canonical uint8 labels; `with_probabilities` also returns the
+  averaged (B,H,W,C) float32 probabilities. Both come from the same compiled function, which is
+  compiled once per batch shape (callers keep the batch size fixed).
+  """
+
+  def __init__(self, members: Sequence[Tuple[Any, Dict[str, Any]]], loss: str, tta: bool,
+               data_config: Optional[ml_collections.ConfigDict] = None):
+    losses.check_loss(loss)
+    self.loss = loss
+    self.tta = bool(tta)
+    self.data_config = data_config  # The members' preprocessing (the first run's config.data).
+    models = [model for model, _ in members]
+    self._variables = tuple(variables for _, variables in members)
+    flips = TTA_FLIPS if self.tta else ((),)
+    region_output = is_region_output(loss)
+
+    @jax.jit
+    def predict(variables, images):
+      # The views are batched together: one forward pass per member over V x B images.
+      views = jnp.concatenate([jnp.flip(images, f) if f else images for f in flips])
+      total = None
+      for model, member_variables in zip(models, variables):
+        probs = _probabilities(model.apply(member_variables, views, train=False), region_output)
+        probs = probs.reshape(len(flips), *images.shape[:3], probs.shape[-1])
+        for v, f in enumerate(flips):
+          view = jnp.flip(probs[v], f) if f else probs[v]
+          total = view if total is None else total + view
+      mean = total / (len(flips) * len(models))
+      return probabilities_to_labels(mean, loss), mean
+
+    self._predict = predict
+
+  @property
+  def channels(self) -> Tuple[str, ...]:
+    return channel_names(self.loss)
+
+  def with_probabilities(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    labels, probs = self._predict(self._variables, jnp.asarray(images, jnp.float32))
+    return np.asarray(labels), np.asarray(probs)
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    labels, _ = self._predict(self._variables, jnp.asarray(images, jnp.float32))
+    return np.asarray(labels)  # The probabilities stay on the device.
+
+
+PredictFn = Union[Predictor, Callable[[np.ndarray], np.ndarray]]
+
+
+def make_predictor(runs: Union[TrainedRun, Sequence[TrainedRun]], tta: bool = True) -> Predictor:
+  """The predictor of one run or of an ensemble (checked to share input and output)."""
+  runs = [runs] if isinstance(runs, TrainedRun) else list(runs)
+  check_ensemble(runs)
+  return Predictor([(r.model, r.variables) for r in runs], runs[0].config.loss, tta,
+                   runs[0].config.data)
+
+
+def make_predict_fn(model: Any, variables: Dict[str, Any], loss: str,
+                    tta: bool = False) -> Predictor:
+  """(B,H,W,M) float32 slices -> (B,H,W) canonical uint8 labels of one model, jit-compiled."""
+  return Predictor([(model, variables)], loss, tta)
+
+
+@dataclasses.dataclass
+class Segmentation:
+  """One case segmented, in the volume's geometry."""
+  labels: np.ndarray  # (X, Y, Z) uint8 canonical labels, after the rules.
+  unprocessed: np.ndarray  # The same before the rules (the same array when there are none).
+  probabilities: Optional[np.ndarray] = None  # (C, X, Y, Z) float16, when asked for.
+
+
+def predict_slices(predict: PredictFn, slices: np.ndarray, batch_size: int,
+                   with_probabilities: bool = False):
+  """Runs (S,H,W,M) slices through the model in fixed-size batches (one compilation).
+
+  Returns (S,H,W) uint8 labels, or (labels, (S,H,W,C) float16 probabilities).
+  """
+  labels = np.zeros(slices.shape[:3], np.uint8)
+  probs = None
   for start in range(0, len(slices), batch_size):
     chunk = slices[start:start + batch_size]
     padded = np.zeros((batch_size, *slices.shape[1:]), np.float32)
     padded[:len(chunk)] = chunk
-    out[start:start + len(chunk)] = predict(padded)[:len(chunk)]
+    if with_probabilities:
+      batch_labels, batch_probs = predict.with_probabilities(padded)
+      if probs is None:
+        probs = np.zeros((*slices.shape[:3], batch_probs.shape[-1]), np.float16)
+      probs[start:start + len(chunk)] = batch_probs[:len(chunk)]
+    else:
+      batch_labels = predict(padded)
+    labels[start:start + len(chunk)] = batch_labels[:len(chunk)]
+  return (labels, probs) if with_probabilities else labels
+
+
+def prepare_slices(image: np.ndarray, data_config: ml_collections.ConfigDict,
+                   slice_range: Optional[Tuple[int, int]] = None) -> preprocess.Slices:
+  """(X,Y,Z,M) raw intensities -> the model's slices, preprocessed as the training slices were.
+
+  slice_range: inclusive axial range to segment; default the config's (the training range).
+  """
+  start, stop = slice_range or (data_config.slice_start, data_config.slice_stop)
+  crop_center = data_config.crop_center
+  return preprocess.preprocess_case(
+      image, None, slice_start=start, slice_stop=stop, crop_size=data_config.crop_size,
+      crop_center=tuple(crop_center) if crop_center is not None else None,
+      normalize=data_config.normalize)
+
+
+def paste_back_probabilities(probs: np.ndarray, slices: preprocess.Slices,
+                             volume_shape: Sequence[int], channels: Sequence[str]) -> np.ndarray:
+  """(S,H,W,C) slice probabilities -> (C,X,Y,Z) float16 in the volume; outside the segmented
+  slices and crop, background has probability 1 (softmax classes) and every region 0."""
+  outside = np.asarray([name == labels_lib.CLASS_NAMES[0] for name in channels], np.float16)
+  out = np.empty((len(channels), *(int(s) for s in volume_shape)), np.float16)
+  out[:] = outside[:, None, None, None]
+  (x0, y0), (_, height, width, _) = slices.offsets, probs.shape
+  out[:, x0:x0 + height, y0:y0 + width, slices.slice_indices] = probs.transpose(3, 1, 2, 0)
   return out
+
+
+def segment_slices(predict: PredictFn, slices: preprocess.Slices, volume_shape: Sequence[int],
+                   batch_size: int = 16, with_probabilities: bool = False,
+                   rules: Optional[LabelRules] = None) -> Segmentation:
+  """Prepared slices -> a Segmentation of the volume (labels pasted back, then the rules)."""
+  probs = None
+  if with_probabilities:
+    labels, slice_probs = predict_slices(predict, slices.image, batch_size, True)
+    probs = paste_back_probabilities(slice_probs, slices, volume_shape, predict.channels)
+  else:
+    labels = predict_slices(predict, slices.image, batch_size)
+  unprocessed = preprocess.paste_back(labels, slices.slice_indices, slices.offsets,
+                                      volume_shape)
+  processed = rules(unprocessed) if rules is not None else unprocessed
+  return Segmentation(labels=processed, unprocessed=unprocessed, probabilities=probs)
+
+
+def segment(predict: PredictFn, image: np.ndarray, data_config: ml_collections.ConfigDict,
+            slice_range: Optional[Tuple[int, int]] = None, batch_size: int = 16,
+            with_probabilities: bool = False,
+            rules: Optional[LabelRules] = None) -> Segmentation:
+  """(X,Y,Z,M) raw intensities -> Segmentation; zero labels outside the segmented slices."""
+  slices = prepare_slices(image, data_config, slice_range)
+  return segment_slices(predict, slices, image.shape[:3], batch_size, with_probabilities, rules)
 
 
 def segment_volume(predict: PredictFn, image: np.ndarray, data_config: ml_collections.ConfigDict,
@@ -78,15 +275,4 @@ def segment_volume(predict: PredictFn, image: np.ndarray, data_config: ml_collec
 
   slice_range: inclusive axial range to segment; default the config's (the training range).
   """
-  start, stop = slice_range or (data_config.slice_start, data_config.slice_stop)
-  crop_center = data_config.crop_center
-  slices = preprocess.preprocess_case(
-      image, None, slice_start=start, slice_stop=stop, crop_size=data_config.crop_size,
-      crop_center=tuple(crop_center) if crop_center is not None else None,
-      normalize=data_config.normalize)
-  labels = predict_slices(predict, slices.image, batch_size)
-  return preprocess.paste_back(labels, slices.slice_indices, slices.offsets, image.shape[:3])
-
-
-def predictor_for_run(run: TrainedRun) -> PredictFn:
-  return make_predict_fn(run.model, run.variables, run.config.loss)
+  return segment(predict, image, data_config, slice_range, batch_size).labels

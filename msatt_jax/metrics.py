@@ -12,21 +12,31 @@ HD95 (`hd95`), in millimetres using the voxel spacing:
   * d(P->R) are the Euclidean distances from every surface voxel centre of P to the nearest
     surface voxel centre of R (`scipy.ndimage.distance_transform_edt` with
     `sampling=spacing`), d(R->P) likewise.
-  * HD95 = max(percentile95(d(P->R)), percentile95(d(R->P))), percentiles with numpy's default
-    linear interpolation.
-  Why the larger of the two directed percentiles and not the 95th percentile of the pooled
-  distances (MedPy's `hd95`): it is the classic Hausdorff distance (the max of the two directed
-  suprema) with each supremum made robust, as in DeepMind's surface-distance library; it does
-  not depend on the relative sizes of the two surfaces, whereas pooling lets the larger surface
-  dilute the other. Example (in the tests): a prediction that adds a far
-  false-positive line making up 9% of its surface gets 10 mm here but 0 mm pooled. The BraTS
-  2018 organisers' exact implementation is not published in detail; the two definitions agree
-  on most real cases.
+  * mode="official" (the default): the 95th percentile of d(P->R) and d(R->P) pooled together,
+    with numpy's default linear interpolation. This is what the BraTS organisers' scorer
+    (CaPTk) reports: its Hausdorff95 tool calls MedPy's `hd95`, which is this definition, so
+    our numbers compare with published BraTS results. (That tool passes no spacing, i.e. voxel
+    units, which are mm on the 1 mm isotropic BraTS data; we always use the spacing.)
+  * mode="max": max(percentile95(d(P->R)), percentile95(d(R->P))), the classic Hausdorff
+    distance (max of the two directed suprema) with each supremum made robust, as in
+    DeepMind's surface-distance library. It does not let the larger surface dilute the other:
+    a prediction that adds a far false-positive line making up 9% of its surface gets 10 mm
+    here but 0 mm pooled (in the tests). Pooled is usually the lower of the two; it exceeds
+    "max" only through the percentile's interpolation (also in the tests).
   Both empty -> 0.0; exactly one empty -> HD95_EMPTY, the diagonal of the 240x240x155 BraTS
   volume (373.13), whatever the spacing, as in BraTS.
   Speed: the distance transform runs only on the bounding box of both masks plus a margin,
   which gives exactly the full-volume result (every surface voxel lies inside the box, and the
   margin keeps the erosion's border the same).
+
+Sensitivity TP / (TP + FN) and specificity TN / (TN + FP) (`sensitivity`, `specificity`), over
+the whole volume as BraTS computes them (so specificity is close to 1, background dominating).
+A rate whose denominator is zero is 1.0 when the prediction agrees with the reference everywhere
+and 0.0 otherwise: both masks empty -> both 1.0 (CaPTk's rule); empty reference with a non-empty
+prediction -> sensitivity 0.0 (CaPTk; MedPy returns 0.0 for any empty reference) and the
+specificity from the formula; empty prediction with a non-empty reference -> sensitivity 0.0
+and specificity 1.0, both from the formula. A reference with no background (unreachable for
+brain volumes) mirrors the rule for the specificity.
 
 Slice Dice (`slice_dice`): the paper trains and reports on axial slices 30..120. We read that as
 a 3D Dice on the volume restricted to the axial slices slice_start..slice_stop inclusive (last
@@ -47,6 +57,14 @@ from data_pipelines.brats import labels
 # The 240x240x155 BraTS volume diagonal in voxels: HD95 when exactly one mask is empty.
 HD95_EMPTY = math.sqrt(240.0**2 + 240.0**2 + 155.0**2)
 HD95_PERCENTILE = 95.0
+# hd95's modes, each with the one-line definition evaluators print and record with the scores.
+HD95_DEFINITIONS = {
+    "official": "95th percentile of both directions' surface-voxel distances (mm) pooled "
+                "(BraTS/CaPTk, MedPy's hd95); both empty -> 0, one empty -> 373.13",
+    "max": "max of the two directed 95th percentiles of surface-voxel distances (mm); "
+           "both empty -> 0, one empty -> 373.13",
+}
+HD95_MODES = tuple(HD95_DEFINITIONS)
 # Voxels of context kept around the masks' joint bounding box (>= 1 keeps the erosion exact).
 _CROP_MARGIN = 2
 
@@ -135,11 +153,14 @@ def directed_surface_distances(from_mask: np.ndarray, to_mask: np.ndarray,
   return _surface_distances(from_mask, to_mask, spacing)[0]
 
 
-def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
-  """95th-percentile Hausdorff distance in mm: max of the two directed 95th percentiles.
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+         mode: str = "official") -> float:
+  """95th-percentile Hausdorff distance in mm; `mode` is one of HD95_MODES.
 
-  Both empty -> 0.0; exactly one empty -> HD95_EMPTY. See the module docstring.
+  "official": percentile of both directions pooled (BraTS); "max": the larger directed
+  percentile. Both empty -> 0.0; exactly one empty -> HD95_EMPTY. See the module docstring.
   """
+  _check_hd95_mode(mode)
   pred, ref = _check_masks(pred, ref)
   spacing = _check_spacing(spacing, pred.ndim)
   has_pred, has_ref = bool(pred.any()), bool(ref.any())
@@ -148,28 +169,55 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] = (1.0, 1.0
   if has_pred != has_ref:
     return HD95_EMPTY
   to_ref, to_pred = _surface_distances(pred, ref, spacing)
+  if mode == "official":
+    return float(np.percentile(np.concatenate([to_ref, to_pred]), HD95_PERCENTILE))
   return float(max(np.percentile(to_ref, HD95_PERCENTILE),
                    np.percentile(to_pred, HD95_PERCENTILE)))
 
 
-def region_scores(pred_labels: np.ndarray, ref_labels: np.ndarray,
-                  spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Dict[str, float]:
-  """Dice and HD95 of ET, TC and WT from two canonical label volumes.
+def _check_hd95_mode(mode: str) -> None:
+  if mode not in HD95_MODES:
+    raise ValueError(f"Unknown HD95 mode {mode!r}; expected one of {HD95_MODES}.")
 
-  Returns {'dice_ET', 'dice_TC', 'dice_WT', 'hd95_ET', 'hd95_TC', 'hd95_WT'}.
+
+def _rate(hits: int, total: int, agrees: bool) -> float:
+  """hits / total; a zero total gives 1.0 if the prediction agrees everywhere, else 0.0."""
+  return float(hits / total) if total else float(agrees)
+
+
+def sensitivity(pred: np.ndarray, ref: np.ndarray) -> float:
+  """TP / (TP + FN), the fraction of the reference found; empty rules in the module docstring."""
+  pred, ref = _check_masks(pred, ref)
+  return _rate(np.count_nonzero(pred & ref), np.count_nonzero(ref), not pred.any())
+
+
+def specificity(pred: np.ndarray, ref: np.ndarray) -> float:
+  """TN / (TN + FP), the fraction of the background kept; rules in the module docstring."""
+  pred, ref = _check_masks(pred, ref)
+  return _rate(np.count_nonzero(~pred & ~ref), ref.size - np.count_nonzero(ref), pred.all())
+
+
+def region_scores(pred_labels: np.ndarray, ref_labels: np.ndarray,
+                  spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                  hd95_mode: str = "official") -> Dict[str, float]:
+  """Dice, HD95 (`hd95_mode`), sensitivity and specificity of ET, TC and WT.
+
+  From two canonical label volumes. Keys '<metric>_<region>' for the metrics dice, hd95,
+  sensitivity and specificity (in that order) and the regions ET, TC, WT.
   """
+  _check_hd95_mode(hd95_mode)
   pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
   if pred_labels.shape != ref_labels.shape:
     raise ValueError(f"Label volume shapes differ: prediction {pred_labels.shape}, "
                      f"reference {ref_labels.shape}.")
   pred_regions = labels.region_masks(pred_labels)
   ref_regions = labels.region_masks(ref_labels)
-  scores = {}
-  for i, region in enumerate(labels.REGIONS):
-    scores[f"dice_{region}"] = dice(pred_regions[..., i], ref_regions[..., i])
-  for i, region in enumerate(labels.REGIONS):
-    scores[f"hd95_{region}"] = hd95(pred_regions[..., i], ref_regions[..., i], spacing)
-  return scores
+  metric_fns = {"dice": dice,
+                "hd95": lambda p, r: hd95(p, r, spacing, hd95_mode),
+                "sensitivity": sensitivity,
+                "specificity": specificity}
+  return {f"{name}_{region}": fn(pred_regions[..., i], ref_regions[..., i])
+          for name, fn in metric_fns.items() for i, region in enumerate(labels.REGIONS)}
 
 
 def slice_dice(pred_labels: np.ndarray, ref_labels: np.ndarray, slice_start: int = 30,

@@ -2,7 +2,7 @@
 
 `config.parallel` picks a strategy; the trainer only calls its methods:
 
-- 'single': one device and `jax.jit`.
+- 'single': the 'sharding' strategy below, on one device.
 - 'pmap': `jax.pmap` over the local devices (the classic multi-GPU recipe): the state is
   stacked with one copy per device, each process's rows of the global batch are split per
   device, and gradients, the loss and BatchNorm statistics are averaged over the named axis
@@ -13,9 +13,10 @@
 - 'auto': 'sharding' when more than one device takes part, else 'single'.
 
 Every strategy has one *canonical* layout of the state: a single logical copy, replicated over
-the devices in use (`replicate`, `unreplicate`). Checkpoints are written and restored in it, so
-a checkpoint written in one mode restores in any other, and Orbax writes it once (with several
-processes, cooperatively: every process calls save).
+the devices in use (`put_canonical` from host values, `to_canonical` from the step functions'
+layout, `to_step_layout` back). Checkpoints are written and restored in it, so a checkpoint
+written in one mode restores in any other, and Orbax writes it once (with several processes,
+cooperatively: every process calls save).
 
 Several processes (hosts): `initialize_distributed` calls `jax.distributed.initialize` before
 anything touches a device; each process then reads only its own rows of every global batch
@@ -184,9 +185,15 @@ class Discard:
 
 
 class Parallel:
-  """Placement of the state and the batches, and the compiled step functions, for one mode."""
+  """What every strategy shares: the devices and processes, and the canonical layout of the state.
 
-  mode = "single"
+  The state has two layouts. The canonical one is a single logical copy, replicated over the
+  devices in use (`replicated`): checkpoints are written and restored in it, and callers get
+  it back. The step layout is what the compiled step functions take and return; it is the
+  canonical one except under pmap. `to_step_layout` and `to_canonical` convert between them.
+  """
+
+  mode: str
   axis_name: Optional[str] = None  # The named device axis the model and train_step use.
 
   def __init__(self, devices: Sequence[jax.Device]):
@@ -194,6 +201,11 @@ class Parallel:
     self.process_index = jax.process_index()
     self.process_count = jax.process_count()
     self.local_devices = tuple(d for d in self.devices if d.process_index == self.process_index)
+    # Auto axes: XLA propagates shardings through the model (reshapes of the batch axis, as in
+    # the quadrant split of MSConvLSTM-Att, need no annotations); make_mesh defaults to Explicit.
+    self.mesh = jax.make_mesh((len(self.devices),), (AXIS,), axis_types=(AxisType.Auto,),
+                              devices=self.devices)
+    self.replicated = NamedSharding(self.mesh, P())  # The canonical layout.
 
   @property
   def num_devices(self) -> int:
@@ -235,39 +247,32 @@ class Parallel:
     initialisation compiles every layer on its own).
     """
     compiled = jax.jit(init_fn).lower(rng).compile({"xla_backend_optimization_level": 0})
-    return self.replicate(compiled(rng))
+    return self.put_canonical(compiled(rng))
 
-  # The state: canonical (one logical copy, what checkpoints hold) <-> the steps' layout.
-  def replicate(self, tree: Any) -> Any:
-    """Any host or device copy -> the canonical layout."""
-    return jax.device_put(tree, self.devices[0])
+  def put_canonical(self, tree: Any) -> Any:
+    """Values every process holds in full (on the host or any device) -> the canonical layout."""
+    return jax.tree.map(lambda x: _global_from_host(x, self.replicated), tree)
 
-  def place_state(self, tree: Any) -> Any:
+  def to_step_layout(self, tree: Any) -> Any:
     """Canonical (or host) state -> the layout the step functions take."""
-    return self.replicate(tree)
+    return self.put_canonical(tree)
 
-  def unreplicate(self, tree: Any) -> Any:
-    """The steps' layout -> canonical: one logical copy, for checkpoints and callers."""
+  def to_canonical(self, tree: Any) -> Any:
+    """State in the step layout -> canonical, for checkpoints and callers."""
     return tree
 
   def place_batch(self, batch: Batch) -> Batch:
     """This process's rows of a global batch -> device arrays for the train step."""
-    return jax.device_put(batch, self.devices[0])
+    raise NotImplementedError
 
   def train_step_fn(self, step_fn: StepFn) -> Callable[[Any, Batch], Tuple[Any, Dict[str, Any]]]:
     """(state, this process's rows) -> (state, metrics); the state argument is donated."""
-    step = jax.jit(step_fn, donate_argnums=(0,))
-    return lambda state, batch: step(state, self.place_batch(batch))
+    raise NotImplementedError
 
   def eval_step_fn(self, eval_fn: Callable[[Any, Batch], Dict[str, Any]]
                    ) -> Callable[[Any, Batch], Dict[str, np.ndarray]]:
     """(state, a whole global batch, held by every process) -> numpy outputs for all rows."""
-    step = jax.jit(eval_fn)
-    return lambda state, batch: jax.device_get(step(state, self.place_batch(batch)))
-
-
-class Single(Parallel):
-  mode = "single"
+    raise NotImplementedError
 
 
 class Sharded(Parallel):
@@ -277,15 +282,7 @@ class Sharded(Parallel):
 
   def __init__(self, devices: Sequence[jax.Device]):
     super().__init__(devices)
-    # Auto axes: XLA propagates shardings through the model (reshapes of the batch axis, as in
-    # the quadrant split of MSConvLSTM-Att, need no annotations); make_mesh defaults to Explicit.
-    self.mesh = jax.make_mesh((len(self.devices),), (AXIS,), axis_types=(AxisType.Auto,),
-                              devices=self.devices)
-    self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
-
-  def replicate(self, tree: Any) -> Any:
-    return jax.tree.map(lambda x: _global_from_host(x, self.replicated), tree)
 
   def place_batch(self, batch: Batch) -> Batch:
     return jax.tree.map(
@@ -311,30 +308,35 @@ class Sharded(Parallel):
     return lambda state, batch: jax.device_get(step(state, self._place_global_batch(batch)))
 
 
+class Single(Sharded):
+  """`Sharded` over one device (a one-device mesh has no collectives to insert)."""
+
+  mode = "single"
+
+
 class Pmapped(Parallel):
-  """jax.pmap over the local devices of every process, collectives over the axis AXIS."""
+  """jax.pmap over the local devices of every process, collectives over the axis AXIS.
+
+  Its step layout stacks one copy of the state per local device along a leading axis.
+  """
 
   mode = "pmap"
   axis_name = AXIS
 
   def __init__(self, devices: Sequence[jax.Device]):
     super().__init__(devices)
-    self.replicated = NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), P())
     # Host-local stacked layout: what pmap takes and returns on each process.
     self.stacked = NamedSharding(Mesh(np.asarray(self.local_devices), (AXIS,)), P(AXIS))
 
-  def replicate(self, tree: Any) -> Any:
-    return jax.tree.map(lambda x: _global_from_host(x, self.replicated), tree)
-
-  def place_state(self, tree: Any) -> Any:
+  def to_step_layout(self, tree: Any) -> Any:
     def stack(x):
       shards = {s.device: s.data for s in x.addressable_shards}
       copies = [shards[d].reshape((1,) + x.shape) for d in self.local_devices]
       return jax.make_array_from_single_device_arrays(
           (len(self.local_devices),) + x.shape, self.stacked, copies)
-    return jax.tree.map(stack, self.replicate(tree))
+    return jax.tree.map(stack, self.put_canonical(tree))
 
-  def unreplicate(self, tree: Any) -> Any:
+  def to_canonical(self, tree: Any) -> Any:
     def unstack(x):
       shards = {s.device: s.data for s in x.addressable_shards}
       copies = [shards[d].reshape(x.shape[1:]) for d in self.local_devices]

@@ -1,11 +1,26 @@
-"""Segment a new scan with a trained run.
+"""Segment new scans with a trained run, or an ensemble of runs: one case or a whole folder.
 
   python -m msatt_jax.predict --workdir=runs/paper --input=BraTS_case_folder --output=seg.nii.gz
   python -m msatt_jax.predict --workdir=runs/paper --input=imagesTs/BRATS_485.nii.gz \
       --output=BRATS_485.nii.gz --labels=msd
+  python -m msatt_jax.predict --workdir=runs/f0,runs/f1 --input=imagesTs --output=preds \
+      [--save_probabilities] [--overwrite] [--notta]
 
-CASE is a BraTS case folder (<case>_{flair,t1,t1ce,t2}.nii.gz) or an MSD 4D image. The output has
-the input's shape, affine and header, in BraTS labels (0, 1, 2, 4) unless --labels=msd.
+One case: --input is a BraTS case folder (<case>_{flair,t1,t1ce,t2}.nii.gz) or an MSD 4D image,
+--output a .nii.gz/.nii file. A folder: --input holds BraTS case folders (also under HGG/ and
+LGG/) or MSD 4D images (an `imagesTs`/`imagesTr` folder); every case is written to
+<output>/<case>.nii.gz with one restore and one compilation, cases already written are skipped
+(unless --overwrite), and a case that cannot be read is named, skipped, and makes the exit
+status non-zero once the others are written. Outputs have the input's shape, affine and header,
+in BraTS labels (0, 1, 2, 4) unless --labels=msd.
+
+Mirroring test-time augmentation (--tta, the default) averages the probabilities over the four
+in-plane flips; several --workdir runs average theirs too (they must share the input
+preprocessing and output type). --save_probabilities also writes <case>.npz beside each
+segmentation: 'probabilities', float16 of shape (C, X, Y, Z) in the input's geometry, and
+'channels', their names (the 4 canonical classes background, NCR/NET, ED, ET of softmax runs,
+or the 3 sigmoid regions ET, TC, WT of 'region_dice' runs). Averaging several such files and
+taking the argmax (classes) or thresholding at 0.5 (nested regions) gives an ensemble's labels.
 """
 
 if __name__ == "__main__":
@@ -14,24 +29,36 @@ if __name__ == "__main__":
   from msatt_jax import runtime
   runtime.configure()
 
+from concurrent import futures
+import dataclasses
 import os
-from typing import Optional
+import time
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from absl import flags
+from absl import logging
 import nibabel as nib
 import numpy as np
 
+from data_pipelines import files
 from data_pipelines.brats import labels as labels_lib
 from data_pipelines.brats import layouts
 from data_pipelines.brats import preprocess
+from data_pipelines.errors import DataError
+from msatt_jax import cli
 from msatt_jax import inference
+from msatt_jax import reporting
 
 SLICE_MODES = ("brain", "train")
+PROBABILITIES_SUFFIX = ".npz"
+Runs = Union[inference.TrainedRun, Sequence[inference.TrainedRun], inference.Predictor]
 
 
 def check_output_path(path: str) -> None:
   """Fails before any work when the segmentation could not be written."""
   if not (path.endswith(".nii.gz") or path.endswith(".nii")):
-    raise ValueError(f"{path}: the output must be a .nii.gz or .nii file.")
+    raise ValueError(f"{path}: the output must be a .nii.gz or .nii file (or, with a folder of "
+                     "cases as --input, a folder).")
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{path}: the output folder {folder} does not exist.")
@@ -41,68 +68,272 @@ def check_output_path(path: str) -> None:
     raise IsADirectoryError(f"{path}: is a folder, not an output file name.")
 
 
+def probabilities_path(segmentation_path: str) -> str:
+  """Where --save_probabilities writes a segmentation's probabilities: <name>.npz beside it."""
+  for suffix in layouts.NIFTI_SUFFIXES:
+    if segmentation_path.endswith(suffix):
+      return segmentation_path[:-len(suffix)] + PROBABILITIES_SUFFIX
+  raise ValueError(f"{segmentation_path}: not a .nii.gz or .nii file name.")
+
+
+def _outputs(segmentation_path: str, save_probabilities: bool) -> List[str]:
+  return [segmentation_path] + ([probabilities_path(segmentation_path)]
+                                if save_probabilities else [])
+
+
+def check_not_an_input(outputs: Sequence[str], refs: Sequence[layouts.CaseRef]) -> None:
+  """Refuses an output path that is one of the input files (an image it would overwrite)."""
+  inputs = {}
+  for ref in refs:
+    for path in [*ref.image_paths.values(), ref.label_path]:
+      if path is not None:
+        inputs[os.path.realpath(path)] = ref.case_id
+  for path in outputs:
+    case_id = inputs.get(os.path.realpath(path))
+    if case_id is not None:
+      raise ValueError(f"{path}: would overwrite an input file of case {case_id}; choose "
+                       "another --output.")
+
+
 def write_segmentation(seg: np.ndarray, reference: layouts.Case, path: str) -> None:
   """Writes with the reference's affine and header; atomic, so no half-written file remains."""
   header = reference.header.copy()
   header.set_data_dtype(np.uint8)
   image = nib.Nifti1Image(seg.astype(np.uint8), reference.affine, header=header)
-  suffix = ".nii.gz" if path.endswith(".nii.gz") else ".nii"
-  tmp = path[:-len(suffix)] + ".partial" + suffix
-  nib.save(image, tmp)
-  os.replace(tmp, path)
+  with files.atomic_output(path) as tmp:
+    nib.save(image, tmp)
 
 
-def predict_case(run: inference.TrainedRun, input_path: str, output_path: str,
-                 label_convention: str = "brats", slices: str = "brain",
-                 batch_size: int = 16) -> np.ndarray:
-  """Segments one case and writes it; returns the canonical label volume."""
+def write_probabilities(probabilities: np.ndarray, channels: Sequence[str], path: str) -> None:
+  """(C, X, Y, Z) float16 probabilities and their channel names as .npz, atomically."""
+  with files.atomic_output(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, probabilities=probabilities.astype(np.float16),
+                          channels=np.asarray(channels))
+
+
+def _predictor(runs: Runs, tta: bool) -> inference.Predictor:
+  if isinstance(runs, inference.Predictor):
+    return runs
+  return inference.make_predictor(runs, tta)
+
+
+def _check_request(label_convention: str, slices: str) -> None:
   if slices not in SLICE_MODES:
     raise ValueError(f"--slices must be one of {SLICE_MODES}, not {slices!r}.")
   labels_lib.resolve_convention(label_convention, "brats")
-  check_output_path(output_path)
-  data_config = run.config.data
-  case = layouts.load_case(layouts.case_ref_from_path(input_path),
-                           modalities=tuple(data_config.modalities))
+
+
+def _load(ref: layouts.CaseRef, data_config,
+          slices: str) -> Tuple[layouts.Case, preprocess.Slices]:
+  """Reads a case and prepares its slices (whole brain or the training range)."""
+  case = layouts.load_case(ref, modalities=tuple(data_config.modalities))
   slice_range = preprocess.brain_slice_range(case.image) if slices == "brain" else None
-  predict = inference.predictor_for_run(run)
-  seg = inference.segment_volume(predict, case.image, data_config, slice_range, batch_size)
-  write_segmentation(labels_lib.from_canonical(seg, label_convention), case, output_path)
-  return seg
+  return case, inference.prepare_slices(case.image, data_config, slice_range)
 
 
-def main(argv):
-  del argv
-  from absl import flags
-  from msatt_jax import cli
-  cli.hide_accelerators_from_tensorflow()
-  cli.setup_logging()
-  f = flags.FLAGS
-
-  def work() -> Optional[np.ndarray]:
-    check_output_path(f.output)  # Before the (slow) restore.
-    run = inference.restore_run(f.workdir, f.checkpoint)
-    seg = predict_case(run, f.input, f.output, f.labels, f.slices, f.batch_size)
-    counts = {name: int((seg == i).sum()) for i, name in enumerate(labels_lib.CLASS_NAMES)}
-    print(f"Wrote {f.output} (checkpoint step {run.step}); voxels per label: {counts}")
-    return seg
-
-  cli.run_or_exit(work)
+def _segment_and_write(predictor: inference.Predictor, case: layouts.Case,
+                       prepared: preprocess.Slices, output_path: str, label_convention: str,
+                       batch_size: int, save_probabilities: bool,
+                       rules: Optional[inference.LabelRules]) -> np.ndarray:
+  """Segments prepared slices; writes the probabilities (if asked), then the segmentation."""
+  result = inference.segment_slices(predictor, prepared, case.image.shape[:3], batch_size,
+                                    save_probabilities, rules)
+  if save_probabilities:
+    write_probabilities(result.probabilities, predictor.channels,
+                        probabilities_path(output_path))
+  write_segmentation(labels_lib.from_canonical(result.labels, label_convention), case,
+                     output_path)
+  return result.labels
 
 
-def run():
-  from msatt_jax import runtime
-  runtime.configure()  # A no-op when the module's own guard above already ran it.
-  from absl import app, flags
-  flags.DEFINE_string("workdir", None, "Run directory holding the checkpoints.")
-  flags.DEFINE_string("input", None, "BraTS case folder or MSD 4D image.")
-  flags.DEFINE_string("output", None, "Output segmentation (.nii.gz).")
-  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+def predict_case(runs: Runs, input_path: str, output_path: str,
+                 label_convention: str = "brats", slices: str = "brain",
+                 batch_size: int = 16, tta: bool = True, save_probabilities: bool = False,
+                 rules: Optional[inference.LabelRules] = None) -> np.ndarray:
+  """Segments one case and writes it; returns the canonical label volume."""
+  _check_request(label_convention, slices)
+  check_output_path(output_path)
+  ref = layouts.case_ref_from_path(input_path)
+  check_not_an_input(_outputs(output_path, save_probabilities), [ref])
+  predictor = _predictor(runs, tta)
+  case, prepared = _load(ref, predictor.data_config, slices)
+  return _segment_and_write(predictor, case, prepared, output_path, label_convention,
+                            batch_size, save_probabilities, rules)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole folders.
+
+
+def is_case_input(path: str) -> bool:
+  """True for one case (an MSD image file or a BraTS case folder, or a path that does not
+  exist, which the one-case path reports); False for a folder of cases."""
+  if not os.path.isdir(path):
+    return True
+  try:
+    layouts.case_ref_from_path(path)
+  except DataError:
+    return False
+  return True
+
+
+def find_input_cases(folder: str) -> List[layouts.CaseRef]:
+  """The cases of a folder: BraTS case folders (also under HGG/, LGG/), else the MSD 4D images
+  directly inside it (an `imagesTs`/`imagesTr` folder); sorted by case id."""
+  if not os.path.isdir(folder):
+    raise DataError(f"{folder}: is not a folder.")
+  try:
+    return layouts.find_cases(folder, "brats")
+  except DataError:
+    pass
+  names = sorted(n for n in os.listdir(folder) if not n.startswith(".")
+                 and n.endswith(layouts.NIFTI_SUFFIXES)
+                 and os.path.isfile(os.path.join(folder, n)))
+  refs = [layouts.case_ref_from_path(os.path.join(folder, n)) for n in names]
+  if not refs:
+    hint = (" (an MSD data set: pass its imagesTs/ or imagesTr/ folder)"
+            if os.path.isdir(os.path.join(folder, "imagesTr")) else "")
+    raise DataError(f"{folder}: no case found: neither BraTS case folders "
+                    f"(<case>/<case>_flair.nii.gz) nor MSD 4D images (*.nii.gz){hint}.")
+  seen: Dict[str, str] = {}
+  for ref in refs:
+    path = next(iter(ref.image_paths.values()))
+    if ref.case_id in seen:
+      raise DataError(f"{folder}: both {seen[ref.case_id]} and {path} are case "
+                      f"{ref.case_id}; keep one of them.")
+    seen[ref.case_id] = path
+  return refs
+
+
+def check_output_folder(path: str) -> None:
+  """Fails before any work when the output folder is a file or cannot be written."""
+  if not os.path.isdir(path) and path.endswith(layouts.NIFTI_SUFFIXES):
+    raise DataError(f"{path}: a folder of cases is segmented into an output folder, not a "
+                    "file.")
+  reporting.check_writable_folder(path)
+
+
+def plan_folder(input_dir: str, output_dir: str,
+                save_probabilities: bool) -> Tuple[List[layouts.CaseRef], Dict[str, str]]:
+  """(the input cases, case id -> its segmentation's path), once the request is checked."""
+  refs = find_input_cases(input_dir)
+  check_output_folder(output_dir)
+  output = {r.case_id: os.path.join(output_dir, f"{r.case_id}.nii.gz") for r in refs}
+  check_not_an_input([p for r in refs for p in _outputs(output[r.case_id], save_probabilities)],
+                     refs)
+  return refs, output
+
+
+@dataclasses.dataclass
+class FolderResult:
+  written: List[str]  # Case ids segmented and written by this call.
+  skipped: List[str]  # Case ids whose outputs already existed.
+  failed: Dict[str, str]  # Case id -> why it could not be read.
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(round(seconds)), 60)
+  return f"{minutes}:{seconds:02d}"
+
+
+def predict_folder(runs: Runs, input_dir: str, output_dir: str, label_convention: str = "brats",
+                   slices: str = "brain", batch_size: int = 16, tta: bool = True,
+                   overwrite: bool = False, save_probabilities: bool = False,
+                   rules: Optional[inference.LabelRules] = None) -> FolderResult:
+  """Segments every case of input_dir into output_dir/<case>.nii.gz (one compilation).
+
+  A case that cannot be read or prepared is logged by name and skipped; once the others are
+  written, a DataError names every such case.
+  """
+  _check_request(label_convention, slices)
+  refs, output = plan_folder(input_dir, output_dir, save_probabilities)
+  done = lambda r: all(os.path.exists(p) for p in _outputs(output[r.case_id],
+                                                           save_probabilities))
+  todo = [r for r in refs if overwrite or not done(r)]
+  result = FolderResult(written=[], skipped=[r.case_id for r in refs if r not in todo],
+                        failed={})
+  logging.info("Segmenting %d of the %d case(s) of %s into %s%s.", len(todo), len(refs),
+               input_dir, output_dir,
+               f" ({len(result.skipped)} already written; --overwrite redoes them)"
+               if result.skipped else "")
+  predictor = _predictor(runs, tta)
+  t0 = time.perf_counter()
+  # The next case is read and prepared while this one runs through the model.
+  with futures.ThreadPoolExecutor(max_workers=1) as reader:
+    load = lambda i: reader.submit(_load, todo[i], predictor.data_config, slices)
+    pending = load(0) if todo else None
+    for i, ref in enumerate(todo):
+      current, pending = pending, load(i + 1) if i + 1 < len(todo) else None
+      try:
+        case, prepared = current.result()
+      except (ValueError, OSError) as e:
+        result.failed[ref.case_id] = " ".join(str(e).split())
+        logging.error("[%d/%d] %s: skipped, cannot be segmented: %s", i + 1, len(todo),
+                      ref.case_id, result.failed[ref.case_id])
+        continue
+      _segment_and_write(predictor, case, prepared, output[ref.case_id], label_convention,
+                         batch_size, save_probabilities, rules)
+      result.written.append(ref.case_id)
+      elapsed = time.perf_counter() - t0
+      logging.info("[%d/%d] %s -> %s  (%s elapsed, ETA %s)", i + 1, len(todo), ref.case_id,
+                   output[ref.case_id], _duration(elapsed),
+                   _duration(elapsed / (i + 1) * (len(todo) - i - 1)))
+  if result.failed:
+    raise DataError(f"{len(result.failed)} of {len(refs)} case(s) of {input_dir} could not be "
+                    f"segmented: {', '.join(result.failed)} (named above); the other "
+                    f"{len(result.written) + len(result.skipped)} are in {output_dir}.")
+  return result
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; defined by `run` only, so importing this module defines none."""
+  flags.DEFINE_list("workdir", None, "Run directory holding the checkpoints; several "
+                    "(comma-separated) average their probabilities (an ensemble).")
+  flags.DEFINE_string("input", None, "BraTS case folder or MSD 4D image; or a folder of them.")
+  flags.DEFINE_string("output", None, "Output segmentation (.nii.gz); for a folder of cases, "
+                      "the output folder (<case>.nii.gz each).")
+  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number (of every run).")
   flags.DEFINE_enum("labels", "brats", ["brats", "msd"], "Label convention of the output.")
   flags.DEFINE_enum("slices", "brain", list(SLICE_MODES),
                     "'brain': every axial slice containing brain; 'train': the training range.")
-  flags.DEFINE_integer("batch_size", 16, "Slices per forward pass.")
+  flags.DEFINE_integer("batch_size", 16, "Slices per forward pass (x4 images with --tta).")
+  flags.DEFINE_bool("tta", True, "Mirroring test-time augmentation: average over the four "
+                    "in-plane flips (--notta: the plain forward pass).")
+  flags.DEFINE_bool("save_probabilities", False, "Also write <case>.npz: float16 probabilities "
+                    "(C, X, Y, Z) in the input's geometry.")
+  flags.DEFINE_bool("overwrite", False, "Folder input: redo cases whose outputs exist.")
   flags.mark_flags_as_required(["workdir", "input", "output"])
-  app.run(main)
+
+
+def main(argv: Sequence[str]) -> Union[np.ndarray, FolderResult]:
+  del argv
+  if not is_case_input(FLAGS.input):
+    plan_folder(FLAGS.input, FLAGS.output, FLAGS.save_probabilities)  # Before the restore.
+    runs = inference.restore_runs(FLAGS.workdir, FLAGS.checkpoint)
+    result = predict_folder(runs, FLAGS.input, FLAGS.output, FLAGS.labels, FLAGS.slices,
+                            FLAGS.batch_size, FLAGS.tta, FLAGS.overwrite,
+                            FLAGS.save_probabilities)
+    print(f"Wrote {len(result.written)} case(s) to {FLAGS.output} (checkpoint step "
+          f"{', '.join(str(r.step) for r in runs)}); {len(result.skipped)} already there.")
+    return result
+  check_output_path(FLAGS.output)
+  check_not_an_input(_outputs(FLAGS.output, FLAGS.save_probabilities),
+                     [layouts.case_ref_from_path(FLAGS.input)])
+  runs = inference.restore_runs(FLAGS.workdir, FLAGS.checkpoint)
+  seg = predict_case(runs, FLAGS.input, FLAGS.output, FLAGS.labels, FLAGS.slices,
+                     FLAGS.batch_size, FLAGS.tta, FLAGS.save_probabilities)
+  counts = {name: int((seg == i).sum()) for i, name in enumerate(labels_lib.CLASS_NAMES)}
+  print(f"Wrote {FLAGS.output} (checkpoint step {', '.join(str(r.step) for r in runs)}); "
+        f"voxels per label: {counts}")
+  return seg
+
+
+def run() -> None:
+  cli.run_command(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Result writers shared by the evaluators: atomic CSV/JSON files and a console table."""
+"""Result writers shared by the evaluators: CSV/JSON files (written atomically through
+`data_pipelines.files`), the check of an output folder, and console tables."""
 
 import csv
 import io
@@ -8,26 +9,12 @@ import os
 import tempfile
 from typing import Any, List, Mapping, Optional, Sequence
 
+from data_pipelines import files
+from data_pipelines.errors import DataError
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temporary file in the same folder and os.replace.
-
-  A reader (or a crash half-way) never sees a partly written file.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+# The console's score tables: overlap and distance in one, detection rates in the other (all
+# in one would be too wide to read).
+METRIC_GROUPS = (("dice", "hd95", "slice_dice"), ("sensitivity", "specificity"))
 
 
 def _columns(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]]) -> List[str]:
@@ -49,7 +36,7 @@ def write_csv(path: str, rows: Sequence[Mapping[str, Any]],
   for row in rows:
     # repr-exact floats: the CSV reproduces the computed numbers, not a rounded view.
     writer.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in row.items()})
-  atomic_write_text(path, buf.getvalue())
+  files.atomic_write_text(path, buf.getvalue())
 
 
 def _json_safe(value: Any) -> Any:
@@ -67,7 +54,7 @@ def _json_safe(value: Any) -> Any:
 
 def write_json(path: str, obj: Any) -> None:
   """Writes `obj` as indented, strict JSON, atomically."""
-  atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
+  files.atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None,
@@ -87,3 +74,27 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[s
   lines.extend("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in
                          enumerate(zip(r, widths))) for r in cells)
   return "\n".join(lines)
+
+
+def format_metric_tables(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Score rows ('case' and '<metric>_<region>' keys) as one table per METRIC_GROUPS entry."""
+  keys = _columns(rows, None)
+  tables = []
+  for group in METRIC_GROUPS:
+    columns = [k for k in keys if k.rsplit("_", 1)[0] in group]
+    if columns:
+      tables.append(format_table(rows, ["case"] + columns))
+  return "\n\n".join(tables)
+
+
+def check_writable_folder(path: str) -> None:
+  """Creates `path` if needed and fails, naming it, when it is a file or cannot be written:
+  before any work, so that a bad output folder costs nothing."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise DataError(f"Output folder {path} is a file, not a folder.")
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise DataError(f"Output folder {path} is not writable ({e.strerror or e}).") from e

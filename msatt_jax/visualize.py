@@ -1,10 +1,12 @@
-"""Pictures of segmentations: label overlays and the paper's Fig. 7 layout (inputs, truth, result)."""
+"""Pictures of segmentations: label overlays and the paper's Fig. 7 layout (inputs, truth,
+result)."""
 
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from data_pipelines import files
 
 # Canonical label -> RGB: NCR/NET red, ED green, ET yellow (the usual BraTS colours).
 LABEL_COLOURS = np.array([[0, 0, 0], [220, 40, 40], [40, 200, 60], [250, 220, 30]], np.uint8)
@@ -59,9 +61,8 @@ def case_figure(modalities: np.ndarray, truth: Optional[np.ndarray], prediction:
 
 def save_png(image: Image.Image, path: str) -> None:
   """Writes atomically: a reader never sees a half-written picture."""
-  tmp = path + ".tmp"
-  image.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with files.atomic_output(path) as tmp:
+    image.save(tmp, format="PNG")
 
 
 def most_tumour_slice(labels: np.ndarray) -> int:

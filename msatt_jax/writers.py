@@ -10,6 +10,8 @@ from typing import Any, Dict, Mapping
 import numpy as np
 import tensorflow as tf
 
+from data_pipelines import files
+
 
 def _scalar(value: Any) -> float:
   return float(np.asarray(value))
@@ -24,9 +26,7 @@ def _drop_rows_after(path: str, step: int) -> None:
     lines = f.readlines()
   kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
   if len(kept) != len(lines):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    files.atomic_write_text(path, "".join(kept))
 
 
 class MetricWriter:

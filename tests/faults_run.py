@@ -1,4 +1,4 @@
-"""`python -m msatt_jax.train` with faults injected, for tests/test_faults.py and benchmarks/faults.py.
+"""`python -m msatt_jax.train` with faults injected (tests/test_faults.py, benchmarks/faults.py).
 
   python tests/faults_run.py --config=... --workdir=...   (the train command's own flags)
 

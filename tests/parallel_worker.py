@@ -8,7 +8,6 @@ last line of stdout): the list of their reports, the numbers the tests assert on
   python tests/parallel_worker.py '[["modes", {}], ["bad_input", {}]]'
 """
 
-import functools
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ import optax
 from configs import tiny
 from msatt_jax import checkpointing
 from msatt_jax import parallel
+from msatt_jax import steps
 from msatt_jax import train
 
 MODES = ("single", "pmap", "sharding")
@@ -45,7 +45,7 @@ def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:
 def random_batches(config, num: int, seed: int = 0):
   """Random images and blobby labels (every class present, the Dice terms non-trivial)."""
   rng = np.random.default_rng(seed)
-  h, w, m = train.input_shape(config)
+  h, w, m = steps.input_shape(config)
   out = []
   for _ in range(num):
     image = rng.normal(size=(config.batch_size, h, w, m)).astype(np.float32)
@@ -87,29 +87,28 @@ class Setup:
     config = ml_collections.ConfigDict(config.to_dict())
     config.parallel = mode
     self.par = parallel.from_config(config)
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=10)
-    model = train.create_model(config, axis_name=self.par.axis_name)
+    lr_fn = steps.create_learning_rate_fn(config, steps_per_epoch=10)
+    model = steps.create_model(config, axis_name=self.par.axis_name)
     # SGD, not Adam: Adam divides out a wrong overall gradient scale, SGD shows it.
     tx = optax.sgd(SGD_LEARNING_RATE, momentum=0.9)
 
     def init(rng):
-      state = train.create_train_state(rng, config, model, lr_fn)
+      state = steps.create_train_state(rng, config, model, lr_fn)
       return state.replace(tx=tx, opt_state=tx.init(state.params))
     # On the host: every use places its own copy (the train step donates what it is given).
     self.fresh = jax.device_get(self.par.create_state(init, jax.random.key(config.seed)))
-    self.step = self.par.train_step_fn(functools.partial(
-        train.train_step, learning_rate_fn=lr_fn, loss=config.loss, ce_weight=config.ce_weight,
-        deep_supervision_weight=config.deep_supervision_weight))
-    self.evaluate = self.par.eval_step_fn(functools.partial(train.eval_step, loss=config.loss))
+    self.step = self.par.train_step_fn(steps.make_train_step(config, lr_fn))
+    self.evaluate = self.par.eval_step_fn(steps.make_eval_step(config))
 
   def train(self, state, batches):
-    """Canonical state -> canonical state after the batches, and the losses."""
-    state = self.par.place_state(state)
+    """Canonical (or host) state -> canonical state after the batches, the losses, and the
+    state in the step layout."""
+    state = self.par.to_step_layout(state)
     losses = []
     for batch in batches:
       state, metrics = self.step(state, batch)
       losses.append(float(jax.device_get(metrics["loss"])))
-    return self.par.unreplicate(state), losses, state
+    return self.par.to_canonical(state), losses, state
 
 
 def scenario_modes(args: Dict[str, Any]) -> Dict[str, Any]:
@@ -119,7 +118,7 @@ def scenario_modes(args: Dict[str, Any]) -> Dict[str, Any]:
   setups = {mode: Setup(config, mode) for mode in MODES}
   runs = {}
   for mode, s in setups.items():
-    final, losses, placed = s.train(s.par.replicate(s.fresh), batches[:3])
+    final, losses, placed = s.train(s.fresh, batches[:3])
     runs[mode] = {"start": s.fresh, "final": final, "losses": losses,
                   "eval": s.evaluate(placed, batches[3])}
   ref = runs["single"]
@@ -147,7 +146,7 @@ def scenario_modes(args: Dict[str, Any]) -> Dict[str, Any]:
     ckpt.save(3, run["final"], {"mode": writer})
     ckpt.wait()
     for reader, s in setups.items():
-      restored, meta = ckpt.restore(3, s.par.replicate(s.fresh))
+      restored, meta = ckpt.restore(3, s.par.put_canonical(s.fresh))
       checkpoints[f"{writer}->{reader}"] = {
           "restored": max_abs(arrays(restored), arrays(run["final"])), "meta": meta["mode"],
           "step": int(restored.step)}

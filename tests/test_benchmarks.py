@@ -308,15 +308,31 @@ def test_benchmark_command_compare_torch(tmp_path):
 
 def test_variant_spec():
   from benchmarks import run  # pylint: disable=g-import-not-at-top
-  assert run._variant("convT:upsample=conv_transpose,runtime=xla+malloc") == (
-      "convT", {"upsample": "conv_transpose"}, "xla,malloc")
+  assert run._variant("stacked:convlstm_gate_convs=stacked,runtime=xla+malloc") == (
+      "stacked", {"convlstm_gate_convs": "stacked"}, "xla,malloc")
   assert run._variant("plain:runtime=none") == ("plain", {}, "none")
   with pytest.raises(ValueError, match="unknown group"):
     run._variant("x:runtime=xla+fast")
 
 
-def test_gpu_benchmark_dry_run_needs_no_tensorflow(tmp_path):
-  """benchmarks/gpu.py's logic, tiny, on CPU, where TensorFlow cannot be imported (as on a GPU
+def test_suite_defaults_yield_to_given_flags():
+  from benchmarks import run  # pylint: disable=g-import-not-at-top
+  args = run.parse_args(["--suite", "gpu"])
+  assert (args.models, args.modes, args.dtype, args.batch_sizes, args.size, args.window) == (
+      ["msconvlstm_att"], ["train"], "bfloat16", [32, 64], 190, 5)
+  assert args.case_shape == (240, 240, 155)
+  assert args.peak_gflops == common.H100_BF16_DENSE_GFLOPS
+  args = run.parse_args(["--suite", "gpu", "--batch_sizes", "128", "--dry-run"])
+  assert args.batch_sizes == [128] and args.size == 32 and args.case_shape == (48, 48, 40)
+  assert args.peak_gflops is None and args.overrides["lstm_features"] == "4"
+  args = run.parse_args(["--models", "unet", "--set", "base_width=8"])
+  assert args.case_shape == () and args.overrides == {"base_width": "8"}
+  with pytest.raises(SystemExit):  # No measured model has the key.
+    run.parse_args(["--models", "unet", "--set", "lstm_features=4"])
+
+
+def test_gpu_suite_dry_run_needs_no_tensorflow(tmp_path):
+  """The GPU suite's logic, tiny, on CPU, where TensorFlow cannot be imported (as on a GPU
   machine that has JAX but no TensorFlow)."""
   blocker = tmp_path / "site"
   blocker.mkdir()
@@ -325,43 +341,41 @@ def test_gpu_benchmark_dry_run_needs_no_tensorflow(tmp_path):
   out_json = tmp_path / "gpu.jsonl"
   env = _clean_env(MSATT_RUNTIME_DEFAULTS="none")
   env["PYTHONPATH"] = os.pathsep.join([str(blocker), env["PYTHONPATH"]])
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--dry-run", "--json",
-                         str(out_json)], env=env, capture_output=True, text=True, cwd=ROOT,
-                        timeout=1200)
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "gpu", "--dry-run",
+                         "--json", str(out_json)], env=env, capture_output=True, text=True,
+                        cwd=ROOT, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   rows = [json.loads(line) for line in out_json.read_text().splitlines()]
-  schedule = [r for r in rows if r["kind"] == "schedule"]
+  steps = [r for r in rows if r["kind"] == "step"]
   (case,) = [r for r in rows if r["kind"] == "case_latency"]
-  assert [r["batch_size"] for r in schedule] == [2]
-  for r in schedule:
+  assert [(r["model"], r["mode"], r["batch_size"]) for r in steps] == [
+      ("msconvlstm_att", "train", 2)]
+  for r in steps:
     assert r["schedule_hours"] == pytest.approx(
         common.PAPER_SLICE_STEPS / r["slices_per_s"] / 3600)
   assert case["case_shape"] == [48, 48, 40] and case["latency_s_median"] > 0
   assert "500-epoch schedule" in proc.stdout and "segment one 48x48x40 case" in proc.stdout
 
 
-def test_pool_forms_baseline_really_uses_select_and_scatter():
-  """benchmarks.pool_forms' A/B: inside flax_pools() the models' pool gradients are
-  select_and_scatter (nn.max_pool); outside, the models' own elementwise forms."""
-  from benchmarks import pool_forms  # pylint: disable=g-import-not-at-top
+def test_the_models_pools_differentiate_without_select_and_scatter():
+  """What benchmarks/experiments/pool_forms.py measured: nn.max_pool's gradient is a
+  select_and_scatter, the models' own pools (common.max_pool) avoid it."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from msatt_jax.models import UNet  # pylint: disable=g-import-not-at-top
   x = jnp.ones((1, 16, 16, 4))
-
-  def grad_hlo():
-    model = UNet(num_classes=4, base_width=2, depth=2)
-    variables = model.init(jax.random.key(0), x)
-    loss = lambda v: jnp.sum(model.apply(v, x, train=True, mutable=["batch_stats"])[0])
-    return jax.jit(jax.grad(loss)).lower(variables).as_text()
-
-  with pool_forms.flax_pools():
-    assert "select_and_scatter" in grad_hlo()
-  assert "select_and_scatter" not in grad_hlo()
+  flax_pool = jax.jit(jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)))))
+  assert "select_and_scatter" in flax_pool.lower(x).as_text()
+  model = UNet(num_classes=4, base_width=2, depth=2)
+  variables = model.init(jax.random.key(0), x)
+  loss = lambda v: jnp.sum(model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+  assert "select_and_scatter" not in jax.jit(jax.grad(loss)).lower(variables).as_text()
 
 
 def test_conv_kernels_are_the_same_convolutions():
-  """benchmarks.conv_kernels times the same three convolutions in both frameworks."""
+  """benchmarks.experiments.conv_kernels times the same three convolutions in both
+  frameworks."""
   pytest.importorskip("torch")
-  from benchmarks import conv_kernels  # pylint: disable=g-import-not-at-top
+  from benchmarks.experiments import conv_kernels  # pylint: disable=g-import-not-at-top
   arrays = conv_kernels.layer_arrays(2, 6, 3, 4)
   ours = conv_kernels.jax_convolutions(*arrays)
   theirs = conv_kernels.torch_convolutions(*arrays)

@@ -120,8 +120,23 @@ def _sam_reference(params, v: jax.Array) -> jax.Array:
   return params["lam"] * r + v
 
 
-@pytest.mark.parametrize("implementation", ["auto", "einsum", "xla"])
-def test_sam_is_identity_at_init_and_matches_einsum(implementation):
+@pytest.fixture
+def cudnn_path_with_xla(monkeypatch):
+  """Runs SpatialAttention's 'cudnn' form on CPU: its code (B0, B1 zero-padded to C for
+  jax.nn.dot_product_attention) with XLA's implementation of that function, the retired 'xla'
+  form, in place of the GPU-only fused kernel."""
+  dot_product_attention = jax.nn.dot_product_attention
+
+  def xla(*args, implementation, **kwargs):
+    assert implementation == "cudnn"
+    return dot_product_attention(*args, implementation="xla", **kwargs)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", xla)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "einsum", "cudnn"])
+def test_sam_is_identity_at_init_and_matches_einsum(implementation, request):
+  if implementation == "cudnn":
+    request.getfixturevalue("cudnn_path_with_xla")
   v = _normal(5, (2, 5, 7, 16))  # Odd H, W; C = 16 -> B0, B1 have 2 channels.
   sam = SpatialAttention(implementation=implementation)
   variables = sam.init(_key(), v)
@@ -152,6 +167,7 @@ def test_sam_auto_picks_the_fused_kernel_only_where_it_runs(platform, capability
   assert resolve_attention_implementation(platform, capability, dtype) == expected
 
 
-def test_sam_rejects_unknown_implementation():
+@pytest.mark.parametrize("implementation", ["flash", "xla"])
+def test_sam_rejects_unknown_implementation(implementation):
   with pytest.raises(ValueError, match="implementation"):
-    SpatialAttention(implementation="flash").init(_key(), jnp.ones((1, 4, 4, 8)))
+    SpatialAttention(implementation=implementation).init(_key(), jnp.ones((1, 4, 4, 8)))

@@ -1,19 +1,20 @@
 """The TFDS 'brats' builder: splits, config naming, what it writes, and TFDS's own checks."""
 
+import importlib.util
+import inspect
 import json
+from pathlib import Path
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
-tf.config.set_visible_devices([], "GPU")
-
-# pylint: disable=g-import-not-at-top
 from configs import brats18
 from data_pipelines import prepare as prepare_lib
 from data_pipelines import synthetic
@@ -23,7 +24,6 @@ from data_pipelines.brats import preprocess
 from data_pipelines.errors import DataError
 
 from conftest import SMALL_DATA, small_data_config
-# pylint: enable=g-import-not-at-top
 
 # Slices 10..17 with a 32x32 crop of the 48x48x40 fixtures: 8 small slices per case.
 
@@ -90,6 +90,46 @@ def test_config_name_is_default_only_for_the_papers_preprocessing():
   data = brats18.get_data_config()
   data.layout, data.source_dir = "msd", "/data/Task01_BrainTumour"
   assert builder_lib.builder_from_config(data).builder_config.name == "default"
+
+
+def test_config_names_of_existing_prepared_data_do_not_change():
+  # Computed before the parameters became one list: prepared folders keep their names.
+  params = dict(crop_size=64, slice_start=20, slice_stop=40, modalities=("t1ce", "flair"),
+                crop_center=(100, 110), storage_dtype="float32")
+  assert builder_lib.make_config(**params).name == "pd407a25d53"
+  data = brats18.get_data_config()
+  data.update(params)
+  assert builder_lib.config_from_data_config(data).name == "pd407a25d53"
+  # Flag-style values (strings, lists) name the same content.
+  assert builder_lib.make_config(**dict(params, crop_center=["100", "110"], slice_start="20",
+                                        modalities=["t1ce", "flair"])).name == "pd407a25d53"
+  assert builder_lib.make_config(compression="zlib", num_test_cases=2).name == "p46bc6e9dd3"
+
+
+def test_preprocessing_parameters_are_one_list():
+  fields = preprocess.parameters()
+  names = [f.name for f in fields]
+  data = brats18.get_data_config()
+  # config.data holds every parameter at its default, beside its own keys.
+  assert all(data[f.name] == f.default for f in fields)
+  # The content hash and the description cover exactly these parameters.
+  described = json.loads(builder_lib.make_config().description.split(": ", 1)[1])
+  assert sorted(described) == sorted(names)
+  with pytest.raises(ValueError, match="Unknown preprocessing parameter.*crop_sise"):
+    builder_lib.make_config(crop_sise=64)
+  with pytest.raises(ValueError, match="Unknown storage_dtype 'int8'; choose one of float16"):
+    builder_lib.make_config(storage_dtype="int8")
+  with pytest.raises(ValueError, match="crop_center must be two integers"):
+    builder_lib.make_config(crop_center=(1, 2, 3))
+  with pytest.raises(ValueError, match="slice_start 40 is after slice_stop 20"):
+    builder_lib.make_config(slice_start=40, slice_stop=20)
+  # The config file documents each key with its field's help (a reader learns them there).
+  source = " ".join(line.strip().lstrip("#").strip()
+                    for line in inspect.getsource(brats18.get_data_config).splitlines()
+                    if line.strip().startswith("#"))
+  for f in fields:
+    assert f"{f.name} {f.metadata['help']}" in " ".join(source.split()), (
+        f"configs/brats18.py: document {f.name} in get_data_config's comment")
 
 
 def test_builder_from_config_defaults_and_errors(tmp_path):
@@ -214,3 +254,32 @@ else:
   def test_tfds_dataset_builder_test_case():
     pytest.skip(f"tensorflow_datasets.testing is unavailable ({_MISSING}); install the test "
                 "extra.")
+
+
+# ---- the `tfds build` command line --------------------------------------------------------------
+
+# TFDS 4.9's command line imports these at start-up, whatever the command.
+_TFDS_CLI_NEEDS = ("apache_beam", "mlcroissant")
+_TFDS_CLI_MISSING = [m for m in _TFDS_CLI_NEEDS if importlib.util.find_spec(m) is None]
+_TFDS_CLI = ("import sys; from tensorflow_datasets.scripts.cli.main import launch_cli; "
+             "sys.exit(launch_cli())")  # What the `tfds` script runs.
+
+
+@pytest.mark.skipif(bool(_TFDS_CLI_MISSING), reason=(
+    f"`tfds build` imports {' and '.join(_TFDS_CLI_NEEDS)} at start-up; "
+    f"{', '.join(_TFDS_CLI_MISSING)} not installed. `python -m data_pipelines.prepare` builds the "
+    "same data set without them."))
+def test_tfds_build_command_line_builds_the_papers_config(tmp_path):
+  # The paper's crop (190) and slices (30..) need volumes of at least 190 x 190 x 31.
+  source = tmp_path / "msd"
+  synthetic.generate_dataset(source, "msd", 3, (192, 192, 34), seed=1)
+  script = Path(builder_lib.__file__)
+  proc = subprocess.run(
+      [sys.executable, "-c", _TFDS_CLI, "build", str(script), f"--manual_dir={source}",
+       f"--data_dir={tmp_path / 'out'}"],
+      capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  builder = builder_lib.Brats(data_dir=str(tmp_path / "out"))
+  assert builder.builder_config.name == "default" and builder.is_prepared()
+  assert [builder.info.splits[s].num_examples for s in builder_lib.SPLITS] == [4, 4, 4]
+  assert builder.info.metadata["download"] is None

@@ -1,5 +1,7 @@
 """The Orbax checkpointer: latest + best kept, clear errors, model fingerprints."""
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,3 +67,98 @@ def test_metric_log_drops_rows_a_resumed_run_replays(tmp_path):
   w.close()
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [(r["step"], r["train_loss"]) for r in rows] == [(10, 1.0), (20, 2.0), (30, 0.5)]
+
+
+def test_periodic_checkpoints_are_kept_apart_from_the_best_and_the_newest(tmp_path):
+  # Periodic every 30 steps; the saves at 10, 20 and 50 carry validation metrics; 95 is a
+  # preemption save.
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=2,
+                                    is_periodic=lambda step: step % 30 == 0)
+  saves = [(10, 0.4), (20, 0.8), (30, None), (50, 0.6), (60, None), (90, None), (95, None)]
+  for step, dice in saves:
+    metrics = None if dice is None else {checkpointing.BEST_METRIC: dice}
+    ckpt.save(step, _state(step), {"step": step}, metrics)
+  ckpt.wait()
+  # Best (20), the two newest periodic (60, 90), the newest of all (95).
+  assert ckpt.all_steps() == [20, 60, 90, 95]
+  assert ckpt.best_metric() == 0.8 and ckpt.resolve("best") == 20
+  assert ckpt.resolve("latest") == 95
+  ckpt.close()
+
+
+def _damage(directory, step):
+  """Truncates every data file of a committed step (an interrupted copy of the run folder)."""
+  for root, _, names in os.walk(os.path.join(directory, str(step), "state")):
+    for name in names:
+      if "ocdbt" in root or name.startswith("manifest"):
+        open(os.path.join(root, name), "wb").close()
+
+
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restored(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3)
+  for step in (10, 20, 30):
+    ckpt.save(step, _state(step), {"step": step})
+  ckpt.wait()
+  _damage(ckpt.directory, 30)
+  with pytest.raises(checkpointing.CheckpointRestoreError, match="step 30 cannot be restored"):
+    ckpt.restore(30, _state(0))
+  step, state, meta = ckpt.restore_newest_intact(_state(0))
+  assert step == 20 and meta == {"step": 20}
+  np.testing.assert_array_equal(state["params"]["conv"]["kernel"], 20)
+  assert ckpt.all_steps() == [10, 20]
+  moved = os.listdir(tmp_path / checkpointing.DAMAGED_DIR)
+  assert len(moved) == 1 and moved[0].startswith("30.")  # Renamed, never deleted.
+  ckpt.close()
+
+
+def test_when_no_checkpoint_restores_nothing_is_moved_and_all_are_named(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3)
+  for step in (10, 20):
+    ckpt.save(step, _state(step), {"step": step})
+  ckpt.wait()
+  for step in (10, 20):
+    _damage(ckpt.directory, step)
+  with pytest.raises(checkpointing.CheckpointRestoreError,
+                     match=r"No checkpoint .* can be restored.*step 20.*step 10"):
+    ckpt.restore_newest_intact(_state(0))
+  assert ckpt.all_steps() == [10, 20]
+  assert not os.path.exists(tmp_path / checkpointing.DAMAGED_DIR)
+  ckpt.close()
+
+
+def test_a_different_model_is_refused_not_treated_as_damage(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3)
+  ckpt.save(10, _state(10), {"step": 10})
+  ckpt.wait()
+
+  def refuse(meta):
+    raise checkpointing.CheckpointMismatchError("another model")
+
+  with pytest.raises(checkpointing.CheckpointMismatchError):
+    ckpt.restore_newest_intact(_state(0), refuse)
+  assert ckpt.all_steps() == [10]
+  ckpt.close()
+
+
+def test_a_failed_save_names_the_real_cause(tmp_path):
+  import errno
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3)
+  ckpt.save(10, _state(10), {"step": 10})
+  ckpt.wait()
+  ckpt._saving = 20  # pylint: disable=protected-access
+  with pytest.raises(checkpointing.CheckpointSaveError,
+                     match=r"step 20 .*No space left on device \(ENOSPC\).*once disk space is "
+                           r"freed, rerun the same command to resume from step 10"):
+    ckpt._raise_save_error(OSError(errno.ENOSPC, "full"))  # pylint: disable=protected-access
+  # A second run on the same workdir writes a step this one never saved.
+  other = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3)
+  other.save(15, _state(15), {"step": 15})
+  other.wait()
+  ckpt._saving = 20  # pylint: disable=protected-access
+  with pytest.raises(checkpointing.CheckpointSaveError) as raised:
+    ckpt._raise_save_error(ValueError("No ArrayMetadata found"))  # pylint: disable=protected-access
+  message = str(raised.value)
+  assert "another process changed the checkpoint folder" in message and "[15]" in message
+  assert "disk space" not in message
+  other.close()
+  ckpt.close()

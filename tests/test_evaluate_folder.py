@@ -101,6 +101,28 @@ def test_end_to_end(tmp_path, convention, ref_layout):
   assert sorted(os.listdir(out)) == ["per_case.csv", "summary.json"]  # No temp files left.
 
 
+def test_hd95_definition_is_chosen_and_recorded(tmp_path):
+  ref = np.zeros((12, 12, 6), np.uint8)
+  ref[2:6, 2:6, 1:4] = 2  # An edema block ...
+  pred = ref.copy()
+  pred[10:12, 0:2, 2] = 2  # ... and a small far false positive: the two definitions differ.
+  _save(str(tmp_path / "pred" / "c.nii.gz"), pred)
+  _save(str(tmp_path / "ref" / "c_seg.nii.gz"), ref)
+  scores = {}
+  for mode in metrics.HD95_MODES:
+    out = tmp_path / mode
+    rows, summary = ef.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "ref"),
+                                        out_dir=str(out), slice_range=None, hd95_mode=mode)
+    scores[mode] = rows[0]["hd95_WT"]
+    assert scores[mode] == metrics.hd95(pred > 0, ref > 0, mode=mode)
+    with open(out / "summary.json") as f:
+      saved = json.load(f)
+    assert saved["hd95_mode"] == mode and saved["hd95"] == metrics.HD95_DEFINITIONS[mode]
+  assert scores["official"] == 0.0 and scores["max"] > 5.0
+  with pytest.raises(DataError, match="Unknown --hd95 'mean'"):
+    ef.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "ref"), hd95_mode="mean")
+
+
 def test_wrong_convention_is_a_clear_error(tmp_path):
   pred_dir, ref_dir = _write_flat(tmp_path, "msd")  # MSD's ET is 3: not a BraTS label.
   with pytest.raises(DataError, match=r"label values \[3\].*--labels"):
@@ -200,11 +222,19 @@ def test_cli_success_and_failure(tmp_path):
             "--slice_start=1", "--slice_stop=3")
   assert ok.returncode == 0, ok.stderr
   assert "c3" in ok.stdout and "373.1287" in ok.stdout and "mean" in ok.stdout
+  assert "sensitivity_WT" in ok.stdout and "specificity_ET" in ok.stdout
+  assert f"HD95 (official): {metrics.HD95_DEFINITIONS['official']}" in ok.stdout
   assert os.path.exists(os.path.join(out, "summary.json"))
+  ok = _cli(f"--pred={pred_dir}", f"--ref={ref_dir}", "--labels=msd", f"--out={out}",
+            "--slice_start=1", "--slice_stop=3", "--hd95=max")
+  assert ok.returncode == 0 and "HD95 (max): " in ok.stdout, ok.stderr
+  with open(os.path.join(out, "summary.json")) as f:
+    assert json.load(f)["hd95_mode"] == "max"
   os.remove(os.path.join(pred_dir, "c2.nii.gz"))
   bad = _cli(f"--pred={pred_dir}", f"--ref={ref_dir}", "--labels=msd", f"--out={out}")
-  assert bad.returncode != 0
-  assert "evaluate_folder: error:" in bad.stderr and "c2" in bad.stderr
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr
+  (error,) = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+  assert "c2" in error and "--allow_missing" in error
 
 
 @pytest.mark.skipif(not os.path.isdir(REAL_CASE), reason="real BraTS case not present")

@@ -3,7 +3,8 @@
 Every scenario runs the real command lines in subprocesses (most need a process to die) on a
 tiny U-Net and the 4 synthetic cases of conftest. Faults inside a process (a NaN batch, a
 stalled or failing checkpoint commit) come from tests/faults_run.py, which patches the data
-iterator and Orbax's commit and then runs the train command.
+iterator and Orbax's commit and then runs the train command. Starting the processes and reading
+their checkpoints are benchmarks/faults.py's helpers, shared with the fault soak.
 
 Cost: the processes share a persistent JAX compilation cache, so only the reference run
 compiles. The scenarios are independent (each has its own folders); after the reference run
@@ -14,68 +15,32 @@ TensorFlow and JAX, and each parametrized test reports its own scenario's outcom
 import concurrent.futures
 import dataclasses
 import functools
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-FAULTS_RUN = str(REPO / "tests" / "faults_run.py")
-NUM_STEPS = 30  # 10 steps per epoch (2 train cases x 20 slices / batch 4): saves at 10, 20, 30.
-TIMEOUT = 300  # Seconds for any one process: a hang fails its test instead of blocking.
-CONCURRENCY = 4
+from benchmarks import faults as fault_lib
+from msatt_jax import workdir_lock
+from benchmarks.faults import (checkpoint_dir, complete_steps, finish, partial_saves, restored,
+                               run, start, train_command)
 
-# A U-Net of a few thousand parameters on 32x32 crops of slices 10..29; augmentation on, so
-# exact resume covers the random flips and intensity draws too.
-TINY = ["--config=configs/demo.py:unet", "--config.data.slice_start=10",
-        "--config.data.slice_stop=29", "--config.data.crop_size=32",
-        "--config.model.base_width=4", "--config.model.depth=2", "--config.batch_size=4",
-        "--config.checkpoint_every_epochs=1", "--config.eval_every_epochs=100",
-        "--config.log_every_steps=1", "--config.data.augment=True"]
+REPO = fault_lib.REPO
+NUM_STEPS = 30  # 10 steps per epoch (2 train cases x 20 slices / batch 4): saves at 10, 20, 30.
+TIMEOUT = fault_lib.TIMEOUT
+CONCURRENCY = 4
+TINY = fault_lib.tiny_train_args(batch_size=4)
 
 
 # ------------------------------------------------------------------------------ processes
-
-
-def start(argv: Sequence[str], env: Dict[str, str], log: Path,
-          faults: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-  """A command in the repository root, its console (stdout and stderr) going to `log`."""
-  with open(log, "w", encoding="utf-8") as f:
-    return subprocess.Popen(list(argv), cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                            env={**env, **(faults or {})})
-
-
-def finish(proc: subprocess.Popen, log: Path) -> str:
-  try:
-    proc.wait(TIMEOUT)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
-    pytest.fail(f"timed out; console:\n{log.read_text()[-3000:]}")
-  return log.read_text(errors="replace")
-
-
-def run(argv: Sequence[str], env: Dict[str, str], log: Path,
-        faults: Optional[Dict[str, str]] = None) -> Tuple[int, str]:
-  """(exit status, console) of a command run to its end."""
-  proc = start(argv, env, log, faults)
-  text = finish(proc, log)
-  return proc.returncode, text
-
-
-def train_command(*args: str) -> List[str]:
-  """The train command through the fault injector (a plain run without FAULTS_* variables)."""
-  return [sys.executable, FAULTS_RUN, *args]
 
 
 def module_command(module: str, *args: str) -> List[str]:
@@ -84,23 +49,16 @@ def module_command(module: str, *args: str) -> List[str]:
 
 def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, log: Path,
                what: str) -> None:
-  deadline = time.monotonic() + TIMEOUT
-  while not condition():
-    if proc.poll() is not None:
-      pytest.fail(f"exited ({proc.returncode}) before {what}; console:\n"
-                  f"{log.read_text()[-3000:]}")
-    if time.monotonic() > deadline:
+  if not fault_lib.wait_for(condition, proc):
+    if proc.poll() is None:
       proc.kill()
       pytest.fail(f"no {what} after {TIMEOUT}s")
-    time.sleep(0.05)
+    pytest.fail(f"exited ({proc.returncode}) before {what}; console:\n"
+                f"{log.read_text()[-3000:]}")
 
 
 def logged_step(log: Path) -> int:
-  """The newest 'step N/30' progress line of a console log (0 before the first)."""
-  steps = [int(line.split("step ", 1)[1].split("/", 1)[0])
-           for line in log.read_text(errors="replace").splitlines()
-           if f"/{NUM_STEPS}  epoch" in line]
-  return max(steps, default=0)
+  return fault_lib.logged_step(log, NUM_STEPS)
 
 
 def error_line(text: str) -> str:
@@ -114,39 +72,14 @@ def error_line(text: str) -> str:
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dir(workdir: Path) -> Path:
-  return workdir / "checkpoints"
-
-
-def complete_steps(workdir: Path) -> List[int]:
-  from orbax.checkpoint._src.path import step as step_lib  # pylint: disable=g-import-not-at-top
-  return sorted(step_lib.checkpoint_steps(checkpoint_dir(workdir)))
-
-
-def partial_saves(workdir: Path) -> List[str]:
-  folder = checkpoint_dir(workdir)
-  return sorted(p.name for p in folder.iterdir() if "tmp" in p.name) if folder.exists() else []
-
-
-def restored(workdir: Path, which: Any = "latest") -> Tuple[int, Any]:
-  """(step, variables) of a checkpoint, read the way evaluate and predict read it."""
-  from msatt_jax import inference  # pylint: disable=g-import-not-at-top
-  trained = inference.restore_run(str(workdir), which)
-  return trained.step, jax.device_get(trained.variables)
-
-
 def assert_bit_identical(a: Any, b: Any) -> None:
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+  assert fault_lib.bit_identical(a, b)
 
 
 def file_contents(folder: Path) -> Dict[str, bytes]:
+  """Every file of a run folder but the lock, whose holder record each start rewrites."""
   return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-          if p.is_file()}
+          if p.is_file() and p.name != workdir_lock.LOCK_NAME}
 
 
 # ------------------------------------------------------------------------------- fixtures
@@ -169,11 +102,7 @@ class Context:
 @pytest.fixture(scope="module")
 def context(synthetic_msd, synthetic_brats, tmp_path_factory) -> Context:
   """Runs the uninterrupted reference (it prepares the data and fills the compilation cache)."""
-  env = dict(os.environ)
-  env.update({"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-              "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
+  env = fault_lib.process_env(tmp_path_factory.mktemp("jax_cache"))
   data_args = [f"--config.data.source_dir={synthetic_msd}",
                f"--config.data.data_dir={tmp_path_factory.mktemp('prepared')}"]
   workdir = tmp_path_factory.mktemp("reference")
@@ -548,7 +477,8 @@ def _bad_predict(kind: str, ctx: Context, tmp: Path) -> None:
   assert names in error and phrase in error, error
   assert not output.exists()
   if output.parent.is_dir():
-    assert not [p.name for p in output.parent.iterdir() if ".partial" in p.name]
+    # No temporary file of an atomic write is left (they are hidden: '.<name>.*.tmp*').
+    assert not [p.name for p in output.parent.iterdir() if p.name.startswith(".")]
 
 
 # The reader's other checks (NaN voxels, empty folders, ...) are the ones train hits above, and

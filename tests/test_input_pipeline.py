@@ -213,16 +213,6 @@ def test_decoding_matches_tfds_and_zlib_storage(data, tmp_path):
         np.testing.assert_array_equal(b["crop_offset"][i], ex["crop_offset"])
 
 
-def test_shard_for_devices():
-  batch = {"image": np.zeros((8, 5, 5, 4)), "label": np.zeros((8, 5, 5)),
-           "extra": [np.arange(8)]}
-  sharded = ip.shard_for_devices(batch, 4)
-  assert sharded["image"].shape == (4, 2, 5, 5, 4) and sharded["label"].shape == (4, 2, 5, 5)
-  np.testing.assert_array_equal(sharded["extra"][0], np.arange(8).reshape(4, 2))
-  with pytest.raises(ValueError, match="multiple of the device count"):
-    ip.shard_for_devices(batch, 3)
-
-
 def test_a_process_with_an_open_iterator_exits_promptly(data):
   # tf.data pipelines with Python generators can deadlock at interpreter exit; this one has
   # none, so a trainer that ends with its iterator open must still exit.

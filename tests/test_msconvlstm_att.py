@@ -1,22 +1,29 @@
 """MSConvLSTM-Att: shapes, per-modality encoders, deep-supervision outputs, dtypes, overfitting."""
 
+import dataclasses
+import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from configs import brats18
-from msatt_jax.models import MSConvLSTMAtt, create_model
-from msatt_jax.models.msconvlstm_att import ModalityEncoders
+from msatt_jax.models import MSConvLSTMAtt, UNet, create_model
+from msatt_jax.models.msconvlstm_att import ModalityEncoder, ModalityEncoders
 
 # Parameters of MSConvLSTMAtt(num_classes=4) at the paper's widths; a change here means the
 # architecture changed (update docs/architecture.md with it).
 PAPER_PARAM_COUNT = 1_568_191
 # Small widths keep CPU compilation and steps fast; the structure is the paper's.
 TINY = dict(lstm_features=4, inception_features=8, resnet_features=8, fused_features=8)
+# Compiled without XLA's backend optimisation: compiling the four unrolled modality encoders,
+# not running the tiny steps, is what these tests spend their time on.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _key(seed: int = 0) -> jax.Array:
@@ -30,9 +37,9 @@ def _count(params) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_variables():
-  """Variables of the tiny model. Both modality maps read one tree; vmap's init compiles faster."""
-  model = MSConvLSTMAtt(num_classes=4, modality_map="vmap", **TINY)
-  return jax.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, 4))))(_key())
+  """Variables of the tiny model."""
+  model = MSConvLSTMAtt(num_classes=4, **TINY)
+  return _jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, 4))))(_key())
 
 
 def test_paper_default_parameter_count_and_registry():
@@ -47,9 +54,20 @@ def test_paper_default_parameter_count_and_registry():
   assert config_model == model  # The config's defaults are the model's defaults.
 
 
+@pytest.mark.parametrize("name,retired,model", [
+    ("msconvlstm_att", {"modality_map": "vmap"}, MSConvLSTMAtt(num_classes=4)),
+    ("unet", {"upsample": "conv_transpose"}, UNet(num_classes=4)),
+])
+def test_saved_configs_naming_removed_forms_build_the_kept_form(name, retired, model):
+  """A run's saved config may name a form measured and removed since (the same function on the
+  same parameters): it restores as the kept form."""
+  saved = ml_collections.ConfigDict({**brats18.get_model_config(name).to_dict(), **retired})
+  assert create_model(saved, num_classes=4) == model
+
+
 def _train_apply(model: MSConvLSTMAtt, variables, x: jax.Array):
-  return jax.jit(lambda v, x: model.apply(v, x, train=True,
-                                          mutable=["batch_stats", "intermediates"]))(variables, x)
+  return _jit(lambda v, x: model.apply(v, x, train=True,
+                                      mutable=["batch_stats", "intermediates"]))(variables, x)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +77,7 @@ def odd_batch_float32(tiny_variables):
   return x, *_train_apply(MSConvLSTMAtt(num_classes=4, **TINY), tiny_variables, x)
 
 
-def test_shapes_sown_scale_logits_and_modality_maps(tiny_variables, odd_batch_float32):
+def test_shapes_sown_scale_logits_and_gate_forms(tiny_variables, odd_batch_float32):
   model = MSConvLSTMAtt(num_classes=4, **TINY)
   # Training mode on an odd size: logits, the three sown per-scale logits, new batch statistics.
   x, out, state = odd_batch_float32
@@ -72,22 +90,50 @@ def test_shapes_sown_scale_logits_and_modality_maps(tiny_variables, odd_batch_fl
   assert jax.tree.structure(state["batch_stats"]) == jax.tree.structure(
       tiny_variables["batch_stats"])
 
-  # Inference on an even size; the 'vmap' encoders and the 'stacked' ConvLSTM gate convolution
-  # give the same logits from the same variables.
+  # Inference on an even size; the 'stacked' ConvLSTM gate convolution gives the same logits
+  # from the same variables.
   x = jax.random.normal(jax.random.key(2), (1, 32, 32, 4))
-  scanned = jax.jit(model.apply)(tiny_variables, x)
-  assert scanned.shape == (1, 32, 32, 4) and bool(jnp.all(jnp.isfinite(scanned)))
-  for form in (dict(modality_map="vmap"), dict(convlstm_gate_convs="stacked")):
-    np.testing.assert_allclose(scanned, jax.jit(model.clone(**form).apply)(tiny_variables, x),
-                               rtol=1e-4, atol=1e-5)
+  separate = _jit(model.apply)(tiny_variables, x)
+  assert separate.shape == (1, 32, 32, 4) and bool(jnp.all(jnp.isfinite(separate)))
+  stacked = _jit(model.clone(convlstm_gate_convs="stacked").apply)(tiny_variables, x)
+  np.testing.assert_allclose(separate, stacked, rtol=1e-4, atol=1e-5)
 
 
-def test_modality_encoders_have_separate_weights():
-  m = 3
-  encoders = ModalityEncoders(lstm_features=2, inception_features=4, resnet_features=4,
-                              se_ratio=4, modality_map="vmap")
-  x = jax.random.normal(jax.random.key(3), (1, 16, 16, m, 1))
-  variables = jax.jit(encoders.init)(_key(), x)
+class _VmappedEncoders(ModalityEncoders):
+  """The reference for the scanned encoders, their removed 'vmap' form: nn.vmap runs the M
+  encoders side by side (per-modality kernels become grouped convolutions) on the same tree."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool):
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModalityEncoder)
+              if f.name not in ("parent", "name")}
+    vmapped = nn.vmap(ModalityEncoder, variable_axes={"params": 0, "batch_stats": 0},
+                      split_rngs={"params": True}, in_axes=(3, None), out_axes=3)
+    return vmapped(**fields, name="encoder")(x, train)
+
+
+@pytest.fixture(scope="module")
+def encoders():
+  """Small modality encoders over three modalities: fields, an input and initial variables."""
+  fields = dict(lstm_features=2, inception_features=4, resnet_features=4, se_ratio=4)
+  x = jax.random.normal(jax.random.key(3), (1, 16, 16, 3, 1))
+  variables = _jit(ModalityEncoders(**fields).init, static_argnums=2)(_key(), x, False)
+  return fields, x, variables
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_scanned_encoders_equal_the_vmapped_reference(encoders, train):
+  fields, x, variables = encoders
+  outputs = [_jit(functools.partial(model.apply, train=train, mutable=["batch_stats"]))(
+      variables, x) for model in (ModalityEncoders(**fields), _VmappedEncoders(**fields))]
+  # The three scales and, in training, the new BatchNorm statistics of every modality.
+  assert jax.tree.structure(outputs[0]) == jax.tree.structure(outputs[1])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *outputs)
+
+
+def test_modality_encoders_have_separate_weights(encoders):
+  fields, x, variables = encoders
+  m = x.shape[3]
   kernels = {jax.tree_util.keystr(path): leaf for path, leaf in
              jax.tree_util.tree_leaves_with_path(variables["params"]) if "kernel" in str(path)}
   assert len(kernels) > 10
@@ -97,9 +143,8 @@ def test_modality_encoders_have_separate_weights():
       for j in range(i + 1, m):
         assert not np.allclose(kernel[i], kernel[j]), f"{name}: modalities {i}, {j} share weights"
 
-  # Changing modality 1's encoder changes only modality 1's features (in the default 'scan' form;
-  # the 'vmap' form computes the same function, see the test above).
-  apply = jax.jit(encoders.clone(modality_map="scan").apply)
+  # Changing modality 1's encoder changes only modality 1's features.
+  apply = _jit(functools.partial(ModalityEncoders(**fields).apply, train=False))
   base = apply(variables, x)
   bumped = {**variables,
             "params": jax.tree.map(lambda p: p.at[1].add(0.1), variables["params"])}
@@ -146,8 +191,7 @@ def _blob_batch():
 @pytest.fixture(scope="module")
 def train_step():
   """A jitted Adam step on softmax cross-entropy + soft Dice; returns the gradients too."""
-  # The 'vmap' form: identical function and parameters, and its gradient compiles faster on CPU.
-  model = MSConvLSTMAtt(num_classes=4, modality_map="vmap", **TINY)
+  model = MSConvLSTMAtt(num_classes=4, **TINY)
   tx = optax.adam(1e-2)
 
   def loss_fn(params, batch_stats, x, y):
@@ -161,14 +205,14 @@ def train_step():
     dice_loss = 1.0 - jnp.mean((2 * inter + 1) / (denom + 1))
     return ce + dice_loss, state["batch_stats"]
 
-  @jax.jit
+  @_jit
   def step(params, batch_stats, opt_state, x, y):
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, batch_stats, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss, grads
 
-  @jax.jit
+  @_jit
   def dice(params, batch_stats, x, y):
     """Hard Dice of the inference-mode prediction for each tumour class 1..3 present."""
     pred = jnp.argmax(model.apply({"params": params, "batch_stats": batch_stats}, x), -1)

@@ -1,5 +1,6 @@
 """Preparation: the CLI, bad input, and a run killed midway (nothing reads as complete)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +42,17 @@ def test_cli_rejects_an_empty_folder_naming_it(tmp_path):
   assert str(empty) in proc.stderr and "error:" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (out / "brats").exists()  # Nothing written at all.
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "error: --src is required"),
+    (["--src=/data/src", "--crop_center=1,x"], "error: crop_center must be two integers"),
+])
+def test_cli_errors_are_one_line(args, message):
+  proc = _cli(*args)
+  assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(message) and "Traceback" not in proc.stderr
 
 
 def test_missing_folder_and_bad_settings_are_clear_errors(tmp_path, synthetic_msd):
@@ -132,3 +144,58 @@ def test_killed_preparation_is_not_readable_and_a_rerun_completes_it(synthetic_m
   assert _leftovers(data) == []
   assert builder_lib.builder_from_config(data).is_prepared()
   assert [ip.num_examples(data, s) for s in ip.SPLITS] == [16, 8, 8]
+
+
+_FLAGS_TO_CONFIG = textwrap.dedent("""
+    import json, sys
+    from absl import flags
+    from data_pipelines import prepare
+    prepare.define_flags()
+    flags.FLAGS(["prepare"] + sys.argv[1:])
+    print(json.dumps(prepare.data_config_from_flags().to_dict()))
+    """)
+
+
+def test_flags_are_the_preprocessing_parameters():
+  from configs import brats18  # pylint: disable=g-import-not-at-top
+  args = ["--src=/data/src", "--layout=brats", "--modalities=t1ce,,flair", "--crop_center=20,24",
+          "--slice_start=3", "--normalize=none", "--compression=zlib"]
+  proc = subprocess.run([sys.executable, "-c", _FLAGS_TO_CONFIG, *args], capture_output=True,
+                        text=True, timeout=120, cwd=REPO, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  data = ml_collections.ConfigDict(json.loads(proc.stdout.splitlines()[-1]))
+  expected = brats18.get_data_config()
+  expected.update(source_dir="/data/src", layout="brats", modalities=("t1ce", "flair"),
+                  crop_center=(20, 24), slice_start=3, normalize="none", compression="zlib")
+  assert data.to_dict() == ml_collections.ConfigDict(
+      json.loads(json.dumps(expected.to_dict()))).to_dict()
+  assert builder_lib.config_from_data_config(data).name == (
+      builder_lib.config_from_data_config(expected).name)
+
+
+def test_prepare_for_training_without_data_says_where_to_get_it(tmp_path):
+  from configs import brats18  # pylint: disable=g-import-not-at-top
+  data = brats18.get_data_config()
+  with pytest.raises(FileNotFoundError, match="Task01_BrainTumour.*--config.data.source_dir"
+                     ".*--config.data.download=msd_task01"):
+    prepare_lib.prepare_for_training(data, str(tmp_path))
+  data.source_dir = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere: --config.data.source_dir is not a folder"):
+    prepare_lib.prepare_for_training(data, str(tmp_path))
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_for_training_generates_and_prepares_the_synthetic_set(tmp_path, capsys):
+  data = small_data_config("unused", "unused", slice_start=5, slice_stop=8, crop_size=16)
+  data.source_dir, data.data_dir = None, None
+  data.synthetic_cases, data.synthetic_shape = 3, (32, 32, 20)
+  (tmp_path / "synthetic.incomplete").mkdir()  # Left by a killed run.
+  resolved = prepare_lib.prepare_for_training(data, str(tmp_path))
+  assert data.source_dir is None  # The caller's config is left as it was.
+  assert resolved.source_dir == str(tmp_path / "synthetic")
+  assert resolved.data_dir == str(tmp_path / "prepared")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "synthetic"]
+  assert [ip.num_examples(resolved, s) for s in ip.SPLITS] == [4, 4, 4]
+  assert "case 3/3" in capsys.readouterr().out
+  prepare_lib.prepare_for_training(data, str(tmp_path))  # Reuses both.
+  assert "Reusing prepared data" in capsys.readouterr().out

@@ -31,7 +31,7 @@ def test_deterministic_for_a_seed():
   b = synthetic.make_case((40, 40, 32), seed=3, index=1)
   c = synthetic.make_case((40, 40, 32), seed=4, index=1)
   np.testing.assert_array_equal(a.label, b.label)
-  for name in synthetic.MODALITIES:
+  for name in layouts.MODALITIES:
     np.testing.assert_array_equal(a.images[name], b.images[name])
   assert not np.array_equal(a.images["flair"], c.images["flair"])
 
@@ -48,7 +48,7 @@ def test_volumes_look_like_skull_stripped_brats(cases):
   for case in cases:
     brain = case.images["flair"] != 0
     assert 0.15 < brain.mean() < 0.5
-    for name in synthetic.MODALITIES:
+    for name in layouts.MODALITIES:
       volume = case.images[name]
       assert volume.dtype == np.int16 and volume.shape == SHAPE
       # Outside the brain exactly 0, inside never 0 (0 means background downstream).
@@ -61,7 +61,7 @@ def test_volumes_look_like_skull_stripped_brats(cases):
 
 def test_tumour_signatures(cases):
   for case in cases:
-    flair, t1, t1gd, t2 = (case.images[m].astype(np.float64) for m in synthetic.MODALITIES)
+    flair, t1, t1gd, t2 = (case.images[m].astype(np.float64) for m in layouts.MODALITIES)
     label = case.label
     normal = (flair != 0) & (label == 0)
     edema = label == labels_lib.EDEMA
@@ -148,6 +148,24 @@ def test_output_folder_rules(tmp_path):
     synthetic.generate_dataset(tmp_path / "e", "nifti", 1)
   with pytest.raises(ValueError, match="Shape"):
     synthetic.generate_dataset(tmp_path / "e", "msd", 1, (8, 32, 32))
+
+
+def test_atomic_generation_replaces_a_killed_runs_leftover(tmp_path):
+  out = tmp_path / "synthetic"
+  leftover = tmp_path / "synthetic.incomplete"
+  leftover.mkdir()
+  (leftover / "imagesTr").mkdir()  # What a killed run may have left.
+  ids = synthetic.generate_dataset_atomically(out, "msd", 2, (32, 32, 24), seed=3)
+  assert not leftover.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
+  assert [r.case_id for r in layouts.find_cases(out)] == ids
+  assert json.loads((out / synthetic.MARKER).read_text())["case_ids"] == ids
+  # An existing folder is generate_dataset's: reused when complete, refused otherwise.
+  assert synthetic.generate_dataset_atomically(out, "msd", 2, (32, 32, 24), seed=3) == ids
+  with pytest.raises(DataError, match="not empty"):
+    synthetic.generate_dataset_atomically(out, "msd", 3, (32, 32, 24), seed=3)
+  with pytest.raises(ValueError, match="at least 1"):
+    synthetic.generate_dataset_atomically(tmp_path / "bad", "msd", 0)
+  assert not list(tmp_path.glob("bad*"))
 
 
 def _cli(*args):

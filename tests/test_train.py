@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import nibabel as nib
@@ -15,8 +17,11 @@ from data_pipelines.brats import layouts
 from msatt_jax import checkpointing
 from msatt_jax import evaluate
 from msatt_jax import inference
+from msatt_jax import metrics
 from msatt_jax import predict
 from msatt_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _read_metrics(workdir):
@@ -94,6 +99,64 @@ def test_predict_rejects_unwritable_output_before_work(trained, tmp_path):
     predict.predict_case(run, "unused", str(tmp_path / "seg.png"))
 
 
+def test_evaluate_records_tta_and_the_hd95_definition(trained):
+  workdir, _, _ = trained
+  result = evaluate.evaluate(workdir, "best", "test", num_figures=0, tta=False, hd95_mode="max")
+  out = result["out_dir"]
+  assert out == os.path.join(workdir, f"eval_test_step{result['step']}_notta_hd95max")
+  with open(os.path.join(out, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["tta"] is False and summary["hd95_mode"] == "max"
+  assert summary["hd95"] == metrics.HD95_DEFINITIONS["max"]
+  assert summary["runs"] == [{"workdir": workdir, "model": "unet",
+                              "checkpoint_step": result["step"]}]
+  table = open(os.path.join(out, "table.md")).read()
+  assert "no test-time augmentation" in table and metrics.HD95_DEFINITIONS["max"] in table
+  assert "| Sensitivity |" in table and "| Specificity |" in table
+  assert {"sensitivity_ET", "specificity_WT"} <= set(result["per_case"][0])
+
+
+def test_an_ensemble_of_two_runs_averages_their_probabilities(trained, tmp_path):
+  workdir, _, _ = trained
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  single = evaluate.evaluate(workdir, "best", "test", num_figures=0, tta=False)
+  # Two copies of one model: the average is that model's probabilities, so the same scores.
+  both = evaluate.evaluate([workdir, copy], "best", "test", num_figures=0, tta=False)
+  assert both["per_case"] == single["per_case"]
+  assert os.path.basename(both["out_dir"]) == (
+      f"eval_test_ensemble2_step{single['step']}-{single['step']}_notta")
+  with open(os.path.join(both["out_dir"], "summary.json")) as f:
+    assert [r["workdir"] for r in json.load(f)["runs"]] == [workdir, copy]
+
+
+def test_predict_command_segments_a_folder_with_an_ensemble(trained, tmp_path):
+  """Progress lines, probabilities, a broken case named and skipped, exit status 1."""
+  workdir, _, _ = trained
+  images = tmp_path / "images"
+  shutil.copytree(os.path.join(workdir, "synthetic", "imagesTr"), images)
+  broken = sorted(images.iterdir())[1]
+  broken.write_bytes(broken.read_bytes()[:1000])
+  out = tmp_path / "preds"
+  proc = subprocess.run(
+      [sys.executable, "-m", "msatt_jax.predict", f"--workdir={workdir},{workdir}",
+       f"--input={images}", f"--output={out}", "--save_probabilities"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  case_ids = sorted(p.name[:-len(".nii.gz")] for p in images.iterdir())
+  broken_id = broken.name[:-len(".nii.gz")]
+  others = [c for c in case_ids if c != broken_id]
+  assert sorted(os.listdir(out)) == sorted(f"{c}{s}" for c in others for s in (".nii.gz", ".npz"))
+  assert f"[{len(case_ids)}/{len(case_ids)}] {case_ids[-1]} -> " in proc.stderr
+  assert "ETA" in proc.stderr
+  assert len([line for line in proc.stderr.splitlines() if broken_id in line and "skipped"
+              in line]) == 1
+  (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert f"1 of {len(case_ids)} case(s)" in error and broken_id in error
+  written = nib.load(out / f"{others[0]}.nii.gz")
+  assert written.shape == nib.load(images / f"{others[0]}.nii.gz").shape[:3]
+
+
 def test_resume_continues_at_the_same_step_and_learning_rate(trained, tmp_path):
   workdir, config, state = trained
   copy = str(tmp_path / "resumed")
@@ -122,10 +185,25 @@ def test_workdir_of_another_model_is_refused_untouched(trained, tmp_path):
   assert sorted(os.listdir(checkpointing.checkpoint_dir(copy))) == before
 
 
-def test_missing_data_names_where_to_get_it(tmp_path):
-  from configs import brats18
-  with pytest.raises(FileNotFoundError, match="Task01_BrainTumour.*--config.data.source_dir"):
-    train.prepare_data(brats18.get_config(), str(tmp_path))
+def test_periodic_saves_are_independent_of_validation(trained):
+  """Periodic saves every checkpoint_every_epochs; validation keeps only its best as 'best'."""
+  workdir, config, state = trained
+  steps_per_epoch = int(state.step) // config.num_epochs
+  validations = [(r["step"], r["val_dice_mean"]) for r in _read_metrics(workdir)
+                 if "val_dice_mean" in r]
+  assert [s for s, _ in validations] == [
+      e * steps_per_epoch for e in range(config.eval_every_epochs, config.num_epochs + 1,
+                                         config.eval_every_epochs)]
+  best_step = max(validations, key=lambda v: v[1])[0]  # The first of equal bests.
+  periodic = [e * steps_per_epoch for e in range(config.checkpoint_every_epochs,
+                                                 config.num_epochs + 1,
+                                                 config.checkpoint_every_epochs)]
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  assert ckpt.all_steps() == sorted(set(periodic[-config.max_checkpoints_to_keep:]) |
+                                    {best_step})
+  assert ckpt.resolve("best") == best_step
+  assert ckpt.best_metric() == pytest.approx(max(v for _, v in validations))
+  ckpt.close()
 
 
 REALDATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir,

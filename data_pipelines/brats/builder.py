@@ -4,16 +4,23 @@ Reads an MSD `Task01_BrainTumour` folder or a BraTS challenge training folder (t
 folder), runs the one preprocessing of `preprocess.py` on each case and writes, per slice,
 `image` (H, W, M), `label` (H, W) uint8 canonical, `case_id`, `slice_index` and `crop_offset`.
 
-The preprocessing parameters are a `BratsConfig`; its name is 'default' for the paper's values
-and `p<hash>` otherwise, so data prepared with other settings lives in another folder and is
-never read by mistake. The split case lists, the parameters and the label-convention warnings
-are stored in the data set's metadata (metadata.json beside dataset_info.json).
+The preprocessing parameters (preprocess.Preprocessing, the one list of them) make a
+`BratsConfig`; its name is 'default' for the paper's values and `p<hash>` otherwise, so data
+prepared with other settings lives in another folder and is never read by mistake. The split
+case lists, the parameters and the label-convention warnings are stored in the data set's
+metadata (metadata.json beside dataset_info.json).
+
+The source is the manual folder, or the Decathlon's archive downloaded into TFDS's downloads
+folder (data_pipelines/download.py: checked against its published size and MD5, resumable):
+`download=Request` (config.data.download), or `tfds build` without --manual_dir.
 
 Build with the paper's settings:
   tfds build data_pipelines/brats/builder.py --manual_dir=SRC --data_dir=OUT
-(TFDS 4.9's `tfds` command imports apache_beam at start-up, so it needs apache-beam installed)
-or, with preprocessing overrides and without Beam,
+  tfds build data_pipelines/brats/builder.py --data_dir=OUT     # downloads MSD Task01
+(TFDS 4.9's `tfds` command imports apache_beam and mlcroissant at start-up, so it needs both
+installed) or, with preprocessing overrides and without them,
   python -m data_pipelines.prepare --src SRC --data_dir OUT [--crop_size ... --modalities ...]
+  python -m data_pipelines.prepare --download msd_task01 [--download_cases 20] --data_dir OUT
 
 Storage: float16 images, uncompressed by default (config.data.compression 'zlib' shrinks them
 about 3x on synthetic data at ~0.5 ms of CPU per slice when reading), labels zlib-compressed:
@@ -36,18 +43,17 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
+from data_pipelines import download as download_lib
 from data_pipelines.brats import layouts
 from data_pipelines.brats import preprocess
 from data_pipelines.errors import DataError
 
 NAME = "brats"
 VERSION = "1.0.0"
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test")  # The one list of the prepared data set's splits.
 # The paper: 285 BraTS'18 cases split 225 / 30 / 30.
 PAPER_NUM_CASES = 285
 PAPER_NUM_HELD_OUT = 30
-STORAGE_DTYPES = ("float16", "float32")
-COMPRESSIONS = ("zlib", "none")
 # TFDS holds up to 1 GB of serialized examples in memory before spilling them to temporary
 # bucket files; a smaller buffer keeps preparation's peak RSS well under 2 GB.
 _SHUFFLE_MEMORY_BYTES = 256 << 20
@@ -60,46 +66,32 @@ Download one of:
   * the BraTS 2018 training data from the challenge's registration page, with one folder per
     case (<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz), optionally under HGG/ and LGG/.
 Point `--manual_dir` (tfds build) or `--src` (python -m data_pipelines.prepare) or
-`config.data.source_dir` (training) at that folder.
+`config.data.source_dir` (training) at that folder. Or let the Decathlon's archive be downloaded
+and checked: `--download=msd_task01` (prepare), `--config.data.download=msd_task01` (training).
 """
 
 
 @dataclasses.dataclass(eq=False)
-class BratsConfig(tfds.core.BuilderConfig):
-  """Preprocessing parameters of a prepared data set (see configs/brats18.py for each)."""
-  label_convention: str = "auto"
-  modalities: Tuple[str, ...] = layouts.MODALITIES
-  slice_start: int = 30
-  slice_stop: int = 120
-  crop_size: int = 190
-  crop_center: Optional[Tuple[int, int]] = None
-  normalize: str = "zscore"
-  split_seed: int = 0
-  num_validation_cases: int = -1
-  num_test_cases: int = -1
-  storage_dtype: str = "float16"
-  compression: str = "none"
+class BratsConfig(preprocess.Preprocessing, tfds.core.BuilderConfig):
+  """A TFDS config whose content fields are the preprocessing parameters (preprocess.py).
 
-
-# Fields that change what gets written. The layout is not one of them: it only says how to find
-# the files, so it is a builder argument instead.
-_CONTENT_FIELDS = ("label_convention", "modalities", "slice_start", "slice_stop", "crop_size",
-                   "crop_center", "normalize", "split_seed", "num_validation_cases",
-                   "num_test_cases", "storage_dtype", "compression")
+  The layout is not one of them: it only says how to find the files, so it is a builder
+  argument instead.
+  """
 
 
 def _content_params(cfg: Any) -> Dict[str, Any]:
   """The content-defining parameters as plain JSON values (tuples -> lists)."""
   out = {}
-  for field in _CONTENT_FIELDS:
-    value = getattr(cfg, field)
+  for field in preprocess.parameters():
+    value = getattr(cfg, field.name)
     if isinstance(value, (tuple, list)):
       value = [v for v in value]
-    out[field] = value
+    out[field.name] = value
   return out
 
 
-_DEFAULT_PARAMS = _content_params(BratsConfig(name="default"))
+_DEFAULT_PARAMS = _content_params(preprocess.Preprocessing())
 
 
 class _QuietCustomConfig:
@@ -120,47 +112,17 @@ def config_name(params: Dict[str, Any]) -> str:
   return "p" + digest[:10]
 
 
-def make_config(*, label_convention: str = "auto",
-                modalities: Sequence[str] = layouts.MODALITIES, slice_start: int = 30,
-                slice_stop: int = 120, crop_size: int = 190,
-                crop_center: Optional[Sequence[int]] = None, normalize: str = "zscore",
-                split_seed: int = 0, num_validation_cases: int = -1, num_test_cases: int = -1,
-                storage_dtype: str = "float16", compression: str = "none") -> BratsConfig:
-  """A validated BratsConfig whose name encodes its content parameters."""
-  modalities = tuple(str(m) for m in modalities)
-  unknown = [m for m in modalities if m not in layouts.MODALITIES]
-  if not modalities or unknown or len(set(modalities)) != len(modalities):
-    raise ValueError(f"modalities must be distinct names from {', '.join(layouts.MODALITIES)}; "
-                     f"got {list(modalities)}.")
-  if label_convention not in ("auto", "msd", "brats"):
-    raise ValueError(f"Unknown label_convention {label_convention!r}; choose 'auto', 'msd' "
-                     "or 'brats'.")
-  if normalize not in preprocess.NORMALIZATIONS:
-    raise ValueError(f"Unknown normalize {normalize!r}; choose one of "
-                     f"{', '.join(preprocess.NORMALIZATIONS)}.")
-  if storage_dtype not in STORAGE_DTYPES:
-    raise ValueError(f"Unknown storage_dtype {storage_dtype!r}; choose one of "
-                     f"{', '.join(STORAGE_DTYPES)}.")
-  if compression not in COMPRESSIONS:
-    raise ValueError(f"Unknown compression {compression!r}; choose one of "
-                     f"{', '.join(COMPRESSIONS)}.")
-  if int(crop_size) <= 0:
-    raise ValueError(f"crop_size must be positive, got {crop_size}.")
-  if int(slice_start) > int(slice_stop):
-    raise ValueError(f"slice_start {slice_start} is after slice_stop {slice_stop}.")
-  if crop_center is not None:
-    crop_center = tuple(int(c) for c in crop_center)
-    if len(crop_center) != 2:
-      raise ValueError(f"crop_center must be (x, y), got {crop_center}.")
-  cfg = BratsConfig(
-      name="pending", version=VERSION, label_convention=label_convention,
-      modalities=modalities, slice_start=int(slice_start), slice_stop=int(slice_stop),
-      crop_size=int(crop_size), crop_center=crop_center, normalize=normalize,
-      split_seed=int(split_seed), num_validation_cases=int(num_validation_cases),
-      num_test_cases=int(num_test_cases), storage_dtype=storage_dtype, compression=compression)
-  params = _content_params(cfg)
-  cfg.name = config_name(params)
-  cfg.description = "Preprocessing: " + json.dumps(params, sort_keys=True)
+def make_config(**params: Any) -> BratsConfig:
+  """A validated BratsConfig of preprocessing parameters (others at their defaults), whose name
+  encodes them."""
+  unknown = sorted(set(params) - set(_DEFAULT_PARAMS))
+  if unknown:
+    raise ValueError(f"Unknown preprocessing parameter(s) {', '.join(unknown)}; the "
+                     f"parameters are {', '.join(_DEFAULT_PARAMS)}.")
+  cfg = BratsConfig(name="pending", version=VERSION, **params)
+  content = _content_params(cfg)
+  cfg.name = config_name(content)
+  cfg.description = "Preprocessing: " + json.dumps(content, sort_keys=True)
   return cfg
 
 
@@ -172,16 +134,9 @@ def _get(data_config, key: str, default: Any) -> Any:
 
 
 def config_from_data_config(data_config) -> BratsConfig:
-  """config.data -> BratsConfig."""
-  get = lambda key, default: _get(data_config, key, default)
-  return make_config(
-      label_convention=get("label_convention", "auto"),
-      modalities=get("modalities", layouts.MODALITIES), slice_start=get("slice_start", 30),
-      slice_stop=get("slice_stop", 120), crop_size=get("crop_size", 190),
-      crop_center=get("crop_center", None), normalize=get("normalize", "zscore"),
-      split_seed=get("split_seed", 0), num_validation_cases=get("num_validation_cases", -1),
-      num_test_cases=get("num_test_cases", -1), storage_dtype=get("storage_dtype", "float16"),
-      compression=get("compression", "none"))
+  """config.data -> BratsConfig (a missing key takes its parameter's default)."""
+  return make_config(**{name: _get(data_config, name, default)
+                        for name, default in preprocess.defaults().items()})
 
 
 def default_data_dir(source_dir: str) -> str:
@@ -190,11 +145,24 @@ def default_data_dir(source_dir: str) -> str:
   return os.path.join(os.path.dirname(source), "prepared")
 
 
+def download_data_dir(request: download_lib.Request, data_dir: Any) -> str:
+  """Where data prepared from a download go: data_dir (default: TFDS's, ~/tensorflow_datasets),
+  and the first N cases in its own folder inside it, so they are never taken for the full set."""
+  base = os.path.abspath(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR))
+  subset = download_lib.subset_folder_name(request) if request.cases else None
+  if subset is None or os.path.basename(base) == subset:  # Already resolved.
+    return base
+  return os.path.join(base, subset)
+
+
 def builder_from_config(data_config) -> "Brats":
   """The one mapping config.data -> the 'brats' builder (used to prepare, train and evaluate)."""
   data_dir = _get(data_config, "data_dir", None)
   source_dir = _get(data_config, "source_dir", None)
-  if not data_dir:
+  request = download_lib.request_from_config(data_config)
+  if request is not None:
+    data_dir = download_data_dir(request, data_dir)
+  elif not data_dir:
     if not source_dir:
       raise DataError("config.data: set source_dir (the raw NIfTI folder) or data_dir (the "
                       "prepared data).\n" + _INSTRUCTIONS)
@@ -203,7 +171,7 @@ def builder_from_config(data_config) -> "Brats":
   # TFDS refuses a custom config object that shares the name of a class config.
   config = cfg.name if cfg.name in Brats.builder_configs else cfg
   return Brats(config=config, data_dir=os.path.abspath(os.path.expanduser(data_dir)),
-               layout=_get(data_config, "layout", "auto"))
+               layout=_get(data_config, "layout", "auto"), download=request)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,10 +270,15 @@ class Brats(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [make_config()]
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
-  def __init__(self, *args, layout: str = "auto", **kwargs):
+  def __init__(self, *args, layout: str = "auto",
+               download: Optional[download_lib.Request] = None, **kwargs):
     if layout not in ("auto",) + layouts.LAYOUTS:
       raise ValueError(f"Unknown layout {layout!r}; choose 'auto', 'msd' or 'brats'.")
     self.layout = layout  # How the manual folder is laid out: 'auto' | 'msd' | 'brats'.
+    # The archive to download instead of reading a manual folder; None: the manual folder, or,
+    # when none was given (`tfds build` without --manual_dir), the Decathlon's archive.
+    self.download = download
+    self._manual_dir_given = False
     super().__init__(*args, **kwargs)
     # Filled while preparing: per-case progress and the label-convention warnings.
     self.progress_fn = lambda message: logging.info("%s", message)
@@ -336,6 +309,8 @@ class Brats(tfds.core.GeneratorBasedBuilder):
 
   def download_and_prepare(self, **kwargs) -> None:
     """TFDS's preparation under a lock, after removing what a killed run left behind."""
+    download_config = kwargs.get("download_config")
+    self._manual_dir_given = bool(download_config and download_config.manual_dir)
     config_dir = Path(self.data_path).parent
     with _exclusive_lock(config_dir):
       # Under the lock no other preparation runs: any incomplete.* folder is a dead run's.
@@ -345,9 +320,30 @@ class Brats(tfds.core.GeneratorBasedBuilder):
       with _small_shuffle_buffer():
         super().download_and_prepare(**kwargs)
 
+  def _source_dir(self, dl_manager: tfds.download.DownloadManager) -> Tuple[Path, Any]:
+    """The folder of NIfTI cases and the identity of the download it came from (or None)."""
+    request = self.download
+    if request is None:
+      try:
+        return Path(dl_manager.manual_dir), None
+      except AssertionError:  # TFDS's 'does not exist or is empty'.
+        if self._manual_dir_given:
+          raise
+        request = download_lib.default_request()
+        self.progress_fn("No manual folder given: downloading the Decathlon's Task01 archive.")
+    try:
+      source = download_lib.fetch(request, Path(dl_manager.download_dir), self.progress_fn)
+    except download_lib.DownloadError as e:
+      published = download_lib.SOURCES[request.source]
+      raise download_lib.DownloadError(
+          f"{e}\nOr download {published.url} by hand ({published.size} bytes, MD5 "
+          f"{published.md5}), unpack it, and prepare from that folder:\n{_INSTRUCTIONS}"
+      ) from None
+    return source, request.identity()
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     cfg = self.builder_config
-    source = Path(dl_manager.manual_dir)
+    source, downloaded = self._source_dir(dl_manager)
     refs = layouts.find_cases(source, self.layout)
     case_ids = [r.case_id for r in refs]
     splits = split_case_ids(case_ids, cfg.split_seed, cfg.num_validation_cases,
@@ -358,6 +354,7 @@ class Brats(tfds.core.GeneratorBasedBuilder):
     metadata.clear()
     metadata.update({
         "source_dir": str(source.resolve()),
+        "download": downloaded,
         "layout": layout,
         "preprocessing": _content_params(cfg),
         "splits": splits,

@@ -24,15 +24,18 @@ from data_pipelines.errors import DataError
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 LAYOUTS = ("msd", "brats")
-# MSD dataset.json modality names (and common spellings) -> canonical names.
+# MSD dataset.json modality names (and common spellings, lower-cased) -> canonical names.
 MSD_MODALITY_NAMES = {
     "flair": "flair",
     "t1w": "t1", "t1": "t1",
     "t1gd": "t1ce", "t1ce": "t1ce", "t1c": "t1ce",
     "t2w": "t2", "t2": "t2",
 }
-# The Decathlon's own channel order, used when no dataset.json is at hand.
-MSD_DEFAULT_ORDER = ("flair", "t1", "t1ce", "t2")
+# The Decathlon's own dataset.json 'modality' entry: channel -> name.
+MSD_DATASET_MODALITIES = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
+# Its channel order in canonical names, used when no dataset.json is at hand.
+MSD_DEFAULT_ORDER = tuple(MSD_MODALITY_NAMES[MSD_DATASET_MODALITIES[str(c)].lower()]
+                          for c in range(len(MSD_DATASET_MODALITIES)))
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 BRATS_GROUPS = ("HGG", "LGG")
 
@@ -122,7 +125,7 @@ def _msd_modality_channels(modality: dict, source: Path) -> Dict[str, int]:
   """dataset.json 'modality' {"0": "FLAIR", ...} -> {canonical name: channel}."""
   if not isinstance(modality, dict) or not modality:
     raise DataError(f"{source}: 'modality' must be a non-empty object such as "
-                    '{"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}.')
+                    f"{json.dumps(MSD_DATASET_MODALITIES)}.")
   channels: Dict[str, int] = {}
   for key, name in modality.items():
     canonical = MSD_MODALITY_NAMES.get(str(name).lower())
@@ -282,7 +285,7 @@ def read_nifti(path: str) -> Tuple[nib.Nifti1Image, np.ndarray]:
   return img, data
 
 
-def _squeeze_to_ndim(data: np.ndarray, ndim: int, path: str) -> np.ndarray:
+def squeeze_to_ndim(data: np.ndarray, ndim: int, path: str) -> np.ndarray:
   # Some writers add trailing singleton axes (X, Y, Z, 1).
   while data.ndim > ndim and data.shape[-1] == 1:
     data = data[..., 0]
@@ -304,7 +307,7 @@ def _load_msd_image(ref: CaseRef, modalities: Sequence[str]):
     raise DataError(f"case {ref.case_id}: MSD modalities point at several files {sorted(paths)}.")
   path = paths.pop()
   img, data = read_nifti(path)
-  data = _squeeze_to_ndim(data, 4, path)
+  data = squeeze_to_ndim(data, 4, path)
   num_channels = len(ref.channel)
   if data.shape[3] != num_channels:
     raise DataError(f"{path}: {data.shape[3]} channels but dataset.json lists {num_channels} "
@@ -322,7 +325,7 @@ def _load_brats_image(ref: CaseRef, modalities: Sequence[str]):
   for i, m in enumerate(modalities):
     path = ref.image_paths[m]
     img, data = read_nifti(path)
-    data = _squeeze_to_ndim(data, 3, path)
+    data = squeeze_to_ndim(data, 3, path)
     _check_finite(data, path)
     if image is None:
       # One float32 volume for the case; each modality is read, copied in and dropped.
@@ -359,7 +362,7 @@ def load_case(ref: CaseRef, modalities: Sequence[str] = MODALITIES,
   if ref.label_path is not None:
     convention = labels_lib.resolve_convention(label_convention, ref.layout)
     _, raw = read_nifti(ref.label_path)
-    raw = _squeeze_to_ndim(raw, 3, ref.label_path)
+    raw = squeeze_to_ndim(raw, 3, ref.label_path)
     if raw.shape != image.shape[:3]:
       raise DataError(f"{ref.label_path}: label shape {raw.shape} differs from image shape "
                       f"{image.shape[:3]}.")

@@ -1,4 +1,5 @@
-"""The paper's preprocessing (Section IV), pure numpy, one case at a time.
+"""The paper's preprocessing (Section IV), pure numpy, one case at a time, and `Preprocessing`,
+the one list of the parameters of a prepared data set (what is kept and how it is stored).
 
 Axial slices 30..120 inclusive, a 190x190 in-plane crop (offsets kept so predictions can be
 pasted back), z-score per modality per volume over brain (non-zero) voxels with background 0.
@@ -8,11 +9,114 @@ height is X and its width Y. Slices come out as (S, H, W, M).
 """
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+import typing
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data_pipelines.brats import labels as labels_lib
+from data_pipelines.brats import layouts
+
 NORMALIZATIONS = ("zscore", "none")
+LABEL_CONVENTIONS = ("auto",) + tuple(labels_lib.CONVENTIONS)
+STORAGE_DTYPES = ("float16", "float32")
+COMPRESSIONS = ("none", "zlib")
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameters of a prepared data set.
+
+
+def _param(default: Any, help_text: str, choices: Sequence[str] = ()) -> Any:
+  """A field of Preprocessing: its default, its one line of help and its allowed values."""
+  return dataclasses.field(default=default,
+                           metadata={"help": help_text, "choices": tuple(choices)})
+
+
+@dataclasses.dataclass(eq=False)
+class Preprocessing:
+  """What a prepared data set holds: the one list of the preprocessing parameters.
+
+  Each parameter's default (the paper's) is written here only. The keys of config.data
+  (configs/brats18.py), the flags of `python -m data_pipelines.prepare` with their help, the
+  builder's config and the content hash naming a prepared data set's folder all follow from
+  these fields, so a new parameter is one new field, its use, and its help line in the config
+  file's comment (a test keeps that comment and the help the same). Values are converted and
+  checked here too.
+  """
+  label_convention: str = _param(
+      "auto", "Label values on disk: 'auto' (the layout's own), 'msd' or 'brats'.",
+      LABEL_CONVENTIONS)
+  modalities: Tuple[str, ...] = _param(
+      layouts.MODALITIES, "Image channels: any subset and order of flair, t1, t1ce, t2.")
+  slice_start: int = _param(30, "First axial slice kept (inclusive).")
+  slice_stop: int = _param(120, "Last axial slice kept (inclusive).")
+  crop_size: int = _param(190, "Square in-plane crop of the 240x240 slices.")
+  crop_center: Optional[Tuple[int, int]] = _param(
+      None, "(x, y) centre of the crop; unset: the centre of the volume.")
+  normalize: str = _param(
+      "zscore", "'zscore': per modality per volume over brain (non-zero) voxels, 0 stays 0; "
+      "or 'none'.", NORMALIZATIONS)
+  split_seed: int = _param(0, "Seed of the patient-level train/validation/test split.")
+  num_validation_cases: int = _param(
+      -1, "-1: 30 of 285 (the paper), proportional to the case count.")
+  num_test_cases: int = _param(-1, "-1: 30 of 285 (the paper), proportional to the case count.")
+  storage_dtype: str = _param(
+      "float16", "Stored images: 'float16' holds z-scores to ~3 significant digits at half "
+      "the bytes of 'float32'.", STORAGE_DTYPES)
+  compression: str = _param(
+      "none", "'none': fastest to read (7.5 GB for 285 cases at float16); 'zlib': ~1/3 of "
+      "that on disk for synthetic data, but ~0.5 ms of CPU per slice to inflate.", COMPRESSIONS)
+
+  def __post_init__(self):
+    """Converts config or flag values (strings, lists) to the fields' types and checks them."""
+    for field in parameters():
+      value = getattr(self, field.name)
+      if field.type is int:
+        try:
+          value = int(value)
+        except (TypeError, ValueError):
+          raise ValueError(f"{field.name} must be an integer, got {value!r}.") from None
+      choices = field.metadata["choices"]
+      if choices and value not in choices:
+        raise ValueError(f"Unknown {field.name} {value!r}; choose one of "
+                         f"{', '.join(choices)}.")
+      setattr(self, field.name, value)
+    self.modalities = tuple(str(m) for m in self.modalities)
+    unknown = [m for m in self.modalities if m not in layouts.MODALITIES]
+    if not self.modalities or unknown or len(set(self.modalities)) != len(self.modalities):
+      raise ValueError(f"modalities must be distinct names from "
+                       f"{', '.join(layouts.MODALITIES)}; got {list(self.modalities)}.")
+    if self.crop_size <= 0:
+      raise ValueError(f"crop_size must be positive, got {self.crop_size}.")
+    if self.slice_start > self.slice_stop:
+      raise ValueError(f"slice_start {self.slice_start} is after slice_stop {self.slice_stop}.")
+    if self.crop_center is not None:
+      try:
+        center = tuple(int(c) for c in self.crop_center)
+      except (TypeError, ValueError):
+        center = ()
+      if len(center) != 2:
+        raise ValueError(f"crop_center must be two integers (x, y), got {self.crop_center}.")
+      self.crop_center = center
+
+
+def parameters() -> Tuple[dataclasses.Field, ...]:
+  """The fields of Preprocessing, in their order."""
+  return dataclasses.fields(Preprocessing)
+
+
+def defaults() -> Dict[str, Any]:
+  """Each parameter's default, in the fields' order."""
+  return {field.name: field.default for field in parameters()}
+
+
+def value_type(field: dataclasses.Field) -> type:
+  """The plain type of a parameter's values (int, str or tuple), for flags and config keys."""
+  kind = field.type
+  if typing.get_origin(kind) is typing.Union:  # Optional[X]: None is the "unset" default.
+    kind = next(a for a in typing.get_args(kind) if a is not type(None))
+  return typing.get_origin(kind) or kind
 
 
 @dataclasses.dataclass
@@ -90,9 +194,11 @@ def _slice_range(depth: int, slice_start: Optional[int],
 
 
 def preprocess_case(image: np.ndarray, label: Optional[np.ndarray] = None, *,
-                    slice_start: Optional[int] = 30, slice_stop: Optional[int] = 120,
-                    crop_size: int = 190, crop_center: Optional[Sequence[int]] = None,
-                    normalize: str = "zscore") -> Slices:
+                    slice_start: Optional[int] = Preprocessing.slice_start,
+                    slice_stop: Optional[int] = Preprocessing.slice_stop,
+                    crop_size: int = Preprocessing.crop_size,
+                    crop_center: Optional[Sequence[int]] = Preprocessing.crop_center,
+                    normalize: str = Preprocessing.normalize) -> Slices:
   """Normalise (whole-brain statistics), keep slices start..stop inclusive, crop in-plane.
 
   slice_start/slice_stop of None mean the first/last slice of the volume.

@@ -19,12 +19,20 @@ MODELS = {
     "attunet": AttentionUNet,
     "fcn": FCN,
 }
+# Models that sow per-scale logits ('intermediates'/'scale_logits'), the deep-supervision targets.
+DEEP_SUPERVISION_MODELS = ("msconvlstm_att",)
+
+
+# Keys of forms that were measured and removed (MSConvLSTMAtt's 'scan' | 'vmap', UNet's
+# 'matmul' | 'conv_transpose'): each form computed the kept one's function on the same
+# parameters, so a run whose saved config still names one restores as the kept form.
+RETIRED_KEYS = ("modality_map", "upsample")
 
 
 def create_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
                  dtype: Any = jnp.float32, axis_name: Optional[str] = None) -> nn.Module:
   """Builds the model named by `model_config.name` with the config's other keys as fields."""
-  kwargs = dict(model_config)
+  kwargs = {key: value for key, value in dict(model_config).items() if key not in RETIRED_KEYS}
   name = kwargs.pop("name")
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
@@ -40,4 +48,5 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
 
 
 __all__ = ["ConvLSTM", "SqueezeExcitation", "SEInception", "SEResNetBlock", "SpatialAttention",
-           "MSConvLSTMAtt", "UNet", "AttentionUNet", "FCN", "MODELS", "create_model"]
+           "MSConvLSTMAtt", "UNet", "AttentionUNet", "FCN", "MODELS",
+           "DEEP_SUPERVISION_MODELS", "create_model"]

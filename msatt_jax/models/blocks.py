@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msatt_jax.models.common import ConvBN, batch_norm, max_pool
+from msatt_jax.models.common import ConvBN, max_pool
 
 Dtype = Any
 
@@ -106,12 +106,14 @@ class SEInception(nn.Module):
 
   Branches: 1x1; 1x1 -> 3x3; 1x1 -> 3x3 -> 3x3; 3x3 max-pool -> 1x1. Every conv is conv-BN-ReLU.
   `features` is split evenly over the four branches (the last one takes any remainder), and each
-  branch's 1x1 reduction has the branch's width. No identity path.
+  branch's 1x1 reduction has the branch's width. No identity path. `use_se=False` leaves out
+  the SE: the plain Inception module of the 'no_se' ablation.
   """
   features: int
   se_ratio: int = 16
   dtype: Dtype = jnp.float32
   axis_name: Optional[str] = None
+  use_se: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -127,6 +129,8 @@ class SEInception(nn.Module):
     b4 = max_pool(x, (3, 3), strides=(1, 1), padding="SAME")
     b4 = conv(widths[3], (1, 1), "b4_1x1")(b4, train)
     y = jnp.concatenate([b1, b2, b3, b4], axis=-1)
+    if not self.use_se:
+      return y
     return SqueezeExcitation(self.se_ratio, dtype=self.dtype, name="se")(y)
 
 
@@ -134,13 +138,15 @@ class SEResNetBlock(nn.Module):
   """Basic ResNet block (He et al. 2016) with SE on the residual branch (Hu et al. 2018).
 
   3x3 conv-BN-ReLU (strided) -> 3x3 conv-BN -> SE, added to the shortcut (1x1 conv-BN projection
-  when the stride or the width changes, else identity), then ReLU.
+  when the stride or the width changes, else identity), then ReLU. `use_se=False` leaves out
+  the SE: the plain ResNet block of the 'no_se' ablation.
   """
   features: int
   strides: tuple[int, int] = (1, 1)
   se_ratio: int = 16
   dtype: Dtype = jnp.float32
   axis_name: Optional[str] = None
+  use_se: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -148,7 +154,8 @@ class SEResNetBlock(nn.Module):
                name="conv1")(x, train)
     y = ConvBN(self.features, (3, 3), act=None, dtype=self.dtype, axis_name=self.axis_name,
                name="conv2")(y, train)
-    y = SqueezeExcitation(self.se_ratio, dtype=self.dtype, name="se")(y)
+    if self.use_se:
+      y = SqueezeExcitation(self.se_ratio, dtype=self.dtype, name="se")(y)
     shortcut = x
     if tuple(self.strides) != (1, 1) or x.shape[-1] != self.features:
       shortcut = ConvBN(self.features, (1, 1), self.strides, act=None, dtype=self.dtype,
@@ -179,16 +186,17 @@ class SpatialAttention(nn.Module):
   R_i = sum_j S_ij B2_j; O = lambda * R + V with the scalar lambda initialised to 0, so the module
   starts as the identity.
 
-  `implementation` picks how R is computed (all give the same R):
+  `implementation` picks how R is computed (both give the same R):
   - 'auto' (default): 'cudnn' where it runs (see `resolve_attention_implementation`), else
     'einsum';
   - 'einsum': two einsums and a float32 softmax on the unpadded B0, B1 (the fewest FLOPs; what
     XLA would run anyway, since it has no fused attention kernel on CPU);
-  - 'xla' or 'cudnn': `jax.nn.dot_product_attention` with scale 1 and that implementation;
-    'cudnn' is the fused GPU kernel (bfloat16/float16 only), which never materialises the N x N
-    map. That function needs query, key and value of one width, so B0 and B1 are zero-padded to
-    C, which leaves every dot product B0_i . B1_j unchanged but costs C / (C // reduction) times
-    the FLOPs of B0 . B1^T when the kernel is not fused.
+  - 'cudnn': `jax.nn.dot_product_attention` with scale 1 on the fused GPU kernel
+    (bfloat16/float16 only), which never materialises the N x N map. That function needs query,
+    key and value of one width, so B0 and B1 are zero-padded to C, which leaves every dot
+    product B0_i . B1_j unchanged. Unfused (XLA's implementation of the same function) the
+    padding would multiply the FLOPs of B0 . B1^T by C / (C // reduction), so only the fused
+    kernel is offered; the tests run this path with XLA's implementation.
   """
   reduction: int = 8
   implementation: str = "auto"
@@ -211,14 +219,14 @@ class SpatialAttention(nn.Module):
       logits = jnp.einsum("bid,bjd->bij", query, key, preferred_element_type=jnp.float32)
       attn = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
       r = jnp.einsum("bij,bjc->bic", attn, value)
-    elif implementation in ("xla", "cudnn"):
+    elif implementation == "cudnn":
       # One head, in dot_product_attention's (batch, length, heads, dim) layout.
       pad = lambda t: jnp.pad(t, ((0, 0), (0, 0), (0, c - inner)))[:, :, None, :]
       r = jax.nn.dot_product_attention(pad(query), pad(key), value[:, :, None, :], scale=1.0,
-                                       implementation=implementation)
+                                       implementation="cudnn")
     else:
       raise ValueError(f"Unknown SpatialAttention implementation {self.implementation!r}; "
-                       "choose 'auto', 'einsum', 'xla' or 'cudnn'.")
+                       "choose 'auto', 'einsum' or 'cudnn'.")
     r = r.reshape(b, h, w, c).astype(self.dtype)
     lam = self.param("lam", nn.initializers.zeros_init(), (), jnp.float32)
     return lam.astype(self.dtype) * r + v.astype(self.dtype)

@@ -90,14 +90,13 @@ class UpsampleConv2x2(nn.Module):
   """Transposed convolution with a 2x2 kernel and stride 2: (B,H,W,C) -> (B,2H,2W,features).
 
   Output pixel (2h+i, 2w+j) is x[h, w] @ kernel[i, j] + bias: the windows do not overlap, so
-  the whole layer is one (C, 4*features) matmul followed by depth-to-space. `method="matmul"`
-  computes it that way, a plain GEMM for XLA; `method="conv_transpose"` uses
-  `lax.conv_transpose` (an input-dilated convolution) on the same parameters. On a 2-core CPU
-  the matmul form made the U-Net's train step (batch 8, 192x192x4) about 1.7x faster.
+  the whole layer is one (C, 4*features) matmul followed by depth-to-space, a plain GEMM for
+  XLA instead of the input-dilated convolution `lax.conv_transpose` runs (slower on CPU,
+  BENCHMARKS.md). The parameters are nn.ConvTranspose's, with the kernel flipped; the tests
+  check the result against the transposed convolution.
   """
   features: int
   use_bias: bool = True
-  method: str = "matmul"  # 'matmul' | 'conv_transpose': same parameters, same result.
   dtype: Dtype = jnp.float32
   kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
 
@@ -107,16 +106,9 @@ class UpsampleConv2x2(nn.Module):
     # nn.ConvTranspose's shape and initialiser; its kernel is this one flipped, kernel[::-1, ::-1].
     kernel = self.param("kernel", self.kernel_init, (2, 2, c, self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if self.method == "matmul":
-      y = jnp.dot(x.reshape(b * h * w, c), kernel.transpose(2, 0, 1, 3).reshape(c, -1))
-      y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
-      y = y.reshape(b, 2 * h, 2 * w, self.features)
-    elif self.method == "conv_transpose":
-      # Without transpose_kernel, lax.conv_transpose maps input pixel h to outputs 2h + (1 - i).
-      y = jax.lax.conv_transpose(x, kernel[::-1, ::-1], (2, 2), "VALID",
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    else:
-      raise ValueError(f"Unknown method {self.method!r}; use 'matmul' or 'conv_transpose'.")
+    y = jnp.dot(x.reshape(b * h * w, c), kernel.transpose(2, 0, 1, 3).reshape(c, -1))
+    y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+    y = y.reshape(b, 2 * h, 2 * w, self.features)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)

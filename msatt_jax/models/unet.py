@@ -39,8 +39,6 @@ class UNet(nn.Module):
   num_classes: int
   base_width: int = 32
   depth: int = 4
-  # 'matmul' | 'conv_transpose': how the 2x2 stride-2 up-convolution is computed (same result).
-  upsample: str = "matmul"
   dtype: Dtype = jnp.float32
   axis_name: Optional[str] = None
 
@@ -61,8 +59,7 @@ class UNet(nn.Module):
     x = DoubleConv(widths[-1], self.dtype, self.axis_name, name="bottleneck")(x, train)
     for level in reversed(range(self.depth)):
       skip = self.gate_skip(skips[level], x, level, train)
-      x = UpsampleConv2x2(widths[level], method=self.upsample, dtype=self.dtype,
-                          name=f"upconv{level}")(x)
+      x = UpsampleConv2x2(widths[level], dtype=self.dtype, name=f"upconv{level}")(x)
       x = jnp.concatenate([skip, x], axis=-1)
       x = DoubleConv(widths[level], self.dtype, self.axis_name, name=f"up{level}")(x, train)
     x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="head")(x)

@@ -1,19 +1,18 @@
 """Max-pool forms: `nn.max_pool` (differentiated through select_and_scatter) vs the models'
-`common.max_pool` (reshape + max, or separable shifted maxima), forward + backward.
+`common.max_pool` (reshape + max, or separable shifted maxima), forward + backward, alone at
+the models' pool shapes.
 
-  python -m benchmarks.pool_forms [--batch 8] [--steps 8] [--models unet,msconvlstm_att]
-  python -m benchmarks.pool_forms --dtype bfloat16 --batch 64 --size 190 \
-      --models msconvlstm_att          # the GPU training setting
+  python -m benchmarks.experiments.pool_forms [--batch 8] [--steps 8]
+  python -m benchmarks.experiments.pool_forms --dtype bfloat16 --batch 64   # a GPU's setting
 
-First the pools alone at the models' shapes, then each model's whole train step built once with
-each form (the models' modules see `nn.max_pool` for the baseline) and timed alternately, step
-by step. Prints medians and the ratio (> 1: common.max_pool faster).
+The two forms are compiled in one process and timed alternately, step by step. Prints medians
+and the ratio (> 1: common.max_pool faster). The whole train steps were compared once, when
+the models moved to common.max_pool (BENCHMARKS.md); the models keep no switch back to
+nn.max_pool, so that comparison is not repeated here.
 """
 
 import argparse
-import contextlib
 import time
-from typing import Iterator
 
 from msatt_jax import runtime
 
@@ -25,41 +24,19 @@ SHAPES = (
 )
 
 
-@contextlib.contextmanager
-def flax_pools() -> Iterator[None]:
-  """Within: the models build their pools with nn.max_pool (the form before common.max_pool)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from msatt_jax import models  # pylint: disable=g-import-not-at-top
-  modules = (models.blocks, models.fcn, models.msconvlstm_att, models.unet)
-  saved = [m.max_pool for m in modules]
-
-  def pool(x, window, strides=None, padding="VALID"):
-    return nn.max_pool(x, tuple(window), strides=tuple(strides or window), padding=padding)
-
-  for m in modules:
-    m.max_pool = pool
-  try:
-    yield
-  finally:
-    for m, f in zip(modules, saved):
-      m.max_pool = f
-
-
 def main() -> None:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from benchmarks import jax_bench  # pylint: disable=g-import-not-at-top
   from msatt_jax.models.common import max_pool  # pylint: disable=g-import-not-at-top
 
-  p = argparse.ArgumentParser(prog="python -m benchmarks.pool_forms", description=__doc__)
+  p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.pool_forms",
+                              description=__doc__)
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--size", type=int, default=192, help="model input height and width")
   p.add_argument("--steps", type=int, default=8)
-  p.add_argument("--models", default="unet,msconvlstm_att", help="comma list; '' for none")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="compute dtype of the pools and the models")
+                 help="compute dtype of the pools")
   args = p.parse_args()
   print(f"# {jax.devices()[0].device_kind}, {args.dtype}, batch {args.batch}, forward + "
         f"backward, median of {args.steps} alternating steps; runtime settings: "
@@ -87,17 +64,6 @@ def main() -> None:
     print(f"{size}x{size}x{channels} {window[0]}x{window[1]}/{strides[0]} {padding}: "
           f"nn.max_pool {a * 1e3:.1f} ms, common.max_pool {b * 1e3:.1f} ms, ratio {a / b:.2f}",
           flush=True)
-
-  for model in filter(None, args.models.split(",")):
-    spec = {"model": model, "batch_size": args.batch, "size": args.size, "dtype": args.dtype}
-    with flax_pools():
-      baseline = jax_bench.JaxBench(spec)
-      baseline.setup("train")  # Traced here, inside the context.
-    ours = jax_bench.JaxBench(spec)
-    ours.setup("train")
-    a, b = alternate([lambda s=s: s.run("train", 1) for s in (baseline, ours)])
-    print(f"{model} train step, batch {args.batch} of {args.size}x{args.size}: nn.max_pool "
-          f"{a * 1e3:.0f} ms, common.max_pool {b * 1e3:.0f} ms, ratio {a / b:.3f}", flush=True)
 
 
 if __name__ == "__main__":

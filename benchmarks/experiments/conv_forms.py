@@ -3,7 +3,7 @@ convolution; im2col (nine shifted copies concatenated along channels, then one m
 Winograd F(2x2, 3x3) (4x4 input tiles transformed, 16 batched matmuls with 2.25x fewer
 multiplications, 2x2 output tiles transformed back).
 
-  python -m benchmarks.conv_forms [--batch 8] [--steps 5]
+  python -m benchmarks.experiments.conv_forms [--batch 8] [--steps 5]
 
 Prints the median time of each form per layer shape and the ratios (> 1: that form faster). It
 answers whether routing the U-Net's convolutions through XLA's matmul path would help on CPU.
@@ -23,7 +23,8 @@ def main() -> None:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  p = argparse.ArgumentParser(prog="python -m benchmarks.conv_forms", description=__doc__)
+  p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.conv_forms",
+                              description=__doc__)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--steps", type=int, default=5)
   args = p.parse_args()

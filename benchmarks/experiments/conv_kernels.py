@@ -1,16 +1,16 @@
 """XLA:CPU's 3x3 convolution kernels beside PyTorch's (oneDNN), one layer at a time.
 
-  python -m benchmarks.conv_kernels [--batch 8] [--steps 7]
+  python -m benchmarks.experiments.conv_kernels [--batch 8] [--steps 7]
 
-For each U-Net level shape (benchmarks/conv_forms.py's SHAPES, plus the first decoder conv that
-reads skip and upsampled maps together) it times the three convolutions of a train step: the
+For each U-Net level shape (conv_forms.py's SHAPES, plus the first decoder conv that reads
+skip and upsampled maps together) it times the three convolutions of a train step: the
 forward pass, the input gradient and the weight gradient, in JAX (each jitted with every array
 an argument, so nothing is folded at compile time) and in PyTorch (channels_last, the oneDNN path
 its CPU build takes, with as many threads). Each framework's calls run as a block: alternating
-single calls of the two in one process measured the JAX side 13-19% slower (the two thread
-pools share the cores; the main benchmark keeps the frameworks in separate processes). It
-prints GFLOP/s and the JAX / PyTorch speed ratio of each: where the U-Net's gap to MONAI comes
-from, layer by layer. Needs the `bench` extra (torch).
+single calls of the two in one process slows the JAX side (the two thread pools share the
+cores; the main benchmark keeps the frameworks in separate processes). It prints GFLOP/s and
+the JAX / PyTorch speed ratio of each: where the U-Net's gap to MONAI comes from, layer by
+layer. Needs the `bench` extra (torch).
 """
 
 import argparse
@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 
 from benchmarks import common
-from benchmarks.conv_forms import SHAPES
+from benchmarks.experiments.conv_forms import SHAPES
 from msatt_jax import runtime
 
 PARTS = ("forward", "input grad", "weight grad")
@@ -80,7 +80,8 @@ def median_seconds(fn: Callable, steps: int, warmup: int = 5) -> float:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.conv_kernels", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.conv_kernels",
+                              description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--steps", type=int, default=7)
