@@ -1,39 +1,66 @@
-r"""Fault injection: kill -9, SIGTERM and SIGINT at random moments of training, then resume.
+r"""Fault injection: kills, preemption, a second launch, readers and damaged checkpoints.
 
   python -m benchmarks.faults --rounds 50 [--jobs 3] [--seed 0] [--workdir DIR]
+      [--scenarios interrupts,second_launch,evaluate_during_training,damaged_checkpoint]
 
 Trains a tiny U-Net (4 synthetic cases, batch 8: a checkpoint every 5 steps, 30 steps, random
 augmentation on) once without interruption as the reference. Each round then trains the same run
-in a fresh workdir and interrupts it 1 to 3 times, each time one of:
-  kill9          kill -9 at a random moment: anywhere in the process's life, or after a random
-                 step; half of the time saves are slowed (0.2 s before each commit) so the kill
-                 often lands inside one
-  kill9_in_save  kill -9 while the save of a random step is written but not yet committed
-  sigterm        SIGTERM after a random step (preemption)
-  sigint         SIGINT after a random step (Ctrl-C)
-and finally lets it run to the end. A round survives with nothing lost when
-  - every start resumed from the newest complete checkpoint on disk (never a partial one),
+in a fresh workdir under one scenario, taken in rotation:
+  interrupts       the run is interrupted 1 to 3 times, each time one of
+                     kill9          kill -9 at a random moment: anywhere in the process's life, or
+                                    after a random step; half of the time saves are slowed (0.2 s
+                                    before each commit) so the kill often lands inside one
+                     kill9_in_save  kill -9 while the save of a random step is written but not yet
+                                    committed
+                     sigterm        SIGTERM after a random step (preemption)
+                     sigint         SIGINT after a random step (Ctrl-C)
+                   and then finishes
+  second_launch    the same command again while the run trains (after a random step; half of the
+                   time with the first process frozen by SIGSTOP, so that the check that the
+                   second changed nothing is exact): it must stop at once with one error line
+                   naming the holder's process id; the first finishes, and a third start resumes
+  evaluate_during_training
+                   `evaluate --checkpoint=latest` in a loop while the run trains and saves, one of
+                   them while the save of a random step is held just before its commit: each
+                   reads a committed step (the newest one while the other is in flight) or fails
+                   with one error line; evaluate never takes the training lock
+  damaged_checkpoint
+                   SIGTERM after a random step, then the data files of the newest 1 to n-1
+                   committed checkpoints are truncated (an interrupted copy of the run folder):
+                   the rerun names each, moves them to damaged_checkpoints/ and resumes from the
+                   newest intact one (a third of the time `evaluate --checkpoint=latest` is asked
+                   first and must refuse, naming the step); a fifth of the time every checkpoint
+                   is damaged: the rerun must stop with one error line listing them, moving and
+                   writing nothing, and the round then moves the checkpoints folder away and
+                   trains from scratch.
+A round survives with nothing lost when
+  - every start resumed from the newest complete (and intact) checkpoint on disk, never a
+    partial one,
   - every SIGTERM/SIGINT exited with 128 + the signal after committing the step it had reached,
+  - every refused start (a second launch, all checkpoints damaged) exited 1 and changed nothing,
   - no partial checkpoint folder is left once the run has finished, and
   - the final parameters and batch statistics are bit-identical to the reference's.
-Prints one line per round and the totals; the processes go through tests/faults_run.py, which
-injects the slow and stalled saves. Compiled programs are shared through a persistent JAX
-compilation cache, so only the reference run compiles. Everything runs from a copy of the code
-taken at the start (<workdir>/code): edits to the working tree while the benchmark runs cannot
-make the rounds differ from the reference.
+Prints one line per round, then the totals per scenario; the processes go through
+tests/faults_run.py, which injects the slow and stalled saves. Compiled programs are shared
+through a persistent JAX compilation cache, so only the reference run compiles. Everything runs
+from a copy of the code taken at the start (<workdir>/code): edits to the working tree while the
+benchmark runs cannot make the rounds differ from the reference.
 
-The helpers that start the processes and read their checkpoints are tests/test_faults.py's too,
+The helpers that start the processes and read their checkpoints, and the checks of the second
+launch, evaluation during training and damaged checkpoints, are tests/test_faults.py's too,
 which imports them from here: the soak and the tests check a run the same way.
 """
 
 import argparse
 import concurrent.futures
 import dataclasses
+import json
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -169,28 +196,77 @@ def bit_identical(a: Any, b: Any) -> bool:
                                   x.tobytes() == y.tobytes() for x, y in pairs)
 
 
-# ------------------------------------------------------------------------------ the soak
+def run_files(folder: Path, skip: Sequence[str] = ()) -> Dict[str, bytes]:
+  """Every file under a run folder (path -> bytes) but those named in `skip`."""
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+          if p.is_file() and p.name not in skip}
 
-TINY = [*tiny_train_args(batch_size=8), f"--config.num_train_steps={NUM_STEPS}"]
+
+def one_error_line(text: str, what: str) -> str:
+  """The one `error: ` line a refused command reports its cause in."""
+  lines = [l for l in text.splitlines() if l.startswith("error: ")]
+  if len(lines) != 1:
+    raise Lost(f"{what}: {len(lines)} error lines instead of one; console:\n{text[-3000:]}")
+  return lines[0]
+
+
+def damage(workdir: Path, step: int) -> None:
+  """Truncates the data files of a committed step, as an interrupted copy of the run folder
+  leaves them: the step is still listed, but its arrays cannot be read back."""
+  for path in (checkpoint_dir(workdir) / str(step) / "state").rglob("*"):
+    if path.is_file() and ("ocdbt" in path.parent.name or path.name.startswith("manifest")):
+      path.write_bytes(b"")
+
+
+def lock_holder(workdir: Path) -> Optional[int]:
+  """The process id the workdir's training lock records (the last run that took it)."""
+  from msatt_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  path = workdir / workdir_lock.LOCK_NAME
+  return json.loads(path.read_text() or "{}").get("pid") if path.exists() else None
 
 
 @dataclasses.dataclass
-class Setup:
-  root: Path
-  code: Path  # The snapshot of the repository the processes run.
+class Trainer:
+  """The train command of a check, by workdir, and what its uninterrupted run ends with."""
+  args: List[str]  # The train flags but --workdir.
   env: Dict[str, str]
-  data_args: List[str]
-  reference: Any  # Final variables of the uninterrupted run.
-  life: float  # Seconds from start to exit of an uninterrupted run.
+  num_steps: int
+  save_steps: Sequence[int]  # The steps of the periodic saves.
+  reference: Any = None  # Final variables of the uninterrupted run.
+  code: Path = REPO  # The copy of the code the processes run.
+
+  def command(self, workdir: Path, *extra: str) -> List[str]:
+    return train_command(*self.args, f"--workdir={workdir}", *extra, code=self.code)
+
+  def start(self, workdir: Path, log: Path,
+            faults: Optional[Mapping[str, str]] = None) -> subprocess.Popen:
+    return start(self.command(workdir), self.env, log, faults, cwd=self.code)
+
+  def run(self, workdir: Path, log: Path,
+          faults: Optional[Mapping[str, str]] = None) -> Tuple[int, str]:
+    return run(self.command(workdir), self.env, log, faults, cwd=self.code)
+
+  def evaluate(self, workdir: Path, out: Path, checkpoint: str = "latest") -> Tuple[int, str]:
+    """(exit status, console) of `evaluate` on the validation split, its results in `out`."""
+    argv = [sys.executable, "-m", "msatt_jax.evaluate", f"--workdir={workdir}",
+            f"--checkpoint={checkpoint}", "--split=validation", "--notta", "--num_figures=0",
+            f"--out={out}"]
+    return run(argv, self.env, out.with_suffix(".log"), cwd=self.code)
+
+  def check_finished(self, workdir: Path, status: int, what: str) -> None:
+    """The run ended normally with the reference's parameters and nothing half-written."""
+    if status != 0:
+      raise Lost(f"{what} exited with {status}")
+    if partial_saves(workdir):
+      raise Lost(f"{what}: partial saves left: {partial_saves(workdir)}")
+    step, variables = restored(workdir)
+    if step != self.num_steps or not bit_identical(variables, self.reference):
+      raise Lost(f"{what}: the final parameters differ from the uninterrupted run's")
 
 
-def _start(setup: Setup, workdir: Path, log: Path, faults: Dict[str, str]) -> subprocess.Popen:
-  return start(train_command(*TINY, *setup.data_args, f"--workdir={workdir}", code=setup.code),
-               setup.env, log, faults, cwd=setup.code)
-
-
-def _check_resume(log: Path, newest: Optional[int]) -> None:
-  """A start resumes from the newest complete checkpoint there was, or starts from scratch."""
+def check_resume(log: Path, newest: Optional[int]) -> None:
+  """A start resumed from `newest` (the newest complete, intact checkpoint there was), or
+  started from scratch when there was none."""
   text = log.read_text(errors="replace")
   resumed = re.search(r"Resumed from the checkpoint at step (\d+)\.", text)
   if resumed and int(resumed.group(1)) != newest:
@@ -202,7 +278,191 @@ def _check_resume(log: Path, newest: Optional[int]) -> None:
     raise Lost(f"trained from step {training.group(1)} instead of {newest or 0}")
 
 
-# --------------------------------------------------------------------------------- rounds
+def _stopped(proc: subprocess.Popen) -> None:
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+
+
+def check_second_launch(trainer: Trainer, workdir: Path, prefix: Path, after: int,
+                        freeze: bool = True, delay: float = 0.2) -> str:
+  """The same command, started again while a run trains (after its step `after`), stops at once
+  with one error line naming the holder and changes nothing; the first run ends as the
+  reference; a third start, once the first has exited, resumes normally.
+
+  The first run's next save is held before its commit until the second has exited, so that it is
+  still alive then however long the second takes to start. freeze: the first run is also stopped
+  (SIGSTOP) meanwhile, so that "changed nothing" compares every file of the workdir exactly.
+  Files: `<prefix>_*`.
+  """
+  logs = [Path(f"{prefix}_{name}.log") for name in ("first", "second", "third")]
+  release = Path(f"{prefix}_release")
+  held = min(s for s in trainer.save_steps if s > after)
+  proc = trainer.start(workdir, logs[0], {
+      "FAULTS_STEP_DELAY": str(delay), "FAULTS_STALL_SAVE_AT": str(held),
+      "FAULTS_RELEASE": str(release)})
+  try:
+    if not wait_for(lambda: logged_step(logs[0], trainer.num_steps) >= after, proc):
+      raise Lost(f"the first run ended ({proc.returncode}) before step {after}")
+    if freeze:
+      proc.send_signal(signal.SIGSTOP)
+    try:
+      before = run_files(workdir)
+      t0 = time.perf_counter()
+      status, text = trainer.run(workdir, logs[1])
+      seconds = time.perf_counter() - t0
+      changed = freeze and run_files(workdir) != before
+    finally:
+      if freeze:
+        proc.send_signal(signal.SIGCONT)
+      release.touch()
+    if status != 1:
+      raise Lost(f"the second start exited with {status} while the first ran")
+    error = one_error_line(text, "the second start")
+    holder = f"in use by a training run: process {proc.pid} on host {socket.gethostname()}"
+    if holder not in error:
+      raise Lost(f"the second start did not name the holder: {error}")
+    if "Training unet for" in text or changed:
+      raise Lost("the second start trained or changed the workdir")
+    status = wait(proc, logs[0])
+  finally:
+    release.touch()
+    _stopped(proc)
+  trainer.check_finished(workdir, status, "the first run")
+  status, text = trainer.run(workdir, logs[2])
+  check_resume(logs[2], trainer.num_steps)
+  trainer.check_finished(workdir, status, "the third start")
+  return (f"second start after step {after}{' (first frozen)' if freeze else ''} refused in "
+          f"{seconds:.0f} s naming pid {proc.pid}; the first finished identical; a third "
+          "start resumed")
+
+
+def _evaluate_once(trainer: Trainer, workdir: Path, out: Path) -> Optional[int]:
+  """The step `evaluate --checkpoint=latest` read, or None when it failed with one error
+  line (no checkpoint yet, say)."""
+  status, text = trainer.evaluate(workdir, out)
+  if "orbax-checkpoint-tmp" in text:
+    raise Lost(f"an evaluation named a partial save; console:\n{text[-3000:]}")
+  if status == 1:
+    one_error_line(text, "a failed evaluation")
+    return None
+  if status != 0:
+    raise Lost(f"an evaluation exited with {status}; console:\n{text[-3000:]}")
+  step = json.loads((out / "summary.json").read_text())["checkpoint_step"]
+  if step not in trainer.save_steps:
+    raise Lost(f"an evaluation read step {step}, which the run never saved")
+  return step
+
+
+def check_evaluate_during_training(trainer: Trainer, workdir: Path, prefix: Path, stall: int,
+                                   delay: float = 0.3, before_stall: int = 3) -> str:
+  """`evaluate --checkpoint=latest` in a loop while a run trains and saves: up to
+  `before_stall` times from its start, once while the save of step `stall` is held just before
+  its commit (it must read the newest committed step, not the one in flight), and once while the
+  rest commits. Each reads a committed step or fails with one error line; evaluate never takes
+  the training lock; the run ends as the reference. Files: `<prefix>_*`.
+  """
+  marker, release = Path(f"{prefix}_stalled"), Path(f"{prefix}_release")
+  log = Path(f"{prefix}_train.log")
+  proc = trainer.start(workdir, log, {
+      "FAULTS_STEP_DELAY": str(delay), "FAULTS_STALL_SAVE_AT": str(stall),
+      "FAULTS_MARKER": str(marker), "FAULTS_RELEASE": str(release)})
+  read = []
+  try:
+    while not marker.exists() and proc.poll() is None and len(read) < before_stall:
+      read.append(_evaluate_once(trainer, workdir, Path(f"{prefix}_eval{len(read)}")))
+    if not wait_for(marker.exists, proc):
+      raise Lost(f"the save of step {stall} was never reached")
+    committed, in_flight = complete_steps(workdir), partial_saves(workdir)
+    if not any(name.startswith(f"{stall}.") for name in in_flight):
+      raise Lost(f"no partial save of step {stall} while its commit was held: {in_flight}")
+    step = _evaluate_once(trainer, workdir, Path(f"{prefix}_eval{len(read)}"))
+    read.append(step)
+    if step != (committed or [None])[-1]:
+      raise Lost(f"read step {step} while {committed} were committed and {stall} in flight")
+    release.touch()
+    read.append(_evaluate_once(trainer, workdir, Path(f"{prefix}_eval{len(read)}")))
+    status = wait(proc, log)
+  finally:
+    release.touch()
+    _stopped(proc)
+  if lock_holder(workdir) != proc.pid:
+    raise Lost(f"the training lock records process {lock_holder(workdir)}, not the trainer")
+  trainer.check_finished(workdir, status, "the run evaluated during training")
+  return (f"evaluations read {['none' if s is None else s for s in read]} (the save of {stall} "
+          "held during one); training finished identical")
+
+
+def check_evaluate_refuses_damaged(trainer: Trainer, workdir: Path, out: Path) -> str:
+  """`evaluate --checkpoint=latest` on a workdir whose newest checkpoint is damaged: exit 1, one
+  error line naming the step. Returns that line."""
+  step = complete_steps(workdir)[-1]
+  status, text = trainer.evaluate(workdir, out)
+  if status != 1:
+    raise Lost(f"evaluate of the damaged step {step} exited with {status}")
+  error = one_error_line(text, "evaluate of a damaged checkpoint")
+  if f"step {step}" not in error:
+    raise Lost(f"evaluate did not name the damaged step {step}: {error}")
+  return error
+
+
+def check_damaged_resume(trainer: Trainer, workdir: Path, log: Path, count: int) -> str:
+  """The newest `count` committed checkpoints damaged (an older one intact): the rerun warns
+  naming each, moves them (unchanged) to damaged_checkpoints/, resumes from the newest intact
+  one and ends as the reference."""
+  from msatt_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  steps = complete_steps(workdir)
+  damaged, intact = steps[-count:], steps[-count - 1]
+  for step in damaged:
+    damage(workdir, step)
+  kept = {step: run_files(checkpoint_dir(workdir) / str(step)) for step in damaged}
+  status, text = trainer.run(workdir, log)
+  check_resume(log, intact)
+  aside = workdir / checkpointing.DAMAGED_DIR
+  for step in damaged:
+    if not re.search(rf"the checkpoint of step {step} cannot be restored \(.*\)\. Moved it to "
+                     rf"{re.escape(str(aside))}/{step}\.\S+ and resumed from step {intact} "
+                     "instead", text):
+      raise Lost(f"no warning naming the damaged step {step}")
+    moved = list(aside.glob(f"{step}.*"))
+    if len(moved) != 1 or run_files(moved[0]) != kept[step]:
+      raise Lost(f"the damaged step {step} was not kept as it was: {moved}")
+  trainer.check_finished(workdir, status, "the run resumed over damaged checkpoints")
+  return f"{damaged} damaged: moved aside, resumed from {intact}, identical"
+
+
+def check_all_damaged(trainer: Trainer, workdir: Path, log: Path) -> str:
+  """Every committed checkpoint damaged: the rerun exits 1 with one error line listing them,
+  moves nothing and starts nothing over them."""
+  from msatt_jax import checkpointing, workdir_lock  # pylint: disable=g-import-not-at-top
+  steps = complete_steps(workdir)
+  for step in steps:
+    damage(workdir, step)
+  before = run_files(workdir, skip=(workdir_lock.LOCK_NAME,))
+  status, text = trainer.run(workdir, log)
+  if status != 1:
+    raise Lost(f"a start over damaged checkpoints {steps} exited with {status}")
+  error = one_error_line(text, "a start over damaged checkpoints")
+  if (not error.startswith("error: No checkpoint in this workdir can be restored") or
+      any(f"step {step} cannot be restored" not in error for step in steps)):
+    raise Lost(f"the error does not list the damaged checkpoints {steps}: {error}")
+  if ("Training unet for" in text or (workdir / checkpointing.DAMAGED_DIR).exists() or
+      run_files(workdir, skip=(workdir_lock.LOCK_NAME,)) != before):
+    raise Lost("a start over damaged checkpoints trained, moved or wrote something")
+  return f"all of {steps} damaged: refused, nothing moved or written"
+
+
+# ------------------------------------------------------------------------------ the soak
+
+TINY = [*tiny_train_args(batch_size=8), f"--config.num_train_steps={NUM_STEPS}"]
+SCENARIOS = ("interrupts", "second_launch", "evaluate_during_training", "damaged_checkpoint")
+
+
+@dataclasses.dataclass
+class Setup:
+  root: Path
+  trainer: Trainer  # The run every round trains (in the code snapshot) and its reference.
+  life: float  # Seconds from start to exit of an uninterrupted run.
 
 
 def _interrupt(kind: str, rng: random.Random, setup: Setup, workdir: Path, log: Path) -> str:
@@ -224,7 +484,7 @@ def _interrupt(kind: str, rng: random.Random, setup: Setup, workdir: Path, log: 
   slow = kind == "kill9" and rng.random() < 0.5
   if slow:
     faults["FAULTS_SAVE_DELAY"] = str(SLOW_SAVE)
-  proc = _start(setup, workdir, log, faults)
+  proc = setup.trainer.start(workdir, log, faults)
   try:
     if kind == "kill9_in_save":
       if not wait_for(marker.exists, proc):
@@ -252,10 +512,8 @@ def _interrupt(kind: str, rng: random.Random, setup: Setup, workdir: Path, log: 
       what = f"{kind} after step {after}"
     status = wait(proc)
   finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  _check_resume(log, newest)
+    _stopped(proc)
+  check_resume(log, newest)
   if kind in ("sigterm", "sigint"):
     text = log.read_text(errors="replace")
     stopped = re.search(r"Stopped by SIG\w+ at step (\d+);", text)
@@ -272,35 +530,72 @@ def _interrupt(kind: str, rng: random.Random, setup: Setup, workdir: Path, log: 
   return f"{what}: newest complete {(complete_steps(workdir) or ['none'])[-1]}"
 
 
-def run_round(index: int, seed: int, setup: Setup) -> Tuple[bool, str, float]:
-  """(survived, description, seconds) of one round."""
+def _final_run(setup: Setup, workdir: Path, log: Path) -> str:
+  """The run to its end, from the newest complete checkpoint: identical to the reference."""
+  newest = (complete_steps(workdir) or [None])[-1]
+  status = wait(setup.trainer.start(workdir, log), log)
+  check_resume(log, newest)
+  setup.trainer.check_finished(workdir, status, "the final run")
+  return f"resumed from {newest}: identical"
+
+
+def _interrupts_round(rng: random.Random, setup: Setup, workdir: Path, name: str) -> List[str]:
+  events = []
+  for j in range(rng.randint(1, 3)):
+    if NUM_STEPS in complete_steps(workdir):
+      break  # A kill came too late: the run had finished.
+    events.append(_interrupt(rng.choice(KINDS), rng, setup, workdir,
+                             workdir.parent / f"{name}_{j}.log"))
+  return events + [_final_run(setup, workdir, workdir.parent / f"{name}_final.log")]
+
+
+def _damaged_round(rng: random.Random, setup: Setup, workdir: Path, name: str) -> List[str]:
+  logs = workdir.parent / name
+  events = [_interrupt("sigterm", rng, setup, workdir, Path(f"{logs}_0.log"))]
+  steps = complete_steps(workdir)
+  if len(steps) == 1 or rng.random() < 0.2:
+    events.append(check_all_damaged(setup.trainer, workdir, Path(f"{logs}_damaged.log")))
+    # As the error advises: the checkpoints folder moved away, the run starts from scratch.
+    checkpoint_dir(workdir).rename(workdir / "checkpoints.damaged")
+  else:
+    count = rng.randint(1, len(steps) - 1)
+    if rng.random() < 1 / 3:
+      for step in steps[-count:]:
+        damage(workdir, step)
+      error = check_evaluate_refuses_damaged(setup.trainer, workdir, Path(f"{logs}_eval"))
+      events.append(f"evaluate refused: {error[:80]}...")
+    events.append(check_damaged_resume(setup.trainer, workdir, Path(f"{logs}_resume.log"),
+                                       count))
+    return events
+  return events + [_final_run(setup, workdir, Path(f"{logs}_final.log"))]
+
+
+def run_round(index: int, seed: int, setup: Setup,
+              scenarios: Sequence[str] = SCENARIOS) -> Tuple[str, bool, str, float]:
+  """(scenario, survived, description, seconds) of one round."""
   rng = random.Random(seed * 100_003 + index)
-  workdir = setup.root / f"round_{index:03d}"
+  kind = scenarios[index % len(scenarios)]
+  name = f"round_{index:03d}"
+  workdir = setup.root / name
+  prefix = setup.root / name
   t0 = time.perf_counter()
   events = []
   try:
-    for j in range(rng.randint(1, 3)):
-      if NUM_STEPS in complete_steps(workdir):
-        break  # A kill came too late: the run had finished.
-      events.append(_interrupt(rng.choice(KINDS), rng, setup, workdir,
-                               workdir.parent / f"round_{index:03d}_{j}.log"))
-    newest = (complete_steps(workdir) or [None])[-1]
-    log = workdir.parent / f"round_{index:03d}_final.log"
-    status = wait(_start(setup, workdir, log, {}))
-    if status != 0:
-      raise Lost(f"the final run exited with {status}")
-    _check_resume(log, newest)
-    if partial_saves(workdir):
-      raise Lost(f"partial saves left: {partial_saves(workdir)}")
-    step, variables = restored(workdir)
-    if step != NUM_STEPS or not bit_identical(variables, setup.reference):
-      raise Lost("the final parameters differ from the uninterrupted run's")
-    events.append(f"resumed from {newest}: identical")
+    if kind == "interrupts":
+      events = _interrupts_round(rng, setup, workdir, name)
+    elif kind == "second_launch":
+      events = [check_second_launch(setup.trainer, workdir, prefix, rng.randint(1, NUM_STEPS - 1),
+                                    freeze=rng.random() < 0.5, delay=STEP_DELAY)]
+    elif kind == "evaluate_during_training":
+      events = [check_evaluate_during_training(setup.trainer, workdir, prefix,
+                                               rng.choice(SAVE_STEPS[1:-1]))]
+    else:
+      events = _damaged_round(rng, setup, workdir, name)
     shutil.rmtree(workdir)
-    return True, "; ".join(events), time.perf_counter() - t0
+    return kind, True, "; ".join(events), time.perf_counter() - t0
   except Lost as e:
     events.append(f"LOST: {e}")
-    return False, "; ".join(events), time.perf_counter() - t0
+    return kind, False, "; ".join(events), time.perf_counter() - t0
 
 
 def snapshot(root: Path) -> Path:
@@ -325,22 +620,26 @@ def prepare(root: Path) -> Setup:
   source = root / "source"
   if not source.exists():
     synthetic.generate_dataset(source, "msd", 4, SHAPE, 0)
-  env = process_env(root / "jax_cache")
   data_args = [f"--config.data.source_dir={source}",
                f"--config.data.data_dir={root / 'prepared'}"]
-  setup = Setup(root, code, env, data_args, None, 0.0)
+  trainer = Trainer([*TINY, *data_args], process_env(root / "jax_cache"), NUM_STEPS,
+                    SAVE_STEPS, code=code)
+  setup = Setup(root, trainer, 0.0)
   reference = root / "reference"
   # Twice: the first run prepares the data and compiles; the second's life is a typical one.
+  # Then an evaluation, to compile its programs too.
   for _ in range(2):
     shutil.rmtree(reference, ignore_errors=True)
     t0 = time.perf_counter()
-    status = wait(_start(setup, reference, root / "reference.log",
-                         {"FAULTS_STEP_DELAY": str(STEP_DELAY)}))
+    status = wait(trainer.start(reference, root / "reference.log",
+                                {"FAULTS_STEP_DELAY": str(STEP_DELAY)}))
     setup.life = time.perf_counter() - t0
     if status != 0:
       raise SystemExit(f"the reference run failed; see {root / 'reference.log'}")
-  step, setup.reference = restored(reference)
+  step, trainer.reference = restored(reference)
   assert step == NUM_STEPS
+  if trainer.evaluate(reference, root / "reference_eval")[0] != 0:
+    raise SystemExit(f"the reference evaluation failed; see {root / 'reference_eval.log'}")
   return setup
 
 
@@ -350,7 +649,13 @@ def main() -> None:
   parser.add_argument("--jobs", type=int, default=1, help="Rounds run at the same time.")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default=None, help="Default: a temporary folder.")
+  parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                      help="Comma-separated, taken in rotation (default: all).")
   args = parser.parse_args()
+  scenarios = args.scenarios.split(",")
+  unknown = sorted(set(scenarios) - set(SCENARIOS))
+  if unknown:
+    parser.error(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}")
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # Orbax's notes about read-only restores.
   root = Path(args.workdir or tempfile.mkdtemp(prefix="msatt_faults_")).resolve()
@@ -360,20 +665,25 @@ def main() -> None:
   print(f"reference: {NUM_STEPS} steps, saves at {list(SAVE_STEPS)}; an uninterrupted run "
         f"lives {setup.life:.1f} s (set-up {time.perf_counter() - t0:.0f} s); in {root}",
         flush=True)
-  survived, times = 0, []
+  survived = {kind: [0, 0] for kind in scenarios}  # Survived, run.
+  times = []
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-    futures = [pool.submit(run_round, i, args.seed, setup) for i in range(args.rounds)]
+    futures = [pool.submit(run_round, i, args.seed, setup, scenarios) for i in range(args.rounds)]
     for i, future in enumerate(futures):
-      ok, what, seconds = future.result()
-      survived += ok
+      kind, ok, what, seconds = future.result()
+      survived[kind][0] += ok
+      survived[kind][1] += 1
       times.append(seconds)
       print(f"round {i + 1:3d}/{args.rounds}: {'survived' if ok else 'LOST    '}  "
-            f"{seconds:5.1f} s  {what}", flush=True)
+            f"{seconds:5.1f} s  {kind}: {what}", flush=True)
   wall = time.perf_counter() - t0
-  print(f"\n{survived}/{args.rounds} rounds survived with nothing lost "
-        f"({args.rounds - survived} lost); {sum(times) / max(len(times), 1):.1f} s per round "
+  total = sum(ok for ok, _ in survived.values())
+  print(f"\n{total}/{args.rounds} rounds survived with nothing lost "
+        f"({args.rounds - total} lost); {sum(times) / max(len(times), 1):.1f} s per round "
         f"({args.jobs} at a time), {wall / 60:.1f} min in all.")
-  sys.exit(0 if survived == args.rounds else 1)
+  for kind, (ok, count) in survived.items():
+    print(f"  {kind:26s} {ok}/{count}")
+  sys.exit(0 if total == args.rounds else 1)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def _error_code(error: BaseException) -> Optional[int]:
   return code or None
 
 
-def _cause(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
   """The short reason of a failed write: the OS error's text where one is known."""
   code = _error_code(error)
   if code:
@@ -170,7 +170,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointRestoreError(
           f"{os.path.join(self.directory, str(step))}: the checkpoint of step {step} cannot be "
-          f"restored ({_cause(e)}).") from e
+          f"restored ({describe_error(e)}).") from e
     return restored.state, restored.meta
 
   def restore_newest_intact(self, abstract_state: Any,
@@ -188,7 +188,7 @@ class Checkpointer:
         meta = self.restore_meta(step)
       except Exception as e:  # pylint: disable=broad-except
         failures.append((step, f"{os.path.join(self.directory, str(step))}: its record cannot "
-                               f"be read ({_cause(e)})"))
+                               f"be read ({describe_error(e)})"))
         continue
       check_meta(meta)
       try:
@@ -241,9 +241,9 @@ class Checkpointer:
                f"holds steps {foreign} this run did not write): only one run may use a workdir")
       fix = "once the other run has stopped"
     elif _error_code(error) == errno.ENOSPC:
-      cause, fix = _cause(error), "once disk space is freed"
+      cause, fix = describe_error(error), "once disk space is freed"
     else:
-      cause, fix = _cause(error), "once the cause is fixed"
+      cause, fix = describe_error(error), "once the cause is fixed"
     kept = (f"The complete checkpoints {steps} are intact; {fix}, rerun the same command to "
             f"resume from step {steps[-1]}." if steps
             else f"No earlier checkpoint exists; {fix}, rerun the same command.")

@@ -50,7 +50,10 @@ def restore_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRu
   """Restores a run's config and the variables of its 'best' / 'latest' / numbered checkpoint."""
   checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
   step = checkpointer.resolve(checkpoint)
-  meta = checkpointer.restore_meta(step)
+  try:
+    meta = checkpointer.restore_meta(step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(checkpointer, step, e) from e
   config = ml_collections.ConfigDict(meta["config"])
   model = steps.create_model(config)
   lr_fn = steps.create_learning_rate_fn(config, meta["steps_per_epoch"])
@@ -60,11 +63,27 @@ def restore_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRu
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       jax.eval_shape(lambda: steps.create_train_state(jax.random.key(0), config, model, lr_fn)))
-  state, meta = checkpointer.restore(step, abstract)
+  try:
+    state, meta = checkpointer.restore(step, abstract)
+  except checkpointing.CheckpointRestoreError as e:
+    raise _damaged(checkpointer, step, e) from e
   checkpointer.close()
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return TrainedRun(config=config, variables=variables, step=step, meta=meta, model=model,
                     workdir=workdir)
+
+
+def _damaged(checkpointer: checkpointing.Checkpointer, step: int,
+             error: Exception) -> checkpointing.CheckpointRestoreError:
+  """The error for a checkpoint that does not read back: which step, and how to pick another."""
+  if isinstance(error, checkpointing.CheckpointRestoreError) and error.__cause__ is not None:
+    error = error.__cause__  # The reader's own reason, not our wrapper's sentence.
+  others = [s for s in checkpointer.all_steps() if s != step]
+  hint = (f"pick another with --checkpoint=STEP (available: {others})" if others
+          else "no other checkpoint exists")
+  return checkpointing.CheckpointRestoreError(
+      f"{checkpointer.directory}: the checkpoint of step {step} is damaged and cannot be "
+      f"restored ({checkpointing.describe_error(error)}); {hint}.")
 
 
 def restore_runs(workdirs: Sequence[str], checkpoint: Union[str, int] = "best") -> List[TrainedRun]:

@@ -12,8 +12,8 @@ Three settings measurably speed up training and inference on CPU (figures: BENCH
   large top pad and a single arena keep that memory in the heap for reuse. glibc reads these
   variables only at process start, so `configure` re-executes the process once with them set.
 - Transparent huge pages for that heap (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, glibc >= 2.35):
-  malloc asks the kernel to back its memory with 2 MiB pages instead of 4 KiB ones (measured:
-  the U-Net train step 1.05x faster, MSConvLSTM-Att's 1.25x). Kernels set to 'madvise' (a
+  malloc asks the kernel to back its memory with 2 MiB pages instead of 4 KiB ones: fewer TLB
+  misses over the large activations (the gain is in BENCHMARKS.md). Kernels set to 'madvise' (a
   common default) give huge pages only to memory that asks for them; older glibc ignores it.
 
 Call `configure()` first thing in a command's entry point, before anything imports JAX:

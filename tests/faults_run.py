@@ -7,7 +7,8 @@ Environment variables choose the faults (all optional; without them this is the 
   FAULTS_NAN_AT_STEP=K       the batch of step K (1-based, as logged) holds NaN voxels
   FAULTS_STALL_SAVE_AT=K     the save of step K stops just before its commit (the rename of its
                              temporary folder) for FAULTS_STALL_SECONDS (300): a window for
-                             kill -9
+                             kill -9, or for reading the run while a save is in flight
+  FAULTS_RELEASE=PATH        the stalled save goes on (and commits) as soon as PATH exists
   FAULTS_ENOSPC_AT_SAVE=K    the save of step K fails with "No space left on device"
   FAULTS_SAVE_DELAY=S        every save waits S seconds before its commit (slow storage: a
                              random kill then often lands in a save)
@@ -73,8 +74,12 @@ def _patch_commit(stall_step: int, enospc_step: int, delay: float, marker: str) 
       if marker:
         with open(marker, "w", encoding="utf-8") as f:
           f.write(str(self.get()))
-      # Until the test kills the process; bounded, so that a forgotten one ends by itself.
-      time.sleep(float(os.environ.get("FAULTS_STALL_SECONDS", "300")))
+      # Until the test kills the process or releases the save; bounded, so that a forgotten
+      # one ends by itself.
+      deadline = time.monotonic() + float(os.environ.get("FAULTS_STALL_SECONDS", "300"))
+      release = os.environ.get("FAULTS_RELEASE", "")
+      while time.monotonic() < deadline and not (release and os.path.exists(release)):
+        time.sleep(0.05)
     if step and step == enospc_step:
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.get()))
     return await original(self, *args, **kwargs)

@@ -162,3 +162,23 @@ def test_a_failed_save_names_the_real_cause(tmp_path):
   assert "disk space" not in message
   other.close()
   ckpt.close()
+
+
+def test_a_reader_names_the_damaged_step_and_the_flag_to_pick_another(tmp_path):
+  from msatt_jax import inference
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3)
+  for step in (10, 20):
+    ckpt.save(step, _state(step), {"step": step})
+  ckpt.wait()
+  ckpt.close()
+  _damage(ckpt.directory, 20)
+  reader = checkpointing.Checkpointer(str(tmp_path), read_only=True)
+  try:
+    reader.restore(20, _state(0))
+  except checkpointing.CheckpointRestoreError as e:
+    error = inference._damaged(reader, 20, e)  # pylint: disable=protected-access
+  message = str(error)
+  assert "checkpoint of step 20 is damaged" in message
+  assert "--checkpoint=STEP (available: [10])" in message
+  assert message.count("cannot be restored") == 1
+  reader.close()

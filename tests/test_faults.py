@@ -1,10 +1,12 @@
-"""Faults end to end: kill -9, SIGTERM/SIGINT, NaN losses, a full disk, bad input via the CLIs.
+"""Faults end to end: kill -9, SIGTERM/SIGINT, NaN losses, a full disk, bad input via the CLIs,
+a second launch into a busy workdir, evaluation while a run trains, damaged checkpoints.
 
 Every scenario runs the real command lines in subprocesses (most need a process to die) on a
 tiny U-Net and the 4 synthetic cases of conftest. Faults inside a process (a NaN batch, a
 stalled or failing checkpoint commit) come from tests/faults_run.py, which patches the data
-iterator and Orbax's commit and then runs the train command. Starting the processes and reading
-their checkpoints are benchmarks/faults.py's helpers, shared with the fault soak.
+iterator and Orbax's commit and then runs the train command. Starting the processes, reading
+their checkpoints and the checks of a second launch, evaluation during training and damaged
+checkpoints are benchmarks/faults.py's, shared with the fault soak.
 
 Cost: the processes share a persistent JAX compilation cache, so only the reference run
 compiles. The scenarios are independent (each has its own folders); after the reference run
@@ -35,6 +37,7 @@ from benchmarks.faults import (checkpoint_dir, complete_steps, finish, partial_s
 
 REPO = fault_lib.REPO
 NUM_STEPS = 30  # 10 steps per epoch (2 train cases x 20 slices / batch 4): saves at 10, 20, 30.
+SAVE_STEPS = (10, 20, 30)
 TIMEOUT = fault_lib.TIMEOUT
 CONCURRENCY = 4
 TINY = fault_lib.tiny_train_args(batch_size=4)
@@ -78,8 +81,7 @@ def assert_bit_identical(a: Any, b: Any) -> None:
 
 def file_contents(folder: Path) -> Dict[str, bytes]:
   """Every file of a run folder but the lock, whose holder record each start rewrites."""
-  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-          if p.is_file() and p.name != workdir_lock.LOCK_NAME}
+  return fault_lib.run_files(folder, skip=(workdir_lock.LOCK_NAME,))
 
 
 # ------------------------------------------------------------------------------- fixtures
@@ -95,8 +97,13 @@ class Context:
   synthetic_brats: Path
 
   def train_args(self, workdir: Path, *extra: str) -> List[str]:
-    return [*TINY, *self.data_args, f"--workdir={workdir}",
-            f"--config.num_train_steps={NUM_STEPS}", *extra]
+    return [*self.trainer.args, f"--workdir={workdir}", *extra]
+
+  @property
+  def trainer(self) -> fault_lib.Trainer:
+    """The reference's command, for the checks shared with the fault soak."""
+    return fault_lib.Trainer([*TINY, *self.data_args, f"--config.num_train_steps={NUM_STEPS}"],
+                             self.env, NUM_STEPS, SAVE_STEPS, self.reference_variables)
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +328,57 @@ def _checkpoints_of_another_model_are_refused_and_nothing_is_overwritten(ctx, tm
                           "model or input: "), error
   assert "Use a new --workdir (nothing was overwritten)." in error
   assert file_contents(workdir) == before
+
+
+# --------------------------------------------------- one run per workdir, readers, damaged runs
+
+
+def assert_clean_consoles(tmp: Path) -> None:
+  """No command of a scenario printed a traceback (the refusals are one error line each)."""
+  for log in sorted(tmp.glob("*.log")):
+    assert "Traceback" not in log.read_text(errors="replace"), (log.name, log.read_text()[-3000:])
+
+
+@scenario
+def _a_second_launch_during_a_run_is_refused_and_changes_nothing(ctx, tmp):
+  # The first run is frozen while the second starts: every file of the workdir is compared.
+  fault_lib.check_second_launch(ctx.trainer, tmp / "run", tmp / "console", after=3)
+  error = error_line((tmp / "console_second.log").read_text())
+  assert error.startswith(f"error: {tmp / 'run'} is in use by a training run: process "), error
+  assert error.endswith("this run changed nothing."), error
+  assert_clean_consoles(tmp)
+
+
+@scenario
+def _evaluation_during_training_reads_only_committed_checkpoints(ctx, tmp):
+  # One evaluation runs while the save of step 20 is held before its commit: it reads step 10.
+  fault_lib.check_evaluate_during_training(ctx.trainer, tmp / "run", tmp / "console", stall=20)
+  assert_clean_consoles(tmp)
+
+
+@scenario
+def _a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous(ctx, tmp):
+  workdir = Path(shutil.copytree(ctx.reference, tmp / "run", symlinks=True))
+  fault_lib.damage(workdir, 30)
+  # evaluate/predict name the damaged step and the flag that picks another.
+  error = fault_lib.check_evaluate_refuses_damaged(ctx.trainer, workdir, tmp / "eval")
+  assert error.startswith(f"error: {checkpoint_dir(workdir) / '30'}: the checkpoint of step 30 "
+                          "cannot be restored ("), error
+  assert "--checkpoint=" in error, error
+  # The rerun of the same command resumes from step 20 and ends as the uninterrupted run.
+  fault_lib.check_damaged_resume(ctx.trainer, workdir, tmp / "resume.log", count=1)
+  assert complete_steps(workdir) == [10, 20, 30]
+  assert_clean_consoles(tmp)
+
+
+@scenario
+def _when_every_checkpoint_is_damaged_nothing_starts_over_them(ctx, tmp):
+  workdir = Path(shutil.copytree(ctx.reference, tmp / "run", symlinks=True))
+  fault_lib.check_all_damaged(ctx.trainer, workdir, tmp / "console.log")
+  error = error_line((tmp / "console.log").read_text())
+  assert error.index("step 30") < error.index("step 20") < error.index("step 10"), error
+  assert "move the checkpoints folder away to start from scratch" in error, error
+  assert_clean_consoles(tmp)
 
 
 # ------------------------------------------------------------------ bad input through the CLIs
