@@ -2,6 +2,7 @@ r"""Fault injection: kills, preemption, a second launch, readers and damaged che
 
   python -m benchmarks.faults --rounds 50 [--jobs 3] [--seed 0] [--workdir DIR]
       [--scenarios interrupts,second_launch,evaluate_during_training,damaged_checkpoint]
+      [--max_minutes M]   (no round starts after M minutes: as many rounds as fit)
 
 Trains a tiny U-Net (4 synthetic cases, batch 8: a checkpoint every 5 steps, 30 steps, random
 augmentation on) once without interruption as the reference. Each round then trains the same run
@@ -355,7 +356,7 @@ def _evaluate_once(trainer: Trainer, workdir: Path, out: Path) -> Optional[int]:
 
 
 def check_evaluate_during_training(trainer: Trainer, workdir: Path, prefix: Path, stall: int,
-                                   delay: float = 0.3, before_stall: int = 3) -> str:
+                                   delay: float = 0.3, before_stall: int = 2) -> str:
   """`evaluate --checkpoint=latest` in a loop while a run trains and saves: up to
   `before_stall` times from its start, once while the save of step `stall` is held just before
   its commit (it must read the newest committed step, not the one in flight), and once while the
@@ -570,9 +571,12 @@ def _damaged_round(rng: random.Random, setup: Setup, workdir: Path, name: str) -
   return events + [_final_run(setup, workdir, Path(f"{logs}_final.log"))]
 
 
-def run_round(index: int, seed: int, setup: Setup,
-              scenarios: Sequence[str] = SCENARIOS) -> Tuple[str, bool, str, float]:
-  """(scenario, survived, description, seconds) of one round."""
+def run_round(index: int, seed: int, setup: Setup, scenarios: Sequence[str] = SCENARIOS,
+              deadline: float = float("inf")) -> Optional[Tuple[str, bool, str, float]]:
+  """(scenario, survived, description, seconds) of one round; None if it would start after
+  `deadline` (a time.monotonic() value)."""
+  if time.monotonic() > deadline:
+    return None
   rng = random.Random(seed * 100_003 + index)
   kind = scenarios[index % len(scenarios)]
   name = f"round_{index:03d}"
@@ -651,6 +655,8 @@ def main() -> None:
   parser.add_argument("--workdir", default=None, help="Default: a temporary folder.")
   parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                       help="Comma-separated, taken in rotation (default: all).")
+  parser.add_argument("--max_minutes", type=float, default=None,
+                      help="No round starts after this many minutes (those started finish).")
   args = parser.parse_args()
   scenarios = args.scenarios.split(",")
   unknown = sorted(set(scenarios) - set(SCENARIOS))
@@ -667,9 +673,13 @@ def main() -> None:
         flush=True)
   survived = {kind: [0, 0] for kind in scenarios}  # Survived, run.
   times = []
+  deadline = time.monotonic() + 60 * (args.max_minutes or float("inf"))
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-    futures = [pool.submit(run_round, i, args.seed, setup, scenarios) for i in range(args.rounds)]
+    futures = [pool.submit(run_round, i, args.seed, setup, scenarios, deadline)
+               for i in range(args.rounds)]
     for i, future in enumerate(futures):
+      if future.result() is None:
+        continue  # Past --max_minutes.
       kind, ok, what, seconds = future.result()
       survived[kind][0] += ok
       survived[kind][1] += 1
@@ -677,13 +687,15 @@ def main() -> None:
       print(f"round {i + 1:3d}/{args.rounds}: {'survived' if ok else 'LOST    '}  "
             f"{seconds:5.1f} s  {kind}: {what}", flush=True)
   wall = time.perf_counter() - t0
-  total = sum(ok for ok, _ in survived.values())
-  print(f"\n{total}/{args.rounds} rounds survived with nothing lost "
-        f"({args.rounds - total} lost); {sum(times) / max(len(times), 1):.1f} s per round "
+  total, rounds = sum(ok for ok, _ in survived.values()), len(times)
+  cut = f" (of {args.rounds}: --max_minutes {args.max_minutes:g} ran out)" \
+      if rounds < args.rounds else ""
+  print(f"\n{total}/{rounds} rounds survived with nothing lost{cut} "
+        f"({rounds - total} lost); {sum(times) / max(rounds, 1):.1f} s per round "
         f"({args.jobs} at a time), {wall / 60:.1f} min in all.")
   for kind, (ok, count) in survived.items():
     print(f"  {kind:26s} {ok}/{count}")
-  sys.exit(0 if total == args.rounds else 1)
+  sys.exit(0 if total == rounds else 1)
 
 
 if __name__ == "__main__":

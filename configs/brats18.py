@@ -43,8 +43,14 @@ def get_data_config() -> ml_collections.ConfigDict:
   #   normalize             'zscore': per modality per volume over brain (non-zero) voxels, 0 stays
   #                         0; or 'none'.
   #   split_seed            Seed of the patient-level train/validation/test split.
-  #   num_validation_cases  -1: 30 of 285 (the paper), proportional to the case count.
+  #   num_validation_cases  -1: 30 of 285 (the paper), proportional to the case count; ignored
+  #                         with num_folds.
   #   num_test_cases        -1: 30 of 285 (the paper), proportional to the case count.
+  #   num_folds             0: the fixed train/validation split (the paper's); K >= 2: K seeded
+  #                         patient-level folds of the non-test cases (num_validation_cases is then
+  #                         ignored), the test split the same in every fold.
+  #   fold                  With num_folds K: the fold whose share is the validation split, 0..K-1;
+  #                         train is the other folds' cases.
   #   storage_dtype         Stored images: 'float16' holds z-scores to ~3 significant digits at half
   #                         the bytes of 'float32'.
   #   compression           'none': fastest to read (7.5 GB for 285 cases at float16); 'zlib': ~1/3

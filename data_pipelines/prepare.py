@@ -134,8 +134,9 @@ def _checked_source(builder, source: Optional[str], data_config,
     raise DataError(f"{source}: folder does not exist.\n"
                     f"{builder_lib.Brats.MANUAL_DOWNLOAD_INSTRUCTIONS}")
   refs = layouts.find_cases(source, builder.layout)
-  builder_lib.split_sizes(len(refs), data_config.get("num_validation_cases", -1),
-                          data_config.get("num_test_cases", -1))
+  cfg = builder.builder_config  # The split is checked before anything is written.
+  builder_lib.split_case_ids([r.case_id for r in refs], cfg.split_seed, cfg.num_validation_cases,
+                             cfg.num_test_cases, cfg.num_folds, cfg.fold)
   progress(f"Preparing {len(refs)} cases from {source} into {builder.data_path} "
            f"(config '{builder.builder_config.name}').")
   return source

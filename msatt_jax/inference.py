@@ -11,10 +11,13 @@ sigmoid region probabilities (ET/TC/WT > 0.5, i.e. a logit > 0 for one model wit
 Between the labels and the output sits one hook, `rules`: a function of the whole canonical
 label volume (rules chosen on validation data, such as small-ET relabelling or removal of small
 connected components, need the whole case), applied by `segment_slices`.
+
+`run_data_config` and `labelled_cases` give a run's data and the labelled cases of a split, as
+evaluate and postprocess read them.
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines.brats import labels as labels_lib
+from data_pipelines.brats import layouts
 from data_pipelines.brats import preprocess
 from msatt_jax import checkpointing
 from msatt_jax import losses
@@ -295,3 +299,34 @@ def segment_volume(predict: PredictFn, image: np.ndarray, data_config: ml_collec
   slice_range: inclusive axial range to segment; default the config's (the training range).
   """
   return segment(predict, image, data_config, slice_range, batch_size).labels
+
+
+def run_data_config(run: TrainedRun,
+                    source_dir: Optional[str] = None) -> ml_collections.ConfigDict:
+  """The run's data config pointing at its raw and prepared data as recorded at training
+  (source_dir: the raw folder, if it moved since)."""
+  data_config = run.config.data
+  data_config.source_dir = source_dir or run.meta["data"]["source_dir"]
+  data_config.data_dir = run.meta["data"]["data_dir"]
+  return data_config
+
+
+def labelled_cases(data_config: ml_collections.ConfigDict, case_ids: Sequence[str],
+                   split: str) -> Iterator[layouts.Case]:
+  """The labelled cases of a split, read one at a time; missing cases fail before the first."""
+  refs = {ref.case_id: ref for ref in layouts.find_cases(data_config.source_dir,
+                                                         data_config.layout)}
+  missing = [c for c in case_ids if c not in refs]
+  if missing:
+    raise FileNotFoundError(f"{data_config.source_dir}: cases of the {split} split are missing: "
+                            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+  def read() -> Iterator[layouts.Case]:
+    for case_id in case_ids:
+      case = layouts.load_case(refs[case_id], tuple(data_config.modalities),
+                               data_config.label_convention)
+      if case.label is None:
+        raise FileNotFoundError(f"{case_id}: has no label file to evaluate against.")
+      yield case
+
+  return read()

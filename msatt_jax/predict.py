@@ -4,7 +4,7 @@
   python -m msatt_jax.predict --workdir=runs/paper --input=imagesTs/BRATS_485.nii.gz \
       --output=BRATS_485.nii.gz --labels=msd
   python -m msatt_jax.predict --workdir=runs/f0,runs/f1 --input=imagesTs --output=preds \
-      [--save_probabilities] [--overwrite] [--notta]
+      [--save_probabilities] [--overwrite] [--notta] [--postprocess=auto|none|PATH]
 
 One case: --input is a BraTS case folder (<case>_{flair,t1,t1ce,t2}.nii.gz) or an MSD 4D image,
 --output a .nii.gz/.nii file. A folder: --input holds BraTS case folders (also under HGG/ and
@@ -21,6 +21,11 @@ segmentation: 'probabilities', float16 of shape (C, X, Y, Z) in the input's geom
 'channels', their names (the 4 canonical classes background, NCR/NET, ED, ET of softmax runs,
 or the 3 sigmoid regions ET, TC, WT of 'region_dice' runs). Averaging several such files and
 taking the argmax (classes) or thresholding at 0.5 (nested regions) gives an ensemble's labels.
+
+The postprocessing rules chosen on validation data (`python -m msatt_jax.postprocess`) apply
+to the labels by default: --postprocess=auto reads the first workdir's postprocessing.json when
+it exists, none skips them, a path names another such file; the console names the rules. The
+probabilities are the network's, before the rules.
 """
 
 if __name__ == "__main__":
@@ -47,6 +52,7 @@ from data_pipelines.brats import preprocess
 from data_pipelines.errors import DataError
 from msatt_jax import cli
 from msatt_jax import inference
+from msatt_jax import postprocess as postprocess_lib
 from msatt_jax import reporting
 
 SLICE_MODES = ("brain", "train")
@@ -306,29 +312,40 @@ def define_flags() -> None:
   flags.DEFINE_bool("save_probabilities", False, "Also write <case>.npz: float16 probabilities "
                     "(C, X, Y, Z) in the input's geometry.")
   flags.DEFINE_bool("overwrite", False, "Folder input: redo cases whose outputs exist.")
+  postprocess_lib.define_postprocess_flag()
   flags.mark_flags_as_required(["workdir", "input", "output"])
+
+
+def _restore() -> Tuple[List[inference.TrainedRun], Optional[postprocess_lib.Rules]]:
+  """The runs of --workdir and the rules of --postprocess, named on the console."""
+  rules, record = postprocess_lib.resolve(FLAGS.postprocess, FLAGS.workdir[0])
+  runs = inference.restore_runs(FLAGS.workdir, FLAGS.checkpoint)
+  postprocess_lib.warn_if_mismatched(rules, record, runs, FLAGS.tta)
+  logging.info("Postprocessing: %s.", rules.describe() if rules else "none")
+  return runs, rules
 
 
 def main(argv: Sequence[str]) -> Union[np.ndarray, FolderResult]:
   del argv
   if not is_case_input(FLAGS.input):
     plan_folder(FLAGS.input, FLAGS.output, FLAGS.save_probabilities)  # Before the restore.
-    runs = inference.restore_runs(FLAGS.workdir, FLAGS.checkpoint)
+    runs, rules = _restore()
     result = predict_folder(runs, FLAGS.input, FLAGS.output, FLAGS.labels, FLAGS.slices,
                             FLAGS.batch_size, FLAGS.tta, FLAGS.overwrite,
-                            FLAGS.save_probabilities)
+                            FLAGS.save_probabilities, rules)
     print(f"Wrote {len(result.written)} case(s) to {FLAGS.output} (checkpoint step "
-          f"{', '.join(str(r.step) for r in runs)}); {len(result.skipped)} already there.")
+          f"{', '.join(str(r.step) for r in runs)}; postprocessing: "
+          f"{rules.describe() if rules else 'none'}); {len(result.skipped)} already there.")
     return result
   check_output_path(FLAGS.output)
   check_not_an_input(_outputs(FLAGS.output, FLAGS.save_probabilities),
                      [layouts.case_ref_from_path(FLAGS.input)])
-  runs = inference.restore_runs(FLAGS.workdir, FLAGS.checkpoint)
+  runs, rules = _restore()
   seg = predict_case(runs, FLAGS.input, FLAGS.output, FLAGS.labels, FLAGS.slices,
-                     FLAGS.batch_size, FLAGS.tta, FLAGS.save_probabilities)
+                     FLAGS.batch_size, FLAGS.tta, FLAGS.save_probabilities, rules)
   counts = {name: int((seg == i).sum()) for i, name in enumerate(labels_lib.CLASS_NAMES)}
-  print(f"Wrote {FLAGS.output} (checkpoint step {', '.join(str(r.step) for r in runs)}); "
-        f"voxels per label: {counts}")
+  print(f"Wrote {FLAGS.output} (checkpoint step {', '.join(str(r.step) for r in runs)}; "
+        f"postprocessing: {rules.describe() if rules else 'none'}); voxels per label: {counts}")
   return seg
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from data_pipelines import input_pipeline
 from data_pipelines import prepare as prepare_lib
+from data_pipelines.brats import builder as builder_lib
 from msatt_jax import checkpointing
 from msatt_jax import losses
 from msatt_jax import models
@@ -59,6 +60,8 @@ _INTERVAL_KEYS = ("eval_every_epochs", "checkpoint_every_epochs", "log_every_ste
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The training settings that no later step would catch with a clear message."""
   losses.check_loss(config.loss)
+  # The preprocessing (folds included) before any synthetic case is generated or data prepared.
+  builder_lib.config_from_data_config(config.data)
   if config.nan_policy not in NAN_POLICIES:
     raise ValueError(f"config.nan_policy must be one of {NAN_POLICIES}, "
                      f"not {config.nan_policy!r}.")

@@ -283,3 +283,18 @@ def test_tfds_build_command_line_builds_the_papers_config(tmp_path):
   assert builder.builder_config.name == "default" and builder.is_prepared()
   assert [builder.info.splits[s].num_examples for s in builder_lib.SPLITS] == [4, 4, 4]
   assert builder.info.metadata["download"] is None
+
+
+def test_config_names_stay_the_same_with_the_fold_parameters():
+  # Computed before num_folds and fold existed: at their defaults they leave the names alone.
+  data = brats18.get_data_config()
+  assert (data.num_folds, data.fold) == (0, 0)
+  assert builder_lib.config_from_data_config(data).name == "default"
+  assert builder_lib.make_config(num_folds=0, fold=0).name == "default"
+  assert builder_lib.make_config(split_seed=3, num_validation_cases=2).name == "p26e811045a"
+  assert builder_lib.make_config(crop_size=48, slice_start=8, slice_stop=31,
+                                 num_folds=0).name == "p68fe1a4c1c"  # configs/tiny.py's.
+  assert builder_lib.make_config(crop_size=32, slice_start=10, slice_stop=17).name == (
+      "p81f65e1786")  # The tests' small data.
+  assert builder_lib.make_config(crop_size=48, slice_start=8, slice_stop=31, num_folds=5,
+                                 fold=2).name not in ("p68fe1a4c1c", "default")

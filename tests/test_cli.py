@@ -1,6 +1,6 @@
-"""The one command-line convention (msatt_jax/cli.py) as the evaluation commands follow it: flags
-defined by `define_flags` alone, the work in `main`, and a bad request reported as one
-`error: ...` line with exit status 1, never a traceback."""
+"""The one command-line convention (msatt_jax/cli.py) as every command follows it: flags defined
+by `define_flags` alone, the work in `main`, and a bad request reported as one `error: ...` line
+with exit status 1, never a traceback."""
 
 import inspect
 import os
@@ -11,12 +11,19 @@ import textwrap
 
 import pytest
 
+from data_pipelines import prepare
+from data_pipelines import synthetic
 from msatt_jax import evaluate
 from msatt_jax import evaluate_folder
+from msatt_jax import postprocess
 from msatt_jax import predict
+from msatt_jax import summary
+from msatt_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = {"evaluate": evaluate, "evaluate_folder": evaluate_folder, "predict": predict}
+COMMANDS = {"train": train, "evaluate": evaluate, "evaluate_folder": evaluate_folder,
+            "predict": predict, "postprocess": postprocess, "summary": summary,
+            "prepare": prepare, "synthetic": synthetic}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

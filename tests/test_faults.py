@@ -123,6 +123,7 @@ def context(synthetic_msd, synthetic_brats, tmp_path_factory) -> Context:
 
 
 SCENARIOS: Dict[str, Callable[[Context, Path], None]] = {}
+LONG: List[str] = []  # Scenarios of several processes one after another: started first.
 
 
 def scenario(fn: Callable[[Context, Path], None]) -> Callable[[Context, Path], None]:
@@ -130,11 +131,17 @@ def scenario(fn: Callable[[Context, Path], None]) -> Callable[[Context, Path], N
   return fn
 
 
+def long_scenario(fn: Callable[[Context, Path], None]) -> Callable[[Context, Path], None]:
+  LONG.append(fn.__name__.lstrip("_"))
+  return scenario(fn)
+
+
 @pytest.fixture(scope="module")
 def outcomes(request, context, tmp_path_factory) -> Dict[str, concurrent.futures.Future]:
   """The selected scenarios, run concurrently; a scenario's failure surfaces in its test."""
-  selected = [item.callspec.params["name"] for item in request.session.items
-              if getattr(item, "originalname", None) == "test_fault"]
+  selected = sorted((item.callspec.params["name"] for item in request.session.items
+                     if getattr(item, "originalname", None) == "test_fault"),
+                    key=lambda name: name not in LONG)
   with concurrent.futures.ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
     futures = {name: pool.submit(SCENARIOS[name], context, tmp_path_factory.mktemp(name))
                for name in selected}
@@ -330,57 +337,6 @@ def _checkpoints_of_another_model_are_refused_and_nothing_is_overwritten(ctx, tm
   assert file_contents(workdir) == before
 
 
-# --------------------------------------------------- one run per workdir, readers, damaged runs
-
-
-def assert_clean_consoles(tmp: Path) -> None:
-  """No command of a scenario printed a traceback (the refusals are one error line each)."""
-  for log in sorted(tmp.glob("*.log")):
-    assert "Traceback" not in log.read_text(errors="replace"), (log.name, log.read_text()[-3000:])
-
-
-@scenario
-def _a_second_launch_during_a_run_is_refused_and_changes_nothing(ctx, tmp):
-  # The first run is frozen while the second starts: every file of the workdir is compared.
-  fault_lib.check_second_launch(ctx.trainer, tmp / "run", tmp / "console", after=3)
-  error = error_line((tmp / "console_second.log").read_text())
-  assert error.startswith(f"error: {tmp / 'run'} is in use by a training run: process "), error
-  assert error.endswith("this run changed nothing."), error
-  assert_clean_consoles(tmp)
-
-
-@scenario
-def _evaluation_during_training_reads_only_committed_checkpoints(ctx, tmp):
-  # One evaluation runs while the save of step 20 is held before its commit: it reads step 10.
-  fault_lib.check_evaluate_during_training(ctx.trainer, tmp / "run", tmp / "console", stall=20)
-  assert_clean_consoles(tmp)
-
-
-@scenario
-def _a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous(ctx, tmp):
-  workdir = Path(shutil.copytree(ctx.reference, tmp / "run", symlinks=True))
-  fault_lib.damage(workdir, 30)
-  # evaluate/predict name the damaged step and the flag that picks another.
-  error = fault_lib.check_evaluate_refuses_damaged(ctx.trainer, workdir, tmp / "eval")
-  assert error.startswith(f"error: {checkpoint_dir(workdir) / '30'}: the checkpoint of step 30 "
-                          "cannot be restored ("), error
-  assert "--checkpoint=" in error, error
-  # The rerun of the same command resumes from step 20 and ends as the uninterrupted run.
-  fault_lib.check_damaged_resume(ctx.trainer, workdir, tmp / "resume.log", count=1)
-  assert complete_steps(workdir) == [10, 20, 30]
-  assert_clean_consoles(tmp)
-
-
-@scenario
-def _when_every_checkpoint_is_damaged_nothing_starts_over_them(ctx, tmp):
-  workdir = Path(shutil.copytree(ctx.reference, tmp / "run", symlinks=True))
-  fault_lib.check_all_damaged(ctx.trainer, workdir, tmp / "console.log")
-  error = error_line((tmp / "console.log").read_text())
-  assert error.index("step 30") < error.index("step 20") < error.index("step 10"), error
-  assert "move the checkpoints folder away to start from scratch" in error, error
-  assert_clean_consoles(tmp)
-
-
 # ------------------------------------------------------------------ bad input through the CLIs
 
 
@@ -560,6 +516,58 @@ def _evaluate_names_a_corrupt_case_and_writes_no_results(ctx, tmp):
   error = error_line(text)
   assert str(src / "imagesTr") in error and "cannot read as NIfTI" in error, error
   assert not (out / "summary.json").exists() and not (out / "per_case.csv").exists()
+
+
+# --------------------------------------------------- one run per workdir, readers, damaged runs
+
+
+def assert_clean_consoles(tmp: Path) -> None:
+  """No command of a scenario printed a traceback (the refusals are one error line each)."""
+  for log in sorted(tmp.glob("*.log")):
+    assert "Traceback" not in log.read_text(errors="replace"), (log.name, log.read_text()[-3000:])
+
+
+@long_scenario
+def _a_second_launch_during_a_run_is_refused_and_changes_nothing(ctx, tmp):
+  # The first run is frozen while the second starts: every file of the workdir is compared.
+  fault_lib.check_second_launch(ctx.trainer, tmp / "run", tmp / "console", after=3)
+  error = error_line((tmp / "console_second.log").read_text())
+  assert error.startswith(f"error: {tmp / 'run'} is in use by a training run: process "), error
+  assert error.endswith("this run changed nothing."), error
+  assert_clean_consoles(tmp)
+
+
+@long_scenario
+def _evaluation_during_training_reads_only_committed_checkpoints(ctx, tmp):
+  # Three evaluations: from the start, while the save of step 20 is held before its commit (it
+  # reads step 10), while the rest commits.
+  fault_lib.check_evaluate_during_training(ctx.trainer, tmp / "run", tmp / "console", stall=20,
+                                           before_stall=1)
+  assert_clean_consoles(tmp)
+
+
+@scenario
+def _when_every_checkpoint_is_damaged_nothing_starts_over_them(ctx, tmp):
+  workdir = Path(shutil.copytree(ctx.reference, tmp / "run", symlinks=True))
+  fault_lib.check_all_damaged(ctx.trainer, workdir, tmp / "console.log")
+  error = error_line((tmp / "console.log").read_text())
+  assert error.index("step 30") < error.index("step 20") < error.index("step 10"), error
+  assert "move the checkpoints folder away to start from scratch" in error, error
+  assert_clean_consoles(tmp)
+
+
+@long_scenario
+def _a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous(ctx, tmp):
+  workdir = Path(shutil.copytree(ctx.reference, tmp / "run", symlinks=True))
+  fault_lib.damage(workdir, 30)
+  # evaluate/predict name the damaged step and the flag that picks another.
+  error = fault_lib.check_evaluate_refuses_damaged(ctx.trainer, workdir, tmp / "eval")
+  assert str(checkpoint_dir(workdir)) in error and "step 30" in error, error
+  assert "cannot be restored" in error and "--checkpoint=" in error, error
+  # The rerun of the same command resumes from step 20 and ends as the uninterrupted run.
+  fault_lib.check_damaged_resume(ctx.trainer, workdir, tmp / "resume.log", count=1)
+  assert complete_steps(workdir) == [10, 20, 30]
+  assert_clean_consoles(tmp)
 
 
 # ------------------------------------------------------------------------------------ tests

@@ -356,29 +356,14 @@ def test_every_number_equals_the_one_recomputed_from_the_runs_per_case_csv(exper
 
 
 def test_bad_input_is_one_error_line_and_changes_nothing(experiment, tmp_path):
+  """The command line's error path (other data settings, a seed list that does not parse)."""
   workdir, env = experiment["workdir"], experiment["env"]
   before = _files(workdir)
-  # A workdir holding a run of another config, and one holding a folder of unknown origin.
-  other = tmp_path / "other"
-  other.mkdir()
-  (other / "unet_seed0").mkdir()
-  (other / "unet_seed0" / table1.RUN_RECORD).write_bytes(
-      (workdir / "unet_seed0" / table1.RUN_RECORD).read_bytes())
-  foreign = tmp_path / "foreign"
-  (foreign / "unet_seed0" / "checkpoints").mkdir(parents=True)
   fresh = tmp_path / "fresh"
   cases = {
       "data": (_command(workdir, "--config.data.slice_start=9"),
                f"error: {workdir / table1.EXPERIMENT_RECORD}: .* other data settings "
                r"\(preprocessing.slice_start: recorded 8, now 9\)"),
-      "config": (_command(other, "--config.num_epochs=3"),
-                 f"error: {other / 'unet_seed0'}: .* another config "
-                 r"\(num_epochs: recorded 2, now 3\)"),
-      "foreign": (_command(foreign), f"error: {foreign / 'unet_seed0'}: holds files this "
-                                     "experiment did not write"),
-      "model": (_command(fresh, "--models=unet,vnet"), "error: --models: unknown name.*'vnet'"),
-      "ablation": (_command(fresh, "--ablations=no_lstm"),
-                   "error: --ablations: unknown name.*'no_lstm'"),
       "seeds": (_command(fresh, "--seeds=0,one"), "error: --seeds: '0,one' is not"),
   }
   procs = {name: fault_lib.start(argv, env, tmp_path / f"{name}.log", cwd=REPO)
@@ -388,6 +373,38 @@ def test_bad_input_is_one_error_line_and_changes_nothing(experiment, tmp_path):
     assert procs[name].returncode == 1, (name, text[-3000:])
     assert re.match(pattern, _error_line(text)), (name, _error_line(text))
   assert _files(workdir) == before
-  assert sorted(p.name for p in other.iterdir()) == ["unet_seed0"]
-  assert sorted(p.name for p in foreign.iterdir()) == ["unet_seed0"]
   assert not fresh.exists()
+
+
+def _plan(workdir: Path, overrides=None, models=("unet",)):
+  runs = table1.plan(TEST_CONFIG, overrides or {}, list(models), [], [0], str(workdir))
+  return runs, table1.data_identity(runs[0].config.data)
+
+
+def test_run_folders_of_another_config_or_origin_and_another_split_are_refused(experiment,
+                                                                               tmp_path):
+  workdir = experiment["workdir"]
+  other = tmp_path / "other"
+  (other / "unet_seed0").mkdir(parents=True)
+  (other / "unet_seed0" / table1.RUN_RECORD).write_bytes(
+      (workdir / "unet_seed0" / table1.RUN_RECORD).read_bytes())
+  runs, identity = _plan(other, {"num_epochs": 3})
+  with pytest.raises(ValueError, match=re.escape(f"{other / 'unet_seed0'}: this run was trained "
+                                                 "with another config (num_epochs: recorded 2, "
+                                                 "now 3)")):
+    table1.check_workdir(str(other), runs, identity)
+  assert table1.check_workdir(str(other), *_plan(other)) is None  # The same config: accepted.
+  foreign = tmp_path / "foreign"
+  (foreign / "unet_seed0" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(ValueError, match="unet_seed0: holds files this experiment did not write"):
+    table1.check_workdir(str(foreign), *_plan(foreign))
+  assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in foreign.iterdir()) \
+      == ["unet_seed0"]
+  # An experiment record whose split is not the prepared data's.
+  record = json.loads((workdir / table1.EXPERIMENT_RECORD).read_text())
+  record["split"]["test"] = record["split"]["test"][:-1]
+  moved = tmp_path / "moved"
+  runs, identity = _plan(moved, {"data.data_dir": record["data_dir"]})
+  with pytest.raises(ValueError, match="patient split differs"):
+    table1.prepare_data(str(moved), runs, identity, record)
+  assert not (moved / table1.EXPERIMENT_RECORD).exists()

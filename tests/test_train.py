@@ -236,3 +236,64 @@ def test_real_case_through_predict_and_evaluate_folder(trained, tmp_path):
   for key in ("dice_ET", "dice_TC", "dice_WT"):
     assert 0.0 <= rows[0][key] <= 1.0
   assert os.path.isfile(tmp_path / "scores" / "per_case.csv")
+
+
+def test_postprocess_command_then_evaluate_and_predict_apply_the_rules(trained, tmp_path):
+  """postprocessing.json chosen on the validation split, then applied (or not) by default."""
+  from data_pipelines import input_pipeline
+  from msatt_jax import postprocess
+  workdir, _, _ = trained
+  run_dir = str(tmp_path / "run")
+  shutil.copytree(workdir, run_dir)
+  proc = subprocess.run([sys.executable, "-m", "msatt_jax.postprocess", f"--workdir={run_dir}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  path = os.path.join(run_dir, postprocess.FILE_NAME)
+  with open(path) as f:
+    record = json.load(f)
+  run = inference.restore_run(run_dir, "best")
+  validation = input_pipeline.split_cases(inference.run_data_config(run), "validation")
+  assert record["validation"]["cases"] == sorted(validation)
+  assert record["runs"] == [{"workdir": run_dir, "model": "unet", "checkpoint_step": run.step}]
+  assert record["tta"] is True and record["connectivity"] == 26
+  before, after = record["validation"]["dice_before"], record["validation"]["dice_after"]
+  assert after["mean"] >= before["mean"]
+  assert (after["mean"] > before["mean"]) != postprocess.rules_from_json(
+      record["rules"]).is_identity
+  assert f"Rules: {record['description']}" in proc.stdout
+  assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
+
+  # evaluate applies the run's file by default and scores before and after it.
+  result = evaluate.evaluate(run_dir, "best", "test", num_figures=0)
+  assert result["out_dir"] == os.path.join(run_dir, f"eval_test_step{run.step}")
+  assert result["postprocessing"]["file"] == path
+  plain = evaluate.evaluate(run_dir, "best", "test", num_figures=0, postprocess="none")
+  assert plain["out_dir"].endswith("_nopostprocess") and plain["summary_unprocessed"] is None
+  assert result["per_case_unprocessed"] == plain["per_case"]
+  with open(os.path.join(result["out_dir"], "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["postprocessing"]["rules"] == record["rules"]
+  assert summary["metrics_unprocessed"]["dice_WT"] == plain["summary"]["dice_WT"]
+  table = open(os.path.join(result["out_dir"], "table.md")).read()
+  assert table.count("| Dice |") == 2 and "postprocessing: none (the network's" in table
+  assert os.path.isfile(os.path.join(result["out_dir"], "per_case_unprocessed.csv"))
+
+  # Rules that remove every WT component: applied by evaluate and by predict, skipped by none.
+  remove_all = tmp_path / "remove_all.json"
+  remove_all.write_text(json.dumps({"rules": {"min_component_voxels": {"WT": 10**7}}}))
+  result = evaluate.evaluate(run_dir, "best", "test", num_figures=0, tta=False,
+                             postprocess=str(remove_all))
+  assert result["out_dir"].endswith("_notta_postprocess-remove_all")
+  assert [r["dice_WT"] for r in result["per_case"]] == [0.0] * len(result["per_case"])
+  assert all(r["dice_WT"] > 0.5 for r in result["per_case_unprocessed"])
+  image = layouts.find_cases(os.path.join(workdir, "synthetic"))[0].image_paths["flair"]
+  out = tmp_path / "seg.nii.gz"
+  proc = subprocess.run(
+      [sys.executable, "-m", "msatt_jax.predict", f"--workdir={run_dir}", f"--input={image}",
+       f"--output={out}", f"--postprocess={remove_all}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "WT components < 10000000 voxels -> background" in proc.stdout
+  assert not np.asarray(nib.load(str(out)).dataobj).any()
+  seg = predict.predict_case(run, image, str(tmp_path / "plain.nii.gz"))
+  assert seg.any()

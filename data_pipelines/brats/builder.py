@@ -105,10 +105,16 @@ logging.get_absl_logger().addFilter(_QuietCustomConfig())
 
 
 def config_name(params: Dict[str, Any]) -> str:
-  """'default' for the paper's parameters, else 'p' + a short stable hash of them."""
+  """'default' for the paper's parameters, else 'p' + a short stable hash of them.
+
+  Parameters added later (named_at_default=False) enter the hash only when set, so the data
+  sets prepared before they existed keep their names.
+  """
   if params == _DEFAULT_PARAMS:
     return "default"
-  digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+  late = {f.name for f in preprocess.parameters() if not f.metadata["named_at_default"]}
+  named = {k: v for k, v in params.items() if k not in late or v != _DEFAULT_PARAMS[k]}
+  digest = hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()
   return "p" + digest[:10]
 
 
@@ -178,24 +184,26 @@ def builder_from_config(data_config) -> "Brats":
 # Patient-level splits.
 
 
+def _held_out(num_cases: int, requested: int, name: str) -> int:
+  """Cases of a held-out split: -1 proportional to the paper's 30 of 285 (rounded, >= 1)."""
+  if num_cases < 3:
+    raise DataError(f"{num_cases} labelled case(s): at least 3 are needed for the train, "
+                    "validation and test splits.")
+  if requested < 0:
+    return max(1, int(round(num_cases * PAPER_NUM_HELD_OUT / PAPER_NUM_CASES)))
+  if requested == 0:
+    raise DataError(f"num_{name}_cases is 0: every split needs at least one case.")
+  return int(requested)
+
+
 def split_sizes(num_cases: int, num_validation: int = -1,
                 num_test: int = -1) -> Tuple[int, int, int]:
   """(train, validation, test) case counts: 225/30/30 of 285, proportional otherwise.
 
   -1 means proportional to the paper's 30 of 285 (rounded), at least 1 each.
   """
-  if num_cases < 3:
-    raise DataError(f"{num_cases} labelled case(s): at least 3 are needed for the train, "
-                    "validation and test splits.")
-
-  def held_out(requested: int, name: str) -> int:
-    if requested < 0:
-      return max(1, int(round(num_cases * PAPER_NUM_HELD_OUT / PAPER_NUM_CASES)))
-    if requested == 0:
-      raise DataError(f"num_{name}_cases is 0: every split needs at least one case.")
-    return int(requested)
-
-  val, test = held_out(num_validation, "validation"), held_out(num_test, "test")
+  val = _held_out(num_cases, num_validation, "validation")
+  test = _held_out(num_cases, num_test, "test")
   train = num_cases - val - test
   if train < 1:
     raise DataError(f"{val} validation + {test} test cases leave no training case of "
@@ -210,19 +218,35 @@ def _case_rank(case_id: str, seed: int) -> str:
 
 
 def split_case_ids(case_ids: Sequence[str], seed: int, num_validation: int = -1,
-                   num_test: int = -1) -> Dict[str, List[str]]:
-  """Seeded patient-level split {'train', 'validation', 'test'} -> sorted case ids."""
+                   num_test: int = -1, num_folds: int = 0,
+                   fold: int = 0) -> Dict[str, List[str]]:
+  """Seeded patient-level split {'train', 'validation', 'test'} -> sorted case ids.
+
+  The cases are ranked by a seeded hash; the first num_test are the test split. Without folds
+  the next num_validation are the validation split and the rest train. With num_folds K >= 2
+  the non-test cases are dealt in rank order to K folds (sizes differing by at most one): fold
+  `fold` is the validation split and the others train (num_validation is ignored). The test
+  split is the same in every fold and without folds, so folds are comparable.
+  """
   ids = list(case_ids)
   if len(set(ids)) != len(ids):
     dupes = sorted({c for c in ids if ids.count(c) > 1})
     raise DataError(f"Duplicate case ids: {dupes}.")
-  _, val, test = split_sizes(len(ids), num_validation, num_test)
+  preprocess.check_folds(num_folds, fold)
   order = sorted(ids, key=lambda c: (_case_rank(c, seed), c))
-  return {
-      "test": sorted(order[:test]),
-      "validation": sorted(order[test:test + val]),
-      "train": sorted(order[test + val:]),
-  }
+  if not num_folds:
+    _, val, test = split_sizes(len(ids), num_validation, num_test)
+    validation, train = order[test:test + val], order[test + val:]
+  else:
+    test = _held_out(len(ids), num_test, "test")
+    rest = order[test:]
+    if num_folds > len(rest):
+      raise DataError(f"num_folds={num_folds} is more folds than the {len(rest)} non-test "
+                      f"case(s) of {len(ids)}; use at most {len(rest)} folds.")
+    validation = rest[fold::num_folds]
+    train = [c for i, c in enumerate(rest) if i % num_folds != fold]
+  return {"test": sorted(order[:test]), "validation": sorted(validation),
+          "train": sorted(train)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +371,7 @@ class Brats(tfds.core.GeneratorBasedBuilder):
     refs = layouts.find_cases(source, self.layout)
     case_ids = [r.case_id for r in refs]
     splits = split_case_ids(case_ids, cfg.split_seed, cfg.num_validation_cases,
-                            cfg.num_test_cases)
+                            cfg.num_test_cases, cfg.num_folds, cfg.fold)
     layout = refs[0].layout
     self.report = {"num_cases": len(refs), "cases_done": 0, "seconds": 0.0, "warnings": []}
     metadata = self.info.metadata

@@ -27,10 +27,16 @@ COMPRESSIONS = ("none", "zlib")
 # The parameters of a prepared data set.
 
 
-def _param(default: Any, help_text: str, choices: Sequence[str] = ()) -> Any:
-  """A field of Preprocessing: its default, its one line of help and its allowed values."""
+def _param(default: Any, help_text: str, choices: Sequence[str] = (),
+           named_at_default: bool = True) -> Any:
+  """A field of Preprocessing: its default, its one line of help and its allowed values.
+
+  named_at_default=False: a parameter added after data had been prepared; at its default it is
+  left out of the content hash, so data prepared before it existed keep their folder names.
+  """
   return dataclasses.field(default=default,
-                           metadata={"help": help_text, "choices": tuple(choices)})
+                           metadata={"help": help_text, "choices": tuple(choices),
+                                     "named_at_default": named_at_default})
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,8 +65,15 @@ class Preprocessing:
       "or 'none'.", NORMALIZATIONS)
   split_seed: int = _param(0, "Seed of the patient-level train/validation/test split.")
   num_validation_cases: int = _param(
-      -1, "-1: 30 of 285 (the paper), proportional to the case count.")
+      -1, "-1: 30 of 285 (the paper), proportional to the case count; ignored with num_folds.")
   num_test_cases: int = _param(-1, "-1: 30 of 285 (the paper), proportional to the case count.")
+  num_folds: int = _param(
+      0, "0: the fixed train/validation split (the paper's); K >= 2: K seeded patient-level "
+      "folds of the non-test cases (num_validation_cases is then ignored), the test split the "
+      "same in every fold.", named_at_default=False)
+  fold: int = _param(
+      0, "With num_folds K: the fold whose share is the validation split, 0..K-1; train is the "
+      "other folds' cases.", named_at_default=False)
   storage_dtype: str = _param(
       "float16", "Stored images: 'float16' holds z-scores to ~3 significant digits at half "
       "the bytes of 'float32'.", STORAGE_DTYPES)
@@ -91,6 +104,7 @@ class Preprocessing:
       raise ValueError(f"crop_size must be positive, got {self.crop_size}.")
     if self.slice_start > self.slice_stop:
       raise ValueError(f"slice_start {self.slice_start} is after slice_stop {self.slice_stop}.")
+    check_folds(self.num_folds, self.fold)
     if self.crop_center is not None:
       try:
         center = tuple(int(c) for c in self.crop_center)
@@ -99,6 +113,17 @@ class Preprocessing:
       if len(center) != 2:
         raise ValueError(f"crop_center must be two integers (x, y), got {self.crop_center}.")
       self.crop_center = center
+
+
+def check_folds(num_folds: int, fold: int) -> None:
+  """num_folds 0 (the fixed split) or >= 2, and fold one of them (0 without folds)."""
+  if num_folds < 0 or num_folds == 1:
+    raise ValueError(f"num_folds must be 0 (the fixed split) or at least 2, got {num_folds}.")
+  if num_folds == 0 and fold != 0:
+    raise ValueError(f"fold={fold} needs num_folds >= 2 (num_folds is 0: the fixed split).")
+  if num_folds and not 0 <= fold < num_folds:
+    raise ValueError(f"fold must be one of 0..{num_folds - 1} with num_folds={num_folds}, "
+                     f"got {fold}.")
 
 
 def parameters() -> Tuple[dataclasses.Field, ...]:
