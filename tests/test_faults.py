@@ -11,7 +11,8 @@ checkpoints are benchmarks/faults.py's, shared with the fault soak.
 Cost: the processes share a persistent JAX compilation cache, so only the reference run
 compiles. The scenarios are independent (each has its own folders); after the reference run
 they execute CONCURRENCY at a time, since most of a process's life is spent importing
-TensorFlow and JAX, and each parametrized test reports its own scenario's outcome.
+TensorFlow and JAX (the few that run several processes one after another start first), and each
+parametrized test reports its own scenario's outcome.
 """
 
 import concurrent.futures

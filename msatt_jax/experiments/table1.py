@@ -8,8 +8,9 @@ r"""Reproduce the paper's Table I, and test its claims, with one command.
       --workdir=runs/table1_demo          # the CPU-sized preset on synthetic data
 
 The config file's get_config(model) gives each model's config (as configs/brats18.py:unet does
-for one run); the --config.<key> overrides are applied to every run's config (a `model.` key
-only to the models that have it; they are checked against MSConvLSTM-Att's config). Every
+for one run); the --config.<key> overrides are applied to every run's config, a `model.` key
+only to the models that have it (the flags are parsed against the file's get_config(), which
+is MSConvLSTM-Att's in the shipped configs). Every
 (model, seed) trains in <workdir>/<model>_seed<k>/ (an ablation in
 <workdir>/msconvlstm_att-<ablation>_seed<k>/), all on one prepared data set and one patient
 split: the data are prepared once, into <workdir>/data/ unless config.data.data_dir names a
