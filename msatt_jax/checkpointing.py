@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import os
 import re
+import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -39,6 +40,21 @@ class CheckpointRestoreError(ValueError):
 
 
 DAMAGED_DIR = "damaged_checkpoints"  # Beside checkpoints/: damaged steps moved aside, kept.
+
+
+def _chain_unraisablehook(previous):
+  """Drops the 'Event loop is closed' errors of TensorStore reads still in flight when a failed
+  restore has closed Orbax's event loop (one traceback per array, hundreds on a console that
+  should carry one error line); passes anything else on."""
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and
+            str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  return hook
+
+
+sys.unraisablehook = _chain_unraisablehook(sys.unraisablehook)
 
 
 def _error_code(error: BaseException) -> Optional[int]:
@@ -203,7 +219,7 @@ class Checkpointer:
       return step, state, meta
     raise CheckpointRestoreError(
         "No checkpoint in this workdir can be restored, so nothing was started over them: " +
-        "; ".join(reason for _, reason in failures) + ". Restore the files from a copy, or move "
+        "; ".join(reason.rstrip(".") for _, reason in failures) + ". Restore the files from a copy, or move "
         "the checkpoints folder away to start from scratch.")
 
   def _move_aside(self, step: int) -> str:
