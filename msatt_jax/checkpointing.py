@@ -227,7 +227,10 @@ class Checkpointer:
     target_dir = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
     os.makedirs(target_dir, exist_ok=True)
     target = os.path.join(target_dir, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
-    os.rename(os.path.join(self.directory, str(step)), target)
+    try:
+      os.rename(os.path.join(self.directory, str(step)), target)
+    except FileNotFoundError:  # Another process of the same multi-host run moved it first.
+      pass
     self._manager.reload()
     return target
 
