@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.faults import damage
 from msatt_jax import checkpointing
 
 
@@ -86,20 +87,12 @@ def test_periodic_checkpoints_are_kept_apart_from_the_best_and_the_newest(tmp_pa
   ckpt.close()
 
 
-def _damage(directory, step):
-  """Truncates every data file of a committed step (an interrupted copy of the run folder)."""
-  for root, _, names in os.walk(os.path.join(directory, str(step), "state")):
-    for name in names:
-      if "ocdbt" in root or name.startswith("manifest"):
-        open(os.path.join(root, name), "wb").close()
-
-
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restored(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3)
   for step in (10, 20, 30):
     ckpt.save(step, _state(step), {"step": step})
   ckpt.wait()
-  _damage(ckpt.directory, 30)
+  damage(tmp_path, 30)
   with pytest.raises(checkpointing.CheckpointRestoreError, match="step 30 cannot be restored"):
     ckpt.restore(30, _state(0))
   step, state, meta = ckpt.restore_newest_intact(_state(0))
@@ -117,7 +110,7 @@ def test_when_no_checkpoint_restores_nothing_is_moved_and_all_are_named(tmp_path
     ckpt.save(step, _state(step), {"step": step})
   ckpt.wait()
   for step in (10, 20):
-    _damage(ckpt.directory, step)
+    damage(tmp_path, step)
   with pytest.raises(checkpointing.CheckpointRestoreError,
                      match=r"No checkpoint .* can be restored.*step 20.*step 10"):
     ckpt.restore_newest_intact(_state(0))
@@ -171,7 +164,7 @@ def test_a_reader_names_the_damaged_step_and_the_flag_to_pick_another(tmp_path):
     ckpt.save(step, _state(step), {"step": step})
   ckpt.wait()
   ckpt.close()
-  _damage(ckpt.directory, 20)
+  damage(tmp_path, 20)
   reader = checkpointing.Checkpointer(str(tmp_path), read_only=True)
   try:
     reader.restore(20, _state(0))
