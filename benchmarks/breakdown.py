@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 # Coarse parts of MSConvLSTM-Att: (part, regex over the module path inside the model).
@@ -236,23 +237,25 @@ def instruction_times(xplane_path: str, steps: int = 1) -> Dict[str, float]:
   device: Dict[str, float] = collections.defaultdict(float)
   spans: Dict[str, List[Tuple[int, int]]] = collections.defaultdict(list)  # Host (start, end).
   ends: Dict[str, List[int]] = collections.defaultdict(list)
-  for plane in space.planes:
-    on_device = plane.name.startswith("/device:")
-    if not on_device and not plane.name.startswith("/host:CPU"):
-      continue
-    for line in plane.lines:
-      if line.name in _DERIVED_LINES:
+  with warnings.catch_warnings():  # jaxlib 0.12's event-stats type lacks __module__ (Py 3.12).
+    warnings.filterwarnings("ignore", "builtin type event_stats", DeprecationWarning)
+    for plane in space.planes:
+      on_device = plane.name.startswith("/device:")
+      if not on_device and not plane.name.startswith("/host:CPU"):
         continue
-      for event in line.events:
-        op = dict(event.stats).get("hlo_op")
-        if op and op.startswith("command_buffer"):
-          op = re.sub(r"_(\d+)$", r".\1", event.name)
-        if op and on_device:
-          device[op] += event.duration_ns * 1e-9
-        elif op:
-          spans[op].append((event.start_ns, event.end_ns))
-        elif not on_device and event.name.startswith("end: "):
-          ends[event.name[len("end: "):]].append(event.start_ns)
+      for line in plane.lines:
+        if line.name in _DERIVED_LINES:
+          continue
+        for event in line.events:
+          op = dict(event.stats).get("hlo_op")
+          if op and op.startswith("command_buffer"):
+            op = re.sub(r"_(\d+)$", r".\1", event.name)
+          if op and on_device:
+            device[op] += event.duration_ns * 1e-9
+          elif op:
+            spans[op].append((event.start_ns, event.end_ns))
+          elif not on_device and event.name.startswith("end: "):
+            ends[event.name[len("end: "):]].append(event.start_ns)
   if device:
     return {k: v / steps for k, v in device.items()}
   for op, op_spans in spans.items():

@@ -153,7 +153,8 @@ class Worker:
   """A benchmark worker process driven over pipes (see `serve`)."""
 
   def __init__(self, module: str, spec: Mapping[str, Any], label: str,
-               env: Optional[Mapping[str, str]] = None):
+               env: Optional[Mapping[str, str]] = None, python: Optional[str] = None):
+    """`python`: the interpreter (and so the installed stack) the worker runs under."""
     self.label = label
     self.spec = dict(spec)
     self._log = tempfile.TemporaryFile(mode="w+")
@@ -164,7 +165,7 @@ class Worker:
     # next worker too little to compile.
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     self._proc = subprocess.Popen(
-        [sys.executable, "-m", module, json.dumps(self.spec)], stdin=subprocess.PIPE,
+        [python or sys.executable, "-m", module, json.dumps(self.spec)], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=REPO_ROOT, text=True, bufsize=1)
     self.info = self._read()
 

@@ -28,6 +28,14 @@ settings, and the driver alternates single steps between them (A B A B ...), so 
 on the machine affects all sides alike. The process applies the project's runtime defaults
 (msatt_jax/runtime.py) before anything starts.
 
+--baseline_python PATH adds a JAX worker run by another interpreter, labelled with its jax
+version (e.g. jax[0.10.2]): the stack installed there against this one, step for step in the
+same run. --torch_python PATH runs the PyTorch workers under another interpreter (one where
+torch and MONAI are installed).
+
+  python -m benchmarks.run --models unet,msconvlstm_att --compare-torch \
+      --baseline_python OLD_ENV/bin/python --torch_python OLD_ENV/bin/python
+
 A --variant NAME:SPEC adds a JAX worker: SPEC is a comma list of key=value model overrides and
 optionally runtime=GROUPS, the runtime defaults that worker gets: 'none', 'all', or groups of
 msatt_jax/runtime.py joined by '+' (e.g. runtime=xla+malloc).
@@ -85,6 +93,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="compute dtype (parameters stay float32)")
   p.add_argument("--compare-torch", dest="compare_torch", action="store_true",
                  help="also run MONAI's BasicUNet / AttentionUnet (pip install -e .[bench])")
+  p.add_argument("--baseline_python", metavar="PATH",
+                 help="also run the JAX model under this interpreter's installed stack")
+  p.add_argument("--torch_python", metavar="PATH",
+                 help="interpreter of the PyTorch workers (default: this one)")
   p.add_argument("--torch-channels-first", dest="torch_channels_last", action="store_false",
                  help="PyTorch in NCHW memory format (default: channels_last, its faster one "
                       "on CPU)")
@@ -215,10 +227,15 @@ def measure(model: str, batch_size: int, args: argparse.Namespace) -> List[Dict[
       spec = {**base, "overrides": {**overrides, **_overrides_for(model, var_overrides)}}
       sides.append(Side(common.Worker("benchmarks.jax_bench", spec, f"jax[{name}] {model}",
                                       env=_variant_env(groups)), "jax", name))
+    if args.baseline_python:
+      worker = common.Worker("benchmarks.jax_bench", {**base, "overrides": overrides},
+                             f"jax ({args.baseline_python}) {model}",
+                             python=args.baseline_python)
+      sides.append(Side(worker, "jax", worker.info["version"]))
     if args.compare_torch and model in TORCH_MODELS:
       spec = {**base, "overrides": overrides, "channels_last": args.torch_channels_last}
-      sides.append(Side(common.Worker("benchmarks.torch_bench", spec, f"pytorch {model}"),
-                        "pytorch", None))
+      sides.append(Side(common.Worker("benchmarks.torch_bench", spec, f"pytorch {model}",
+                                      python=args.torch_python), "pytorch", None))
     for mode in args.modes:
       for side in sides:
         side.setup[mode] = side.worker.call("setup", mode=mode)

@@ -17,7 +17,7 @@ There is one flag per preprocessing parameter, the fields of preprocess.Preproce
 lists them with their defaults); an unset flag keeps that default.
 
 With the paper's settings the TFDS command line builds the same data set (TFDS 4.9's `tfds`
-command needs apache-beam and mlcroissant installed, which it imports at start-up):
+command imports apache-beam and mlcroissant at start-up: `pip install -e ".[tfds-cli]"`):
   tfds build data_pipelines/brats/builder.py --manual_dir=/data/Task01_BrainTumour \
       --data_dir=/data/prepared
 

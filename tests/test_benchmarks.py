@@ -306,6 +306,16 @@ def test_benchmark_command_compare_torch(tmp_path):
   assert plain["runtime"] == {runtime.OPT_ENV: "none"}
 
 
+def test_benchmark_command_baseline_interpreter(tmp_path):
+  # Here the "baseline" is this very interpreter: the side exists, is labelled with its jax
+  # version and gets a ratio line; with another environment it measures that stack.
+  import jax  # pylint: disable=g-import-not-at-top
+  stdout, rows = _run_benchmark(tmp_path, "--modes", "train", "--baseline_python", sys.executable)
+  label = f"jax[{jax.__version__}]"
+  assert {r["framework"] for r in rows} == {"jax", label}
+  assert f"jax / {label} = " in stdout
+
+
 def test_variant_spec():
   from benchmarks import run  # pylint: disable=g-import-not-at-top
   assert run._variant("stacked:convlstm_gate_convs=stacked,runtime=xla+malloc") == (

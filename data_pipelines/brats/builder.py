@@ -17,8 +17,8 @@ folder (data_pipelines/download.py: checked against its published size and MD5, 
 Build with the paper's settings:
   tfds build data_pipelines/brats/builder.py --manual_dir=SRC --data_dir=OUT
   tfds build data_pipelines/brats/builder.py --data_dir=OUT     # downloads MSD Task01
-(TFDS 4.9's `tfds` command imports apache_beam and mlcroissant at start-up, so it needs both
-installed) or, with preprocessing overrides and without them,
+(TFDS 4.9's `tfds` command imports apache_beam and mlcroissant at start-up: the `tfds-cli`
+extra installs both) or, with preprocessing overrides and without them,
   python -m data_pipelines.prepare --src SRC --data_dir OUT [--crop_size ... --modalities ...]
   python -m data_pipelines.prepare --download msd_task01 [--download_cases 20] --data_dir OUT
 
