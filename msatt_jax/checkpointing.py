@@ -12,6 +12,7 @@ deletes old steps only after a save commits, so the previous checkpoints stay re
 
 import dataclasses
 import errno
+import logging as py_logging
 import os
 import re
 import sys
@@ -55,6 +56,23 @@ def _chain_unraisablehook(previous):
 
 
 sys.unraisablehook = _chain_unraisablehook(sys.unraisablehook)
+
+
+class _DropOrphanedReadErrors(py_logging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' for Orbax's array reads.
+
+  When one array of a damaged checkpoint fails to read, Orbax raises that error (which the
+  restore reports) and leaves its sibling reads' errors unretrieved; asyncio logs each one with
+  a traceback whenever its task happens to be collected. Other tasks' errors still show.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and
+                "async_deserialize" in message)
+
+
+py_logging.getLogger("asyncio").addFilter(_DropOrphanedReadErrors())
 
 
 def _error_code(error: BaseException) -> Optional[int]:

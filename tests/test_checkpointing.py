@@ -175,3 +175,34 @@ def test_a_reader_names_the_damaged_step_and_the_flag_to_pick_another(tmp_path):
   assert "--checkpoint=STEP (available: [10])" in message
   assert message.count("cannot be restored") == 1
   reader.close()
+
+
+def test_unretrieved_errors_of_orbax_reads_do_not_reach_the_console(caplog):
+  # What a failed restore leaves behind: sibling reads of the damaged checkpoint whose errors
+  # nobody retrieves; asyncio logs each one when its task is collected. Other tasks still log.
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import gc  # pylint: disable=g-import-not-at-top
+
+  async def async_deserialize():  # The name of Orbax's read coroutine.
+    raise ValueError("DATA_LOSS: Error reading params/.zarray")
+
+  async def some_other_task():
+    raise ValueError("an unrelated failure")
+
+  def orphan(coro_fn):
+    loop = asyncio.new_event_loop()
+    try:
+      task = loop.create_task(coro_fn())
+      loop.run_until_complete(asyncio.sleep(0.01))
+      assert task.done()
+    finally:
+      loop.close()
+    del task
+    gc.collect()
+
+  with caplog.at_level("ERROR", logger="asyncio"):
+    orphan(async_deserialize)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    orphan(some_other_task)
+    assert [r for r in caplog.records if "some_other_task" in r.getMessage()]
+
