@@ -43,14 +43,15 @@ Batch = Dict[str, Any]
 StepFn = Callable[..., Tuple[Any, Dict[str, Any]]]
 
 
-
 def run_once(fn: Callable[..., Any], *args: Any) -> Any:
   """fn(*args) compiled as one program without backend optimisation, for code that runs once.
 
-  XLA's CPU backend otherwise spends ~25 s (jax 0.10) to ~45 s (jax 0.12) optimising the random
-  initialisers of even a tiny U-Net, and op-by-op initialisation compiles every layer on its own.
+  XLA's CPU backend otherwise spends tens of seconds optimising a model's random initialisers
+  (more on jax 0.12 than on 0.10: BENCHMARKS.md), and op-by-op initialisation compiles every
+  layer on its own.
   """
   return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+
 
 class DistributedInitError(ConnectionError, ValueError):
   """jax.distributed could not be set up (unreachable coordinator, bad settings)."""
