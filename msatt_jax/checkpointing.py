@@ -237,7 +237,8 @@ class Checkpointer:
       return step, state, meta
     raise CheckpointRestoreError(
         "No checkpoint in this workdir can be restored, so nothing was started over them: " +
-        "; ".join(reason.rstrip(".") for _, reason in failures) + ". Restore the files from a copy, or move "
+        "; ".join(reason.rstrip(".") for _, reason in failures) +
+        ". Restore the files from a copy, or move "
         "the checkpoints folder away to start from scratch.")
 
   def _move_aside(self, step: int) -> str:
