@@ -38,7 +38,8 @@ from absl import logging
 import ml_collections
 import tensorflow_datasets as tfds
 
-from configs import brats18
+from data_pipelines import cli
+from data_pipelines import config as config_lib
 from data_pipelines import download as download_lib
 from data_pipelines import synthetic
 from data_pipelines.brats import builder as builder_lib
@@ -258,7 +259,7 @@ def summary(builder, report: Optional[Dict] = None) -> str:
 
 def data_config_from_flags() -> ml_collections.ConfigDict:
   """config.data with the flags' overrides applied."""
-  data = brats18.get_data_config()
+  data = config_lib.get_data_config()
   data.source_dir = _FLAGS.src
   if _FLAGS.data_dir:
     data.data_dir = _FLAGS.data_dir
@@ -294,8 +295,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """Console-script entry point (msatt-prepare)."""
-  from msatt_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.run_command(main, define_flags, runtime_defaults=False)
+  cli.run_command(main, define_flags)
 
 
 if __name__ == "__main__":

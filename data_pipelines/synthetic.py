@@ -25,6 +25,7 @@ from absl import flags
 import nibabel as nib
 import numpy as np
 
+from data_pipelines import cli
 from data_pipelines import files
 from data_pipelines.brats import labels as labels_lib
 from data_pipelines.brats import layouts
@@ -424,8 +425,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (msatt-synthetic)."""
-  from msatt_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.run_command(main, define_flags, runtime_defaults=False)
+  cli.run_command(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def test_preprocessing_parameters_are_one_list():
                     if line.strip().startswith("#"))
   for f in fields:
     assert f"{f.name} {f.metadata['help']}" in " ".join(source.split()), (
-        f"configs/brats18.py: document {f.name} in get_data_config's comment")
+        f"data_pipelines/config.py: document {f.name} in get_data_config's comment")
 
 
 def test_builder_from_config_defaults_and_errors(tmp_path):

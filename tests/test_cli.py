@@ -1,6 +1,6 @@
-"""The one command-line convention (msatt_jax/cli.py) as every command follows it: flags defined
-by `define_flags` alone, the work in `main`, and a bad request reported as one `error: ...` line
-with exit status 1, never a traceback."""
+"""The one command-line convention (data_pipelines/cli.py; msatt_jax/cli.py adds JAX's runtime
+defaults) as every command follows it: flags defined by `define_flags` alone, the work in `main`,
+and a bad request reported as one `error: ...` line with exit status 1, never a traceback."""
 
 import inspect
 import os

@@ -44,11 +44,11 @@ class Preprocessing:
   """What a prepared data set holds: the one list of the preprocessing parameters.
 
   Each parameter's default (the paper's) is written here only. The keys of config.data
-  (configs/brats18.py), the flags of `python -m data_pipelines.prepare` with their help, the
-  builder's config and the content hash naming a prepared data set's folder all follow from
-  these fields, so a new parameter is one new field, its use, and its help line in the config
-  file's comment (a test keeps that comment and the help the same). Values are converted and
-  checked here too.
+  (data_pipelines/config.py), the flags of `python -m data_pipelines.prepare` with their help,
+  the builder's config and the content hash naming a prepared data set's folder all follow from
+  these fields, so a new parameter is one new field, its use, and its help line in
+  get_data_config's comment (a test keeps that comment and the help the same). Values are
+  converted and checked here too.
   """
   label_convention: str = _param(
       "auto", "Label values on disk: 'auto' (the layout's own), 'msd' or 'brats'.",

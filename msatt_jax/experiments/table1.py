@@ -55,7 +55,6 @@ from ml_collections.config_flags import config_flags as config_flags_lib
 from ml_collections.config_flags import config_path
 import numpy as np
 
-from configs import brats18
 from data_pipelines import files
 from data_pipelines import input_pipeline
 from data_pipelines import prepare as prepare_lib
@@ -65,6 +64,7 @@ from data_pipelines.brats import preprocess
 from msatt_jax import checkpointing
 from msatt_jax import cli
 from msatt_jax import evaluate
+from msatt_jax import models as models_lib
 from msatt_jax import inference
 from msatt_jax import preemption
 from msatt_jax import reporting
@@ -78,7 +78,7 @@ from msatt_jax.experiments import report
 from msatt_jax.models import msconvlstm_att
 
 FLAGS = flags.FLAGS
-MODEL_NAMES = brats18.MODEL_NAMES
+MODEL_NAMES = tuple(models_lib.MODELS)
 ABLATIONS = tuple(a for a in msconvlstm_att.ABLATIONS if a != "none")
 EXPERIMENT_RECORD = "experiment.json"  # The data settings and patient split of the experiment.
 RUN_RECORD = "run.json"  # A run's config and data settings, written before it trains.
