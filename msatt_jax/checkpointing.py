@@ -12,10 +12,8 @@ deletes old steps only after a save commits, so the previous checkpoints stay re
 
 import dataclasses
 import errno
-import logging as py_logging
 import os
 import re
-import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -41,38 +39,6 @@ class CheckpointRestoreError(ValueError):
 
 
 DAMAGED_DIR = "damaged_checkpoints"  # Beside checkpoints/: damaged steps moved aside, kept.
-
-
-def _chain_unraisablehook(previous):
-  """Drops the 'Event loop is closed' errors of TensorStore reads still in flight when a failed
-  restore has closed Orbax's event loop (one traceback per array, hundreds on a console that
-  should carry one error line); passes anything else on."""
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError) and
-            str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
-  return hook
-
-
-sys.unraisablehook = _chain_unraisablehook(sys.unraisablehook)
-
-
-class _DropOrphanedReadErrors(py_logging.Filter):
-  """Drops asyncio's 'Task exception was never retrieved' for Orbax's array reads.
-
-  When one array of a damaged checkpoint fails to read, Orbax raises that error (which the
-  restore reports) and leaves its sibling reads' errors unretrieved; asyncio logs each one with
-  a traceback whenever its task happens to be collected. Other tasks' errors still show.
-  """
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved") and
-                "async_deserialize" in message)
-
-
-py_logging.getLogger("asyncio").addFilter(_DropOrphanedReadErrors())
 
 
 def _error_code(error: BaseException) -> Optional[int]:

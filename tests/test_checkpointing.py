@@ -180,8 +180,11 @@ def test_a_reader_names_the_damaged_step_and_the_flag_to_pick_another(tmp_path):
 def test_unretrieved_errors_of_orbax_reads_do_not_reach_the_console(caplog):
   # What a failed restore leaves behind: sibling reads of the damaged checkpoint whose errors
   # nobody retrieves; asyncio logs each one when its task is collected. Other tasks still log.
+  # The filter is part of every model command's console log.
   import asyncio  # pylint: disable=g-import-not-at-top
   import gc  # pylint: disable=g-import-not-at-top
+  from msatt_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.setup_logging()
 
   async def async_deserialize():  # The name of Orbax's read coroutine.
     raise ValueError("DATA_LOSS: Error reading params/.zarray")
