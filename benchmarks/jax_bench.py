@@ -22,7 +22,6 @@ from benchmarks import breakdown
 from benchmarks import common
 from configs import brats18
 from data_pipelines.brats import labels as labels_lib
-from msatt_jax import parallel
 from msatt_jax import runtime
 from msatt_jax import steps
 from msatt_jax.summary import xla_flops
@@ -175,7 +174,7 @@ class JaxBench:
     self.config = config
     self.model = steps.create_model(config)
     self.lr_fn = steps.create_learning_rate_fn(config, steps_per_epoch=1000)
-    self.state = parallel.run_once(functools.partial(
+    self.state = steps.run_once(functools.partial(
         steps.create_train_state, config=config, model=self.model,
         learning_rate_fn=self.lr_fn), jax.random.key(0))
     k_image, k_label = jax.random.split(jax.random.key(1))

@@ -36,21 +36,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from msatt_jax import steps
+
 AXIS = "data"
 MODES = ("auto", "single", "pmap", "sharding")
 
 Batch = Dict[str, Any]
 StepFn = Callable[..., Tuple[Any, Dict[str, Any]]]
-
-
-def run_once(fn: Callable[..., Any], *args: Any) -> Any:
-  """fn(*args) compiled as one program without backend optimisation, for code that runs once.
-
-  XLA's CPU backend otherwise spends tens of seconds optimising a model's random initialisers
-  (more on jax 0.12 than on 0.10: BENCHMARKS.md), and op-by-op initialisation compiles every
-  layer on its own.
-  """
-  return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
 
 
 class DistributedInitError(ConnectionError, ValueError):
@@ -183,13 +175,6 @@ def _global_from_host(x: Any, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-class Discard:
-  """Stands in for a writer on processes other than the first: one copy of the logs."""
-
-  def __getattr__(self, name: str) -> Callable[..., None]:
-    return lambda *args, **kwargs: None
-
-
 # ---------------------------------------------------------------------------------------------
 # Strategies.
 
@@ -250,8 +235,8 @@ class Parallel:
     return fn()
 
   def create_state(self, init_fn: Callable[[jax.Array], Any], rng: jax.Array) -> Any:
-    """init_fn(rng) run once (`run_once`), in the canonical layout."""
-    return self.put_canonical(run_once(init_fn, rng))
+    """init_fn(rng) run once (`steps.run_once`), in the canonical layout."""
+    return self.put_canonical(steps.run_once(init_fn, rng))
 
   def put_canonical(self, tree: Any) -> Any:
     """Values every process holds in full (on the host or any device) -> the canonical layout."""
@@ -430,3 +415,12 @@ def from_config(config: ml_collections.ConfigDict) -> Parallel:
   par.check_batch_size(int(config.batch_size))
   logging.info("Parallel: %s.", par.describe())
   return par
+
+
+def __getattr__(name: str) -> Any:
+  """`parallel.Discard`, now writers.Discard, for the trainer until it names the new place (its
+  import pulls in TensorFlow, so it is resolved only when asked for)."""
+  if name == "Discard":
+    from msatt_jax import writers  # pylint: disable=g-import-not-at-top
+    return writers.Discard
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,7 @@ benchmark runs it without TensorFlow).
 """
 
 import functools
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from flax.training import train_state
 import jax
@@ -39,6 +39,16 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict,
       init_value=config.learning_rate,
       transition_steps=max(1, config.lr_decay_epochs * steps_per_epoch),
       decay_rate=config.lr_decay_factor, staircase=True)
+
+
+def run_once(fn: Callable[..., Any], *args: Any) -> Any:
+  """fn(*args) compiled as one program without backend optimisation, for code that runs once.
+
+  XLA's CPU backend otherwise spends tens of seconds optimising a model's random initialisers
+  (more on jax 0.12 than on 0.10: BENCHMARKS.md), and op-by-op initialisation compiles every
+  layer on its own.
+  """
+  return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: Any,

@@ -5,7 +5,7 @@ Kept behind this small interface so the backend can change without touching the 
 
 import json
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -60,3 +60,10 @@ class MetricWriter:
   def close(self) -> None:
     self._tb.close()
     self._jsonl.close()
+
+
+class Discard:
+  """Stands in for a writer on processes other than the first: one copy of the logs."""
+
+  def __getattr__(self, name: str) -> Callable[..., None]:
+    return lambda *args, **kwargs: None
