@@ -84,11 +84,13 @@ def _format_flops(flops: Optional[float]) -> str:
 
 
 def summarize(config: ml_collections.ConfigDict,
-              print_fn: Optional[Callable[[str], None]] = print) -> Dict[str, Any]:
+              print_fn: Optional[Callable[[str], None]] = print, *,
+              train_step: bool = True) -> Dict[str, Any]:
   """Builds config.model, prints its summary and returns the figures.
 
   Returns a dict with: model, num_params, num_batch_stats, param_table (list of rows),
-  input_shape (one slice), forward_flops and train_step_flops (per slice), loss.
+  input_shape (one slice), forward_flops and train_step_flops (per slice; None without
+  `train_step`, which skips compiling the step), loss.
   """
   print_fn = print_fn or (lambda _: None)
   model = steps.create_model(config)
@@ -114,8 +116,10 @@ def summarize(config: ml_collections.ConfigDict,
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   forward = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
   forward_flops = xla_flops(forward.lower(variables, image).compile())
-  train_step = jax.jit(steps.make_train_step(config, learning_rate_fn), donate_argnums=(0,))
-  train_flops = xla_flops(train_step.lower(state, batch).compile())
+  train_flops = None
+  if train_step:
+    step = jax.jit(steps.make_train_step(config, learning_rate_fn), donate_argnums=(0,))
+    train_flops = xla_flops(step.lower(state, batch).compile())
 
   rows = tables["params"]
   num_params = sum(r["count"] for r in rows)
@@ -130,8 +134,9 @@ def summarize(config: ml_collections.ConfigDict,
   print_fn(f"Per slice of {input_shape[1]}x{input_shape[2]}x{input_shape[3]} "
            f"(XLA cost analysis on {jax.default_backend()}):")
   print_fn(f"  forward (inference): {_format_flops(forward_flops)}")
-  print_fn(f"  train step (forward + {config.loss} loss + backward + Adam): "
-           f"{_format_flops(train_flops)}")
+  if train_step:
+    print_fn(f"  train step (forward + {config.loss} loss + backward + Adam): "
+             f"{_format_flops(train_flops)}")
   return {
       "model": config.model.name,
       "num_params": num_params,

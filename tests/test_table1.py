@@ -22,9 +22,11 @@ from scipy import stats as scipy_stats
 
 from benchmarks import faults as fault_lib
 from configs import brats18
+from msatt_jax.experiments import planning
+from msatt_jax.experiments import records
 from msatt_jax.experiments import report
+from msatt_jax.experiments import runner
 from msatt_jax.experiments import stats
-from msatt_jax.experiments import table1
 
 REPO = fault_lib.REPO
 TEST_CONFIG = "configs/table1_test.py"
@@ -67,6 +69,8 @@ def test_all_zero_differences_and_the_smallest_p():
   same = stats.paired([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
   assert same["p_value"] == 1.0 and not same["significant"]
   assert same["mean_difference"] == 0 and same["ci_low"] == same["ci_high"] == 0
+  one = stats.paired([0.75], [0.5])  # One case: every resample is that case's difference.
+  assert one["ci_low"] == one["ci_high"] == 0.25 and one["p_value"] == 1.0
   for n in (3, 6):
     assert stats.smallest_p(n) == pytest.approx(scipy_stats.wilcoxon(np.arange(1, n + 1)).pvalue)
   with pytest.raises(ValueError, match="equal, non-empty"):
@@ -77,22 +81,22 @@ def test_all_zero_differences_and_the_smallest_p():
 
 
 def test_flag_lists_parse_or_name_the_flag():
-  assert table1.parse_names("models", "unet, fcn", brats18.MODEL_NAMES) == ["unet", "fcn"]
-  assert table1.parse_names("ablations", "", table1.ABLATIONS, allow_empty=True) == []
+  assert planning.parse_names("models", "unet, fcn", brats18.MODEL_NAMES) == ["unet", "fcn"]
+  assert planning.parse_names("ablations", "", planning.ABLATIONS, allow_empty=True) == []
   for text, match in (("vnet", "--models: unknown name.*'vnet'"), ("", "--models: give"),
                       ("unet,unet", "--models: .* twice")):
     with pytest.raises(ValueError, match=match):
-      table1.parse_names("models", text, brats18.MODEL_NAMES)
+      planning.parse_names("models", text, brats18.MODEL_NAMES)
   with pytest.raises(ValueError, match="--ablations: unknown name.*'none'"):
-    table1.parse_names("ablations", "no_sam,none", table1.ABLATIONS)
-  assert table1.parse_seeds("0, 1,2") == [0, 1, 2]
+    planning.parse_names("ablations", "no_sam,none", planning.ABLATIONS)
+  assert planning.parse_seeds("0, 1,2") == [0, 1, 2]
   for text in ("0,a", "", "1.5", "0,,1", "1,1", "-1"):
     with pytest.raises(ValueError, match="--seeds"):
-      table1.parse_seeds(text)
+      planning.parse_seeds(text)
 
 
 def test_plan_names_each_run_and_applies_the_overrides_to_every_config():
-  runs = table1.plan(TEST_CONFIG, {"num_epochs": 1, "model.lstm_features": 2},
+  runs = planning.plan(TEST_CONFIG, {"num_epochs": 1, "model.lstm_features": 2},
                      ["msconvlstm_att", "unet"], ["no_sam"], [0, 3], "/w")
   assert [r.name for r in runs] == [
       "msconvlstm_att_seed0", "msconvlstm_att_seed3", "unet_seed0", "unet_seed3",
@@ -109,15 +113,15 @@ def test_plan_names_each_run_and_applies_the_overrides_to_every_config():
       ({"nothere": 1}, ["unet"], [], "--config.nothere"),
       ({}, ["unet"], ["no_sam"], "--ablations: .* must include msconvlstm_att")):
     with pytest.raises(ValueError, match=match):
-      table1.plan(TEST_CONFIG, overrides, models, ablations, [0], "/w")
+      planning.plan(TEST_CONFIG, overrides, models, ablations, [0], "/w")
   with pytest.raises(ValueError, match="--config: give the file without"):
-    table1.plan(TEST_CONFIG + ":unet", {}, ["unet"], [], [0], "/w")
+    planning.plan(TEST_CONFIG + ":unet", {}, ["unet"], [], [0], "/w")
 
 
 def test_training_speed_from_the_logged_rates():
   rows = [{"step": 2, "slices_per_second": 1.0}, {"step": 2, "val_dice_mean": 0.5},
           {"step": 4, "slices_per_second": 8.0}, {"step": 6, "slices_per_second": 4.0}]
-  seconds, rate = table1.training_speed(rows, batch_size=4)
+  seconds, rate = records.training_speed(rows, batch_size=4)
   assert seconds == pytest.approx(2 * 4 / 1 + 2 * 4 / 8 + 2 * 4 / 4)
   assert rate == 6.0  # The median without the first (compiling) interval.
 
@@ -215,9 +219,9 @@ def check_table(table: Mapping[str, Any], markdown: str,
     assert c["mean_difference"] == pytest.approx(d.mean(), rel=1e-12, abs=1e-12)
     p = 1.0 if not np.any(d != 0) else scipy_stats.wilcoxon(d).pvalue
     assert c["p_value"] == p and c["significant"] == (p < 0.05) and c["n"] == len(cases)
-    # The documented bootstrap: 10,000 resamples drawn by default_rng(0) as one index array.
-    idx = np.random.default_rng(0).integers(0, d.size, size=(10_000, d.size))
-    low, high = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
+    # The documented bootstrap: scipy's percentile interval, 10,000 resamples, default_rng(0).
+    low, high = scipy_stats.bootstrap((d,), np.mean, n_resamples=10_000, method="percentile",
+                                      rng=np.random.default_rng(0)).confidence_interval
     assert (c["ci_low"], c["ci_high"]) == pytest.approx((low, high), rel=1e-12, abs=1e-12)
     region = "Mean" if c["region"] == "mean" else c["region"]
     (cells,) = [cells for cells in _cells(markdown, c["name"])
@@ -229,6 +233,8 @@ def check_table(table: Mapping[str, Any], markdown: str,
   for comparisons in (table["comparisons"], table["ablation_comparisons"]):
     if comparisons:
       assert report.significance_sentence(comparisons, len(cases)) in markdown
+      assert "scipy.stats.bootstrap, method 'percentile', 10,000 resamples" in markdown
+  assert table["statistics"]["bootstrap_method"] == "percentile"
   return checked
 
 
@@ -296,7 +302,7 @@ def experiment(tmp_path_factory):
   # would leave a truncated entry for the next process to read.
   killed_env = fault_lib.process_env(root / "jax_cache_killed")
   proc = fault_lib.start(_command(workdir), killed_env, logs["killed"], cwd=REPO)
-  second = workdir / "unet_seed0" / table1.RUN_RECORD
+  second = workdir / "unet_seed0" / records.RUN_RECORD
   if not fault_lib.wait_for(second.exists, proc):
     proc.kill()
     pytest.fail(f"the second run never started:\n{logs['killed'].read_text()[-3000:]}")
@@ -322,7 +328,7 @@ def test_killed_experiment_completes_and_a_rerun_trains_nothing(experiment):
   after = experiment["runs_after"]["msconvlstm_att_seed0"]
   assert {k: v for k, v in after.items() if not k.startswith("eval_")} == experiment["first_run"]
   for model in MODELS:
-    assert (workdir / f"{model}_seed0" / table1.DONE_MARKER).exists()
+    assert (workdir / f"{model}_seed0" / records.DONE_MARKER).exists()
   again = experiment["again"]
   assert "4 runs: 4 finished earlier (skipped), 0 to train." in again
   assert "Training " not in again and "evaluating " not in again
@@ -336,7 +342,7 @@ def test_every_number_equals_the_one_recomputed_from_the_runs_per_case_csv(exper
   workdir = experiment["workdir"]
   table = json.loads((workdir / "table1.json").read_text())
   markdown = (workdir / "table1.md").read_text()
-  per_run = {r["run"]: table1.read_per_case(str(workdir / r["per_case_csv"]))
+  per_run = {r["run"]: records.read_per_case(str(workdir / r["per_case_csv"]))
              for r in table["runs"]}
   assert sorted(per_run) == sorted(f"{m}_seed0" for m in MODELS)
   assert check_table(table, markdown, per_run) == 4 * 4 * 2 + 3 * 4
@@ -349,10 +355,10 @@ def test_every_number_equals_the_one_recomputed_from_the_runs_per_case_csv(exper
       assert float(row[key]) == source[key]
   for r in table["runs"]:
     assert r["checkpoint_step"] in (3, 6)
-    seconds, rate = table1.training_speed(table1.read_metrics(str(workdir / r["run"])), 8)
+    seconds, rate = records.training_speed(records.read_metrics(str(workdir / r["run"])), 8)
     assert (r["train_seconds"], r["slices_per_second"]) == (seconds, rate) and seconds > 0
   assert "not reported" in markdown and "FCN (paper)" in markdown
-  experiment_record = json.loads((workdir / table1.EXPERIMENT_RECORD).read_text())
+  experiment_record = json.loads((workdir / records.EXPERIMENT_RECORD).read_text())
   assert experiment_record["split"]["test"] == table["cases"]
   for name in ("curves.png", "fig7.png"):
     assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -365,7 +371,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(experiment, tmp_path):
   fresh = tmp_path / "fresh"
   cases = {
       "data": (_command(workdir, "--config.data.slice_start=9"),
-               f"error: {workdir / table1.EXPERIMENT_RECORD}: .* other data settings "
+               f"error: {workdir / records.EXPERIMENT_RECORD}: .* other data settings "
                r"\(preprocessing.slice_start: recorded 8, now 9\)"),
       "seeds": (_command(fresh, "--seeds=0,one"), "error: --seeds: '0,one' is not"),
   }
@@ -380,8 +386,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(experiment, tmp_path):
 
 
 def _plan(workdir: Path, overrides=None, models=("unet",)):
-  runs = table1.plan(TEST_CONFIG, overrides or {}, list(models), [], [0], str(workdir))
-  return runs, table1.data_identity(runs[0].config.data)
+  runs = planning.plan(TEST_CONFIG, overrides or {}, list(models), [], [0], str(workdir))
+  return runs, planning.data_identity(runs[0].config.data)
 
 
 def test_run_folders_of_another_config_or_origin_and_another_split_are_refused(experiment,
@@ -389,25 +395,25 @@ def test_run_folders_of_another_config_or_origin_and_another_split_are_refused(e
   workdir = experiment["workdir"]
   other = tmp_path / "other"
   (other / "unet_seed0").mkdir(parents=True)
-  (other / "unet_seed0" / table1.RUN_RECORD).write_bytes(
-      (workdir / "unet_seed0" / table1.RUN_RECORD).read_bytes())
+  (other / "unet_seed0" / records.RUN_RECORD).write_bytes(
+      (workdir / "unet_seed0" / records.RUN_RECORD).read_bytes())
   runs, identity = _plan(other, {"num_epochs": 3})
   with pytest.raises(ValueError, match=re.escape(f"{other / 'unet_seed0'}: this run was trained "
                                                  "with another config (num_epochs: recorded 2, "
                                                  "now 3)")):
-    table1.check_workdir(str(other), runs, identity)
-  assert table1.check_workdir(str(other), *_plan(other)) is None  # The same config: accepted.
+    records.check_workdir(str(other), runs, identity)
+  assert records.check_workdir(str(other), *_plan(other)) is None  # The same config: accepted.
   foreign = tmp_path / "foreign"
   (foreign / "unet_seed0" / "checkpoints").mkdir(parents=True)
   with pytest.raises(ValueError, match="unet_seed0: holds files this experiment did not write"):
-    table1.check_workdir(str(foreign), *_plan(foreign))
+    records.check_workdir(str(foreign), *_plan(foreign))
   assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in foreign.iterdir()) \
       == ["unet_seed0"]
   # An experiment record whose split is not the prepared data's.
-  record = json.loads((workdir / table1.EXPERIMENT_RECORD).read_text())
+  record = json.loads((workdir / records.EXPERIMENT_RECORD).read_text())
   record["split"]["test"] = record["split"]["test"][:-1]
   moved = tmp_path / "moved"
   runs, identity = _plan(moved, {"data.data_dir": record["data_dir"]})
   with pytest.raises(ValueError, match="patient split differs"):
-    table1.prepare_data(str(moved), runs, identity, record)
-  assert not (moved / table1.EXPERIMENT_RECORD).exists()
+    runner.prepare_data(str(moved), runs, identity, record)
+  assert not (moved / records.EXPERIMENT_RECORD).exists()

@@ -132,7 +132,8 @@ def build(results: Sequence[RunResult], models: Sequence[str], ablations: Sequen
   return {
       **meta,
       "split": "test", "cases": cases, "num_cases": len(cases),
-      "statistics": {"bootstrap_resamples": stats.BOOTSTRAP_RESAMPLES,
+      "statistics": {"bootstrap_method": stats.BOOTSTRAP_METHOD,
+                     "bootstrap_resamples": stats.BOOTSTRAP_RESAMPLES,
                      "bootstrap_seed": stats.BOOTSTRAP_SEED, "confidence": stats.CONFIDENCE,
                      "alpha": stats.ALPHA, "smallest_possible_p": stats.smallest_p(len(cases))},
       "models": [entry(v) for v in models],
@@ -282,8 +283,9 @@ def markdown(table: Mapping[str, Any]) -> str:
 
 def _comparison_note() -> str:
   return (f"Per test case, the model's Dice minus {display_name(REFERENCE)}'s (each the mean "
-          f"over seeds); the CI is a percentile bootstrap of the mean difference "
-          f"({stats.BOOTSTRAP_RESAMPLES:,} resamples of the cases, seed "
+          f"over seeds); the CI is a bootstrap interval of the mean difference "
+          f"(scipy.stats.bootstrap, method '{stats.BOOTSTRAP_METHOD}', "
+          f"{stats.BOOTSTRAP_RESAMPLES:,} resamples of the cases, seed "
           f"{stats.BOOTSTRAP_SEED}); p: two-sided Wilcoxon signed-rank test "
           "(scipy.stats.wilcoxon, zero differences dropped; p = 1 when all are zero).")
 
