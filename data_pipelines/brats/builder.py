@@ -356,7 +356,7 @@ class Brats(tfds.core.GeneratorBasedBuilder):
         request = download_lib.default_request()
         self.progress_fn("No manual folder given: downloading the Decathlon's Task01 archive.")
     try:
-      source = download_lib.fetch(request, Path(dl_manager.download_dir), self.progress_fn)
+      source = download_lib.fetch(request, Path(dl_manager.download_dir))
     except download_lib.DownloadError as e:
       published = download_lib.SOURCES[request.source]
       raise download_lib.DownloadError(
