@@ -26,7 +26,6 @@ Nothing is used before it is checked, and no folder appears under its final name
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -45,6 +44,7 @@ import requests
 from tensorflow_datasets.core.download import resource as tfds_resource
 
 from data_pipelines import files
+from data_pipelines import locks
 from data_pipelines.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
@@ -668,22 +668,6 @@ def _extract_subset(archive: Path, num_cases: int, target: Path) -> None:
 # The entry point.
 
 
-@contextlib.contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
-  """One download into a folder at a time (two builds may share the downloads folder)."""
-  folder.mkdir(parents=True, exist_ok=True)
-  with (folder / _LOCK_NAME).open("w") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      logging.info("Waiting for another process downloading into %s.", folder)
-      fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def archive_name(request: Request) -> str:
   """TFDS's name of a download: the URL shortened, and the checksum."""
   return tfds_resource.get_dl_fname(request.url, request.md5)
@@ -700,7 +684,9 @@ def fetch(request: Request, download_dir) -> Path:
   name = archive_name(request)
   prefix = f"FIRST{request.cases}" if request.cases else "TAR"
   target = extracted / f"{prefix}.{name}"
-  with _exclusive(download_dir):
+  # Two builds may share the downloads folder: one download into it at a time.
+  with locks.hold(download_dir / _LOCK_NAME, on_busy=lambda holder: logging.info(
+      "Waiting for %s, downloading into %s.", holder, download_dir)):
     if target.is_dir():
       logging.info("Using %s (downloaded before).", target)
       return msd_root(target)

@@ -32,6 +32,7 @@ from data_pipelines.brats import layouts
 from data_pipelines.errors import DataError
 
 from conftest import SMALL_DATA, SYNTHETIC_SHAPE, small_data_config
+from test_locks import release, start_holder
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CASES = 5
@@ -324,6 +325,25 @@ def test_missing_url_and_no_network_are_clear_errors(server, archives, tmp_path)
   with pytest.raises(download.DownloadError, match=f"{re.escape(url)}: cannot connect"):
     download.fetch(_request(server, archives, download_url=url), tmp_path)
   assert _nothing_but_the_lock(tmp_path)
+
+
+def test_a_second_download_into_the_folder_waits_for_the_first(server, archives, tmp_path, log):
+  holder = start_holder(tmp_path / download._LOCK_NAME)
+  folders = []
+  thread = threading.Thread(target=lambda: folders.append(
+      download.fetch(_request(server, archives), tmp_path)))
+  thread.start()
+  try:
+    deadline = time.monotonic() + 30
+    while not any(line.startswith(f"Waiting for process {holder.pid} on host ") and
+                  line.endswith(f", downloading into {tmp_path}.") for line in log.messages):
+      assert time.monotonic() < deadline, log.messages
+      time.sleep(0.05)
+    assert server.requests == []
+  finally:
+    release(holder)
+  thread.join(timeout=60)
+  assert len(layouts.find_cases(folders[0])) == NUM_CASES
 
 
 # ---- the first N cases ------------------------------------------------------------------------
