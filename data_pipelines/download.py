@@ -12,21 +12,22 @@ interrupted transfer from zero in a fresh temporary folder: too costly for 7.6 G
     an HTTP Range request after a dropped connection (or a rerun), checked against the expected
     size and MD5, renamed to `<name>`, extracted into `extracted/incomplete.*` and renamed to
     `extracted/TAR.<name>`; then the archive is removed (the extracted folder is the cache).
-  * first N cases (`cases`): the tar's 512-byte member headers are read with Range requests, the
-    member contents skipped, and only dataset.json and each chosen case's image and label
-    fetched, into `extracted/FIRST<N>.<name>` (an MSD-layout folder). The archive's MD5 needs all
-    its bytes, so these parts are checked instead by the archive's total size, each header's
-    checksum and each file's gzip CRC. A server that ignores Range gets the whole archive
-    (checked as above), from which the N cases are extracted.
+  * first N cases (`cases`): `tarfile` reads the remote archive as a seekable file whose reads
+    are Range requests, so only the member headers (and the small members beside them) and each
+    chosen case's image and label are fetched, into `extracted/FIRST<N>.<name>` (an MSD-layout
+    folder). The archive's MD5 needs all its bytes, so these parts are checked instead by the
+    archive's total size, tarfile's header checksums and each file's gzip CRC. A server that
+    ignores Range gets the whole archive (checked as above), from which the N cases are taken.
 
+Progress goes to the log (absl logging, INFO): a transfer's lines at most once a second.
 Nothing is used before it is checked, and no folder appears under its final name half-written.
 """
 
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -38,14 +39,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import uuid
 import zlib
 
+from absl import logging
 import requests
 from tensorflow_datasets.core.download import resource as tfds_resource
 
 from data_pipelines import files
+from data_pipelines import locks
 from data_pipelines.errors import DataError
-
-Progress = Callable[[str], None]
-
 
 @dataclasses.dataclass(frozen=True)
 class Source:
@@ -77,6 +77,7 @@ _PROGRESS_SECONDS = 1.0  # At most one progress line per this many seconds.
 _LOCK_NAME = ".download.lock"
 _INCOMPLETE = "incomplete."  # TFDS's prefix of folders being written.
 _BLOCK = 512
+_REDOWNLOAD = "delete it and rerun to download it again."
 
 
 class DownloadError(DataError):
@@ -177,13 +178,13 @@ def _seconds_text(seconds: float) -> str:
 
 
 class Meter:
-  """Throttled progress lines: bytes done of the total, rate and time left."""
+  """Progress lines of a transfer: bytes done of the total, rate and time left."""
 
-  def __init__(self, label: str, total: Optional[int], progress: Progress, done: int = 0,
+  def __init__(self, label: str, total: Optional[int], done: int = 0,
                clock: Callable[[], float] = time.monotonic):
-    self.label, self.total, self.progress, self.clock = label, total, progress, clock
+    self.label, self.total, self.clock = label, total, clock
     self.start_done, self.done = done, done
-    self.start = self.last = clock()
+    self.start = clock()
 
   def line(self) -> str:
     elapsed = max(self.clock() - self.start, 1e-9)
@@ -198,13 +199,10 @@ class Meter:
 
   def update(self, done: int) -> None:
     self.done = done
-    now = self.clock()
-    if now - self.last >= _PROGRESS_SECONDS:
-      self.last = now
-      self.progress(self.line())
+    logging.log_every_n_seconds(logging.INFO, "%s", _PROGRESS_SECONDS, self.line())
 
   def finish(self) -> None:
-    self.progress(self.line())
+    logging.info("%s", self.line())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +216,8 @@ class _Dropped(Exception):
 class _Http:
   """One keep-alive session to one URL; dropped connections are retried, then reported."""
 
-  def __init__(self, url: str, progress: Progress):
-    self.url, self.progress = url, progress
+  def __init__(self, url: str):
+    self.url = url
     self.session = requests.Session()
     # Byte ranges count in the file's own bytes, never in a compressed transfer's.
     self.session.headers["Accept-Encoding"] = "identity"
@@ -254,7 +252,9 @@ class _Http:
   def stream(self, response: requests.Response) -> Iterator[bytes]:
     """The body's chunks; a broken connection becomes _Dropped."""
     try:
-      yield from response.iter_content(_CHUNK)
+      for chunk in response.iter_content(_CHUNK):
+        self.failures = 0
+        yield chunk
     except (requests.RequestException, OSError) as e:
       raise _Dropped(_reason(e)) from None
 
@@ -266,12 +266,9 @@ class _Http:
       raise DownloadError(f"{self.url}: the transfer stopped at {where} after {_RETRIES} "
                           f"retries ({error}). {resume_hint}")
     delay = _RETRY_SECONDS * 2 ** (self.failures - 1)
-    self.progress(f"Connection to {self.url} lost at {where} ({error}); resuming in "
-                  f"{delay:.0f} s (retry {self.failures} of {_RETRIES}).")
+    logging.warning("Connection to %s lost at %s (%s); resuming in %.0f s (retry %d of %d).",
+                    self.url, where, error, delay, self.failures, _RETRIES)
     time.sleep(delay)
-
-  def progressed(self) -> None:
-    self.failures = 0
 
 
 def _reason(error: BaseException) -> str:
@@ -324,29 +321,29 @@ def _check_total(request: Request, total: Optional[int], partial: Path) -> None:
                         "download_url, or download the archive by hand.")
 
 
-def _rehash(partial: Path, progress: Progress) -> Tuple["hashlib._Hash", int]:
+def _rehash(partial: Path) -> Tuple["hashlib._Hash", int]:
   """The MD5 state of what a previous run downloaded (hashlib states cannot be saved)."""
   digest = hashlib.md5()
   size = partial.stat().st_size if partial.exists() else 0
   if size:
-    progress(f"Resuming {partial} after its first {_bytes_text(size)}.")
+    logging.info("Resuming %s after its first %s.", partial, _bytes_text(size))
     with partial.open("rb") as f:
       for block in iter(lambda: f.read(_CHUNK), b""):
         digest.update(block)
   return digest, size
 
 
-def download_archive(request: Request, archive: Path, progress: Progress) -> None:
+def download_archive(request: Request, archive: Path) -> None:
   """Downloads request.url to `archive`, checked against the size and MD5, via `.partial`."""
   partial = archive.with_name(archive.name + ".partial")
-  digest, done = _rehash(partial, progress)
+  digest, done = _rehash(partial)
   if request.size is not None and done > request.size:
     partial.unlink()
     digest, done = hashlib.md5(), 0
   total = request.size
   hint = f"the transfer resumes from {partial}."
-  http = _Http(request.url, progress)
-  meter = Meter(f"Downloading {request.url}", total, progress, done)
+  http = _Http(request.url)
+  meter = Meter(f"Downloading {request.url}", total, done)
   try:
     with partial.open("ab") as out, _writing(partial, hint):
       while total is None or done < total:
@@ -358,16 +355,16 @@ def download_archive(request: Request, archive: Path, progress: Progress) -> Non
             break
           with response:
             if done and response.status_code != 206:
-              progress(f"{request.url} ignores Range requests: restarting from the first byte.")
+              logging.info("%s ignores Range requests: restarting from the first byte.",
+                           request.url)
               out.truncate(0)
-              digest, done = hashlib.md5(), 0
+              digest, done, meter = hashlib.md5(), 0, Meter(meter.label, total)
             total = _content_range_total(response)
             _check_total(request, total, partial)
             for chunk in http.stream(response):
               _write(out, chunk)
               digest.update(chunk)
               done += len(chunk)
-              http.progressed()
               meter.update(done)
           if total is None:
             total = done  # No length given: the end of the body is the end of the file.
@@ -395,11 +392,11 @@ def download_archive(request: Request, archive: Path, progress: Progress) -> Non
                         "Rerun to download it again; if it recurs, check download_md5 or use "
                         "another mirror.")
   os.replace(partial, archive)
-  progress(f"Checked {archive.name}: {done} bytes, MD5 {md5}.")
+  logging.info("Checked %s: %d bytes, MD5 %s.", archive.name, done, md5)
 
 
 # ---------------------------------------------------------------------------------------------
-# Folders written whole or not at all.
+# Folders written whole or not at all, from archives read whole.
 
 
 @contextlib.contextmanager
@@ -427,28 +424,31 @@ def msd_root(folder: Path) -> Path:
   return inner[0]
 
 
-def _damaged_archive(archive: Path, error: BaseException) -> DownloadError:
-  return DownloadError(f"{archive}: the archive is damaged or truncated ({error}); delete it "
-                       "and rerun to download it again.")
+@contextlib.contextmanager
+def _reading(where: str, hint: str) -> Iterator[None]:
+  """Turns tarfile's complaints into a DownloadError naming the archive."""
+  try:
+    yield
+  except (tarfile.TarError, EOFError) as e:
+    raise DownloadError(f"{where}: the archive is damaged or truncated ({e}); {hint}") from None
 
 
-def _extract_all(archive: Path, target: Path, progress: Progress) -> None:
-  meter = Meter(f"Extracting {archive.name}", archive.stat().st_size, progress)
-  with _folder(target) as tmp, _writing(target, "the extraction starts again."):
-    try:
-      with tarfile.open(archive, "r:") as tar:
-        for member in tar:
-          tar.extract(member, tmp, filter="data")
-          meter.update(member.offset_data + member.size)
-        end = tar.offset
-      # tarfile takes a file cut between two members for a complete archive: look for the
-      # end-of-archive marker.
-      with archive.open("rb") as f:
-        f.seek(end)
-        if f.read(_BLOCK) != bytes(_BLOCK):
-          raise tarfile.ReadError(f"no end-of-archive marker at byte {end}")
-    except (tarfile.TarError, EOFError) as e:
-      raise _damaged_archive(archive, e) from None
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+  """tar's members, to the end-of-archive marker: tarfile ends its listing quietly at a
+  damaged header, or at a cut between two members, as if the archive ended there."""
+  yield from tar
+  tar.fileobj.seek(tar.offset)
+  if tar.fileobj.read(_BLOCK) != bytes(_BLOCK):
+    raise tarfile.ReadError(f"no end-of-archive marker at byte {tar.offset}")
+
+
+def _extract_all(archive: Path, target: Path) -> None:
+  meter = Meter(f"Extracting {archive.name}", archive.stat().st_size)
+  with _folder(target) as tmp, _writing(target, "the extraction starts again."), \
+      _reading(str(archive), _REDOWNLOAD), tarfile.open(archive, "r:") as tar:
+    for member in _members(tar):
+      tar.extract(member, tmp, filter="data")
+      meter.update(member.offset_data + member.size)
   meter.finish()
 
 
@@ -456,99 +456,12 @@ def _extract_all(archive: Path, target: Path, progress: Progress) -> None:
 # The first N cases.
 
 
-@dataclasses.dataclass
-class Member:
-  """A file in a tar: its name, where its content starts and its size."""
-  name: str
-  offset: int
-  size: int
-
-
-def _field(block: bytes, start: int, length: int) -> bytes:
-  return block[start:start + length].split(b"\0", 1)[0]
-
-
-def _number(raw: bytes, where: str) -> int:
-  """A tar numeric field: octal text, or GNU base-256 for large values."""
-  if raw and raw[0] & 0x80:
-    return int.from_bytes(bytes([raw[0] & 0x7F]) + raw[1:], "big")
-  text = raw.split(b"\0", 1)[0].strip()
-  try:
-    return int(text, 8) if text else 0
-  except ValueError:
-    raise DownloadError(f"{where}: not a tar header (bad number {text!r}).") from None
-
-
-def _pax_records(data: bytes) -> Dict[str, str]:
-  """'len key=value\\n' records of a pax extended header."""
-  records, pos = {}, 0
-  while pos < len(data):
-    space = data.find(b" ", pos)
-    if space < 0:
-      break
-    length = int(data[pos:space])
-    key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-    records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-    pos += length
-  return records
-
-
-def _padded(size: int) -> int:
-  return -(-size // _BLOCK) * _BLOCK
-
-
-def scan_members(read: Callable[[int, int], bytes], where: str) -> Iterator[Member]:
-  """The regular files of a tar, from its headers alone: `read(offset, n)` returns n bytes.
-
-  Handles ustar name prefixes, GNU long names ('L') and pax headers ('x': path, size); member
-  contents are never read, except those of the long-name and pax headers.
-  """
-  offset, long_name, pax = 0, None, {}
-  while True:
-    block = read(offset, _BLOCK)
-    if len(block) < _BLOCK:
-      raise DownloadError(f"{where}: the archive ends inside a header at byte {offset} "
-                          "(truncated).")
-    if block == bytes(_BLOCK):
-      return  # End-of-archive marker.
-    stored = _number(block[148:156], where)
-    computed = sum(block) - sum(block[148:156]) + 8 * ord(" ")
-    if stored != computed:
-      raise DownloadError(f"{where}: the tar header at byte {offset} is damaged (checksum "
-                          f"{stored}, computed {computed}).")
-    kind = block[156:157]
-    size = _number(block[124:136], where)
-    data_offset = offset + _BLOCK
-    if kind in (b"L", b"x", b"g", b"K"):
-      content = read(data_offset, size)
-      if kind == b"L":
-        long_name = content.split(b"\0", 1)[0].decode("utf-8", "replace")
-      elif kind == b"x":
-        try:
-          pax = _pax_records(content)
-        except ValueError:
-          raise DownloadError(f"{where}: the pax header at byte {offset} is damaged.") from None
-      offset = data_offset + _padded(size)
-      continue
-    name = _field(block, 0, 100).decode("utf-8", "replace")
-    if block[257:262] == b"ustar":
-      prefix = _field(block, 345, 155).decode("utf-8", "replace")
-      if prefix:
-        name = f"{prefix}/{name}"
-    name = pax.get("path", long_name or name)
-    size = int(pax.get("size", size))
-    if kind in (b"0", b"\0", b"7"):
-      yield Member(name=name, offset=data_offset, size=size)
-    offset = data_offset + _padded(size)
-    long_name, pax = None, {}
-
-
 def _parts(name: str) -> List[str]:
   return [p for p in name.split("/") if p not in ("", ".")]
 
 
 class CaseSelector:
-  """Picks dataset.json and the first N cases (image and label) from a stream of members.
+  """Picks dataset.json and the first N cases (image and label) from a stream of tar members.
 
   The cases are the first N images of imagesTr/ in archive order that have a label in labelsTr/;
   `done` says when no later member can change the choice.
@@ -556,14 +469,14 @@ class CaseSelector:
 
   def __init__(self, num_cases: int):
     self.num_cases = num_cases
-    self.dataset_json: Optional[Member] = None
-    self.images: Dict[str, Member] = {}  # In archive order.
-    self.labels: Dict[str, Member] = {}
+    self.dataset_json: Optional[tarfile.TarInfo] = None
+    self.images: Dict[str, tarfile.TarInfo] = {}  # In archive order.
+    self.labels: Dict[str, tarfile.TarInfo] = {}
 
-  def add(self, member: Member) -> None:
+  def add(self, member: tarfile.TarInfo) -> None:
     parts = _parts(member.name)
-    if not parts or ".." in parts or parts[-1].startswith("."):
-      return  # Folders' '._*' resource forks and anything unsafe.
+    if not member.isfile() or not parts or ".." in parts or parts[-1].startswith("."):
+      return  # Folders, '._*' resource forks and anything unsafe.
     if parts[-1] == "dataset.json" and len(parts) <= 2:
       self.dataset_json = member
     elif len(parts) >= 2 and re.search(r"\.nii(\.gz)?$", parts[-1]):
@@ -571,7 +484,7 @@ class CaseSelector:
       if table is not None:
         table.setdefault(parts[-1], member)
 
-  def chosen(self) -> List[Tuple[Member, Member]]:
+  def chosen(self) -> List[Tuple[tarfile.TarInfo, tarfile.TarInfo]]:
     return [(image, self.labels[name]) for name, image in self.images.items()
             if name in self.labels][:self.num_cases]
 
@@ -582,28 +495,53 @@ class CaseSelector:
             and all(name in self.labels for name in first))
 
 
-class _RangeReader:
-  """Reads byte ranges of the remote archive (with a small read-ahead for headers)."""
+class _RemoteArchive(io.RawIOBase):
+  """The archive at request.url as a read-only seekable file: each read is one Range request.
+
+  Wrapped in an io.BufferedReader of _HEADER_READ bytes for tarfile, so each header lookup
+  brings the members that follow it when they are small.
+  """
 
   def __init__(self, http: _Http, request: Request):
+    super().__init__()
     self.http, self.request = http, request
-    self.total: Optional[int] = None
-    self.cache_start, self.cache = 0, b""
-    self.fetched = 0  # Bytes received, to report.
+    self.position, self.size, self.fetched = 0, 0, 0
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    self.position = offset + (0, self.position, self.size)[whence]
+    return self.position
+
+  def readinto(self, buffer) -> int:
+    data = b"".join(self.chunks(self.position, min(len(buffer), self.size - self.position)))
+    buffer[:len(data)] = data
+    self.position += len(data)
+    return len(data)
 
   def _response(self, start: int, end: int) -> Optional[requests.Response]:
     """A 206 for start..end, or None when the server ignores Range (answers 200)."""
     response = self.http.get(start, end)
-    if response.status_code != 206:
+    total = _content_range_total(response)
+    if response.status_code != 206 or total is None:
       response.close()
       return None
-    total = _content_range_total(response)
-    if self.request.size is not None and total is not None and total != self.request.size:
+    if self.request.size is not None and total != self.request.size:
       response.close()
       raise DownloadError(f"{self.request.url}: the archive is {total} bytes, not "
                           f"{self.request.size}; the URL serves another file.")
-    self.total = total
+    self.size = total
     return response
+
+  def honours_ranges(self) -> bool:
+    response = self._response(0, _BLOCK - 1)
+    if response is not None:
+      response.close()
+    return response is not None
 
   def chunks(self, start: int, size: int) -> Iterator[bytes]:
     """Bytes start..start+size-1, resumed after a dropped connection."""
@@ -619,39 +557,11 @@ class _RangeReader:
             chunk = chunk[:size - done]
             done += len(chunk)
             self.fetched += len(chunk)
-            self.http.progressed()
             yield chunk
         if done < size:
           raise _Dropped("the server closed the connection early")
       except _Dropped as e:
         self.http.dropped(e, done, size, "Rerun the same command to start again.")
-
-  def fetch(self, start: int, size: int) -> Iterator[bytes]:
-    """Like chunks(), but what the last header read brought along is not fetched again."""
-    offset = start - self.cache_start
-    if 0 <= offset < len(self.cache):
-      head = self.cache[offset:offset + size]
-      yield head
-      start, size = start + len(head), size - len(head)
-    if size:
-      yield from self.chunks(start, size)
-
-  def read(self, start: int, size: int) -> bytes:
-    end = start + size
-    if not (self.cache_start <= start and end <= self.cache_start + len(self.cache)):
-      length = max(size, _HEADER_READ)
-      if self.total is not None:
-        length = min(length, max(self.total - start, 0))
-      if length == 0:
-        return b""
-      self.cache_start, self.cache = start, b"".join(self.chunks(start, length))
-    return self.cache[start - self.cache_start:end - self.cache_start]
-
-  def honours_ranges(self) -> bool:
-    response = self._response(0, _BLOCK - 1)
-    if response is not None:
-      response.close()
-    return response is not None
 
 
 def _gzip_check(name: str, where: str) -> Callable[[Optional[bytes]], None]:
@@ -688,115 +598,74 @@ def _subset_dataset_json(original: Optional[bytes], names: List[str], where: str
   return json.dumps(meta, indent=4)
 
 
-def _write_subset(tmp: Path, selector: CaseSelector, copy: Callable[[Member, Path], None],
-                  read_small: Callable[[Member], bytes], where: str) -> List[str]:
-  """Writes the chosen cases and their dataset.json into tmp/<the archive's folder>/."""
-  pairs = selector.chosen()
-  if len(pairs) < selector.num_cases:
-    raise DownloadError(f"{where}: the archive holds {len(pairs)} labelled cases, fewer than "
-                        f"the {selector.num_cases} asked for (download_cases).")
-  parts = _parts(pairs[0][0].name)
-  root = tmp.joinpath(*parts[:-2])
-  for image, label in pairs:
-    for member, folder in ((image, "imagesTr"), (label, "labelsTr")):
-      copy(member, root / folder / _parts(member.name)[-1])
-  names = [_parts(image.name)[-1] for image, _ in pairs]
-  original = read_small(selector.dataset_json) if selector.dataset_json else None
-  files.atomic_write_text(root / "dataset.json", _subset_dataset_json(original, names, where))
-  return names
-
-
-def _fetch_subset_by_ranges(http: _Http, request: Request, target: Path,
-                            progress: Progress) -> bool:
-  """The first N cases by Range requests into target; False if the server ignores Range."""
-  reader = _RangeReader(http, request)
-  if not reader.honours_ranges():
-    return False
-  selector = CaseSelector(request.cases)
-  progress(f"Reading the member headers of {request.url} to find its first {request.cases} "
-           "cases.")
-  last = time.monotonic()
-  for count, member in enumerate(scan_members(reader.read, request.url), 1):
+def _write_subset(tar: tarfile.TarFile, num_cases: int, target: Path, where: str,
+                  content: Callable[[tarfile.TarInfo], Iterator[bytes]]) -> None:
+  """The first num_cases cases of tar and their dataset.json into target/<its folder>/;
+  `content(member)` yields a member's bytes."""
+  selector = CaseSelector(num_cases)
+  logging.info("Reading the member headers of %s to find its first %d cases.", where, num_cases)
+  for count, member in enumerate(_members(tar), 1):
     selector.add(member)
     if selector.done:
       break
-    if time.monotonic() - last >= _PROGRESS_SECONDS:
-      last = time.monotonic()
-      progress(f"Read {count} member headers; {len(selector.chosen())} of {request.cases} "
-               "cases found.")
+    logging.log_every_n_seconds(logging.INFO, "Read %d member headers; %d of %d cases found.",
+                                _PROGRESS_SECONDS, count, len(selector.chosen()), num_cases)
   pairs = selector.chosen()
-  total = sum(m.size for pair in pairs for m in pair)
-  meter = Meter(f"Fetching {request.cases} cases", total, progress)
-
-  def copy(member: Member, path: Path) -> None:
-    check = _gzip_check(member.name, request.url)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as out:
-      for chunk in reader.fetch(member.offset, member.size):
-        check(chunk)
-        _write(out, chunk)
-        meter.update(meter.done + len(chunk))
-    check(None)
-
-  def read_small(member: Member) -> bytes:
-    return b"".join(reader.fetch(member.offset, member.size))
-
+  if len(pairs) < num_cases:
+    raise DownloadError(f"{where}: the archive holds {len(pairs)} labelled cases, fewer than "
+                        f"the {num_cases} asked for (download_cases).")
+  meter = Meter(f"Fetching {num_cases} cases", sum(m.size for pair in pairs for m in pair))
   with _folder(target) as tmp, _writing(target, "the cases are fetched again."):
-    _write_subset(tmp, selector, copy, read_small, request.url)
+    root = tmp.joinpath(*_parts(pairs[0][0].name)[:-2])
+    for image, label in pairs:
+      for member, folder in ((image, "imagesTr"), (label, "labelsTr")):
+        path = root / folder / _parts(member.name)[-1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check = _gzip_check(member.name, where)
+        with path.open("wb") as out:
+          for chunk in content(member):
+            check(chunk)
+            _write(out, chunk)
+            meter.update(meter.done + len(chunk))
+        check(None)
+    names = [_parts(image.name)[-1] for image, _ in pairs]
+    original = tar.extractfile(selector.dataset_json).read() if selector.dataset_json else None
+    files.atomic_write_text(root / "dataset.json", _subset_dataset_json(original, names, where))
   meter.finish()
-  progress(f"Fetched {request.cases} cases ({_bytes_text(reader.fetched)} of the "
-           f"{_bytes_text(reader.total or 0)} archive).")
+
+
+def _fetch_subset_by_ranges(request: Request, target: Path) -> bool:
+  """The first N cases by Range requests into target; False if the server ignores Range."""
+  http = _Http(request.url)
+  remote = _RemoteArchive(http, request)
+  try:
+    if not remote.honours_ranges():
+      return False
+    with _reading(request.url, "rerun to fetch it again."), tarfile.open(
+        fileobj=io.BufferedReader(remote, _HEADER_READ), mode="r:") as tar:
+      _write_subset(tar, request.cases, target, request.url,
+                    lambda member: remote.chunks(member.offset_data, member.size))
+  finally:
+    http.close()
+  logging.info("Fetched %d cases (%s of the %s archive).", request.cases,
+               _bytes_text(remote.fetched), _bytes_text(remote.size))
   return True
 
 
-def _extract_subset(archive: Path, num_cases: int, target: Path, progress: Progress) -> None:
+def _extract_subset(archive: Path, num_cases: int, target: Path) -> None:
   """The first N cases of a downloaded (checked) archive into target."""
-  selector = CaseSelector(num_cases)
-  try:
-    with tarfile.open(archive, "r:") as tar:
-      by_name = {}
-      for info in tar:
-        if info.isfile():
-          member = Member(info.name, info.offset_data, info.size)
-          by_name[info.name] = info
-          selector.add(member)
-          if selector.done:
-            break
 
-      def copy(member: Member, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tar.extractfile(by_name[member.name]) as src, path.open("wb") as out:
-          shutil.copyfileobj(src, out, _CHUNK)
+  def content(member: tarfile.TarInfo) -> Iterator[bytes]:
+    with tar.extractfile(member) as src:
+      yield from iter(lambda: src.read(_CHUNK), b"")
 
-      def read_small(member: Member) -> bytes:
-        with tar.extractfile(by_name[member.name]) as src:
-          return src.read()
-
-      with _folder(target) as tmp, _writing(target, "the extraction starts again."):
-        _write_subset(tmp, selector, copy, read_small, str(archive))
-  except (tarfile.TarError, EOFError) as e:
-    raise _damaged_archive(archive, e) from None
-  progress(f"Extracted the first {num_cases} cases of {archive.name}.")
+  with _reading(str(archive), _REDOWNLOAD), tarfile.open(archive, "r:") as tar:
+    _write_subset(tar, num_cases, target, str(archive), content)
+  logging.info("Extracted the first %d cases of %s.", num_cases, archive.name)
 
 
 # ---------------------------------------------------------------------------------------------
 # The entry point.
-
-
-@contextlib.contextmanager
-def _exclusive(folder: Path, progress: Progress) -> Iterator[None]:
-  """One download into a folder at a time (two builds may share the downloads folder)."""
-  folder.mkdir(parents=True, exist_ok=True)
-  with (folder / _LOCK_NAME).open("w") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      progress(f"Waiting for another process downloading into {folder}.")
-      fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def archive_name(request: Request) -> str:
@@ -804,7 +673,7 @@ def archive_name(request: Request) -> str:
   return tfds_resource.get_dl_fname(request.url, request.md5)
 
 
-def fetch(request: Request, download_dir, progress: Progress = print) -> Path:
+def fetch(request: Request, download_dir) -> Path:
   """The MSD folder of `request` under download_dir, downloaded and checked unless it is there.
 
   Raises DownloadError (one message naming the URL or file and what to do) on any failure,
@@ -815,29 +684,27 @@ def fetch(request: Request, download_dir, progress: Progress = print) -> Path:
   name = archive_name(request)
   prefix = f"FIRST{request.cases}" if request.cases else "TAR"
   target = extracted / f"{prefix}.{name}"
-  with _exclusive(download_dir, progress):
+  # Two builds may share the downloads folder: one download into it at a time.
+  with locks.hold(download_dir / _LOCK_NAME, on_busy=lambda holder: logging.info(
+      "Waiting for %s, downloading into %s.", holder, download_dir)):
     if target.is_dir():
-      progress(f"Using {target} (downloaded before).")
+      logging.info("Using %s (downloaded before).", target)
       return msd_root(target)
     for leftover in extracted.glob(f"{_INCOMPLETE}*"):  # Under the lock: a dead run's.
       shutil.rmtree(leftover, ignore_errors=True)
-    progress(f"Downloading {request.describe()} into {download_dir}.")
+    logging.info("Downloading %s into %s.", request.describe(), download_dir)
     if request.cases:
-      http = _Http(request.url, progress)
-      try:
-        if _fetch_subset_by_ranges(http, request, target, progress):
-          return msd_root(target)
-      finally:
-        http.close()
-      progress(f"{request.url} does not honour Range requests, so the first {request.cases} "
-               "cases cannot be fetched alone: downloading the whole archive instead.")
+      if _fetch_subset_by_ranges(request, target):
+        return msd_root(target)
+      logging.info("%s does not honour Range requests, so the first %d cases cannot be fetched "
+                   "alone: downloading the whole archive instead.", request.url, request.cases)
     archive = download_dir / name
     if not archive.is_file():
-      download_archive(request, archive, progress)
+      download_archive(request, archive)
     if request.cases:
-      _extract_subset(archive, request.cases, target, progress)
+      _extract_subset(archive, request.cases, target)
     else:
-      _extract_all(archive, target, progress)
+      _extract_all(archive, target)
     archive.unlink()
-    progress(f"Extracted into {target}; removed the archive.")
+    logging.info("Extracted into %s; removed the archive.", target)
     return msd_root(target)

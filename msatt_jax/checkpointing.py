@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import logging
-import jax
+from flax import traverse_util
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -261,9 +261,8 @@ class Checkpointer:
 
 def param_shapes(params: Any) -> Dict[str, list]:
   """'path/to/param' -> shape, the fingerprint that says whether a checkpoint fits a model."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path): list(np.shape(leaf))
-          for path, leaf in flat}
+  return {path: list(np.shape(leaf))
+          for path, leaf in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str) -> None:

@@ -86,8 +86,10 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   finite = jnp.isfinite(value) & jnp.all(jnp.array(
       [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  # Keep the previous state on a bad step so it can never reach a checkpoint.
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  # Keep the previous state on a bad step so it can never reach a checkpoint. (Not
+  # optax.apply_if_finite: it checks the gradients alone, leaves batch_stats to us, and adds
+  # counters to opt_state, which the checkpoints saved so far do not hold.)
+  new_state = optax.tree_utils.tree_where(finite, new_state, state)
   # The step still advances: it is the data position a resumed run continues from, so a
   # skipped batch ('skip' policy) is skipped the same way with or without an interruption.
   new_state = new_state.replace(step=state.step + 1)

@@ -20,6 +20,7 @@ if __name__ == "__main__":
 import collections
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -44,20 +45,11 @@ def parameter_table(params: Mapping[str, Any]) -> List[Dict[str, Any]]:
   """One row per parameter array (path, shape, element count), in the dicts' own order.
 
   Flax builds its variable dicts in module-creation order, i.e. roughly the order of the
-  forward pass; jax.tree_util would sort the keys instead.
+  forward pass, which flatten_dict keeps (jax.tree_util would sort the keys instead).
   """
-  rows = []
-
-  def walk(tree: Any, prefix: str) -> None:
-    if isinstance(tree, Mapping):
-      for key, value in tree.items():
-        walk(value, f"{prefix}/{key}" if prefix else str(key))
-    else:
-      rows.append({"path": prefix, "shape": tuple(tree.shape),
-                   "count": int(np.prod(tree.shape, dtype=np.int64))})
-
-  walk(params, "")
-  return rows
+  return [{"path": path, "shape": tuple(leaf.shape),
+           "count": int(np.prod(leaf.shape, dtype=np.int64))}
+          for path, leaf in traverse_util.flatten_dict(params, sep="/").items()]
 
 
 def _print_table(rows: List[Dict[str, Any]], print_fn: Callable[[str], None]) -> None:

@@ -10,12 +10,14 @@ import hashlib
 import http.server
 import io
 import json
+import logging
 import re
 import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,7 @@ from data_pipelines.brats import layouts
 from data_pipelines.errors import DataError
 
 from conftest import SMALL_DATA, SYNTHETIC_SHAPE, small_data_config
+from test_locks import release, start_holder
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CASES = 5
@@ -61,6 +64,12 @@ def archives(tmp_path_factory):
 
 def _md5(data: bytes) -> str:
   return hashlib.md5(data).hexdigest()
+
+
+def _members(data: bytes) -> list:
+  """The regular files of a tar, as tarfile lists them."""
+  with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    return [m for m in tar if m.isfile()]
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -141,6 +150,13 @@ def fast_retries(monkeypatch):
   monkeypatch.setattr(download, "_RETRY_SECONDS", 0.01)
 
 
+@pytest.fixture
+def log(caplog):
+  """The log lines (INFO and up) the download writes: `log.messages`."""
+  caplog.set_level(logging.INFO, logger="absl")
+  return caplog
+
+
 def _request(server, archives, cases: int = 0, **kwargs) -> download.Request:
   config = {"download": "msd_task01", "download_url": server.url(),
             "download_md5": _md5(archives["pax"]), "download_cases": cases, **kwargs}
@@ -180,58 +196,55 @@ def test_requests_are_checked_before_anything_is_fetched():
       download.request_from_config({"download": "msd_task01", **config})
 
 
-def test_progress_lines_show_bytes_rate_and_eta_at_most_once_a_second():
+def test_progress_lines_show_bytes_rate_and_eta_at_most_once_a_second(log):
   now = [0.0]
-  lines = []
-  meter = download.Meter("Downloading x", 4_000_000_000, lines.append, clock=lambda: now[0])
-  now[0] = 0.5
-  meter.update(10)
-  assert lines == []  # Throttled.
+  meter = download.Meter("Downloading x", 4_000_000_000, clock=lambda: now[0])
   now[0] = 10.0
-  meter.update(1_000_000_000)
-  assert lines == ["Downloading x: 1.00 GB of 4.00 GB (25%), 100.00 MB/s, ETA 30 s"]
+  time.sleep(1.1)  # A second since any line of this call site: the first update logs.
+  for _ in range(100):
+    meter.update(1_000_000_000)
+  assert log.messages == ["Downloading x: 1.00 GB of 4.00 GB (25%), 100.00 MB/s, ETA 30 s"]
 
 
 @pytest.mark.parametrize("fmt", ["pax", "gnu"])
-def test_member_headers_are_read_as_tarfile_reads_them(archives, fmt):
-  data = archives[fmt]
-  members = list(download.scan_members(lambda start, n: data[start:start + n], "test"))
-  with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-    expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
-  assert [(m.name, m.offset, m.size) for m in members] == expected
-  assert any(len(m.name) > 100 for m in members)  # The long name came through its own header.
-  damaged = bytearray(data)
-  damaged[members[1].offset - 512 + 10] ^= 1  # A byte of the second member's header.
-  with pytest.raises(download.DownloadError, match="header at byte .* is damaged"):
-    list(download.scan_members(lambda start, n: bytes(damaged[start:start + n]), "test"))
-  with pytest.raises(download.DownloadError, match="truncated"):
-    list(download.scan_members(lambda start, n: data[:members[2].offset + 512][start:start + n],
-                               "test"))
+def test_remote_archive_is_read_by_tarfile_as_the_local_one(server, archives, fmt):
+  server.files[ARCHIVE] = archives[fmt]
+  request = _request(server, archives, download_md5=_md5(archives[fmt]))
+  http = download._Http(request.url)
+  remote = download._RemoteArchive(http, request)
+  assert remote.honours_ranges() and remote.size == len(archives[fmt])
+  with tarfile.open(fileobj=io.BufferedReader(remote, 1024), mode="r:") as tar:
+    members = [(m.name, m.offset_data, m.size) for m in download._members(tar) if m.isfile()]
+  http.close()
+  assert members == [(m.name, m.offset_data, m.size) for m in _members(archives[fmt])]
+  assert any(len(name) > 100 for name, _, _ in members)  # The long name's own header came.
+  assert all(r is not None for _, r in server.requests)  # Range requests alone.
 
 
 # ---- the whole archive ------------------------------------------------------------------------
 
 
-def test_archive_is_checked_extracted_and_then_served_from_the_cache(server, archives, tmp_path):
-  lines = []
-  folder = download.fetch(_request(server, archives), tmp_path, lines.append)
+def test_archive_is_checked_extracted_and_then_served_from_the_cache(server, archives, tmp_path,
+                                                                      log):
+  folder = download.fetch(_request(server, archives), tmp_path)
   assert folder.name == "Task01_BrainTumour"
   assert folder.parent.parent == tmp_path / "extracted"
   assert folder.parent.name.startswith("TAR.")
   assert [r.case_id for r in layouts.find_cases(folder)] == [
       f"BRATS_{i:03d}" for i in range(1, NUM_CASES + 1)]
-  assert any(line.startswith("Checked ") and _md5(archives["pax"]) in line for line in lines)
+  assert any(line.startswith("Checked ") and _md5(archives["pax"]) in line
+             for line in log.messages)
   # The archive goes once extracted; no partial file is left.
   assert [p.name for p in tmp_path.iterdir() if p.is_file()] == [download._LOCK_NAME]
   before = len(server.requests)
-  assert download.fetch(_request(server, archives), tmp_path, lines.append) == folder
+  assert download.fetch(_request(server, archives), tmp_path) == folder
   assert len(server.requests) == before  # Nothing fetched again.
 
 
 def test_corrupt_archive_is_refused_and_nothing_is_kept(server, archives, tmp_path):
   server.mode = "corrupt"
   with pytest.raises(download.DownloadError) as e:
-    download.fetch(_request(server, archives), tmp_path, lambda _: None)
+    download.fetch(_request(server, archives), tmp_path)
   assert server.url() in str(e.value) and "MD5" in str(e.value) and "Rerun" in str(e.value)
   assert _nothing_but_the_lock(tmp_path)
 
@@ -241,20 +254,19 @@ def test_wrong_size_is_refused_before_the_transfer(server, archives, tmp_path):
   request = _request(server, archives, download_md5=published_md5)  # Claims to be the 7.6 GB.
   with pytest.raises(download.DownloadError, match="offers .* bytes, but the archive is "
                      "7608266240 bytes"):
-    download.fetch(request, tmp_path, lambda _: None)
+    download.fetch(request, tmp_path)
   assert _nothing_but_the_lock(tmp_path)
 
 
 def test_dropped_connection_resumes_with_a_range_request(server, archives, tmp_path,
-                                                         monkeypatch):
+                                                         monkeypatch, log):
   monkeypatch.setattr(download, "_CHUNK", 16 * 1024)  # A read cut short loses its bytes.
   server.mode = "drop_once"
-  lines = []
-  folder = download.fetch(_request(server, archives), tmp_path, lines.append)
+  folder = download.fetch(_request(server, archives), tmp_path)
   assert len(layouts.find_cases(folder)) == NUM_CASES
   (_, first), (_, resumed) = server.requests
   assert first is None and 0 < int(resumed[len("bytes="):-1]) <= len(archives["pax"]) // 2
-  assert any("lost at" in line and "resuming" in line for line in lines)
+  assert any("lost at" in line and "resuming" in line for line in log.messages)
 
 
 def test_a_rerun_resumes_the_partial_file(server, archives, tmp_path):
@@ -262,7 +274,7 @@ def test_a_rerun_resumes_the_partial_file(server, archives, tmp_path):
   data = archives["pax"]
   partial = tmp_path / (download.archive_name(request) + ".partial")
   partial.write_bytes(data[:len(data) // 3])  # Left by a killed run.
-  folder = download.fetch(request, tmp_path, lambda _: None)
+  folder = download.fetch(request, tmp_path)
   assert len(layouts.find_cases(folder)) == NUM_CASES
   assert server.requests == [(ARCHIVE, f"bytes={len(data) // 3}-")]
   assert server.bytes_sent == len(data) - len(data) // 3
@@ -281,23 +293,23 @@ def test_full_disk_keeps_only_the_resumable_partial_file(server, archives, tmp_p
   monkeypatch.setattr(download, "_CHUNK", 16 * 1024)
   request = _request(server, archives)
   with pytest.raises(download.DownloadError, match=r"\.partial: cannot write \(no space left"):
-    download.fetch(request, tmp_path, lambda _: None)
+    download.fetch(request, tmp_path)
   name = download.archive_name(request)
   assert _files_under(tmp_path) == sorted([download._LOCK_NAME, name + ".partial"])
   monkeypatch.undo()
-  download.fetch(request, tmp_path, lambda _: None)  # Space freed: the rerun resumes.
+  download.fetch(request, tmp_path)  # Space freed: the rerun resumes.
   assert server.requests[-1][1] == f"bytes={sum(written)}-"
 
 
 def test_truncated_archive_is_not_extracted(server, archives, tmp_path):
   data = archives["pax"]
-  members = list(download.scan_members(lambda start, n: data[start:start + n], "test"))
+  members = _members(data)
   # Cut inside a member, and between two members (tarfile alone takes that for complete).
-  for cut in (members[3].offset + 1000, members[3].offset - 512):
+  for cut in (members[3].offset_data + 1000, members[3].offset):
     server.files[ARCHIVE] = data[:cut]
     request = _request(server, archives, download_md5=_md5(data[:cut]))
     with pytest.raises(download.DownloadError, match="damaged or truncated"):
-      download.fetch(request, tmp_path / str(cut), lambda _: None)
+      download.fetch(request, tmp_path / str(cut))
     assert list((tmp_path / str(cut) / "extracted").iterdir()) == []
 
 
@@ -305,14 +317,33 @@ def test_missing_url_and_no_network_are_clear_errors(server, archives, tmp_path)
   with pytest.raises(download.DownloadError, match=r"/nothing\.tar: the server answered HTTP "
                      "404"):
     download.fetch(_request(server, archives, download_url=server.url("/nothing.tar")),
-                   tmp_path, lambda _: None)
+                   tmp_path)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     closed_port = s.getsockname()[1]  # Nothing listens there once closed.
   url = f"http://127.0.0.1:{closed_port}/Task01_BrainTumour.tar"
   with pytest.raises(download.DownloadError, match=f"{re.escape(url)}: cannot connect"):
-    download.fetch(_request(server, archives, download_url=url), tmp_path, lambda _: None)
+    download.fetch(_request(server, archives, download_url=url), tmp_path)
   assert _nothing_but_the_lock(tmp_path)
+
+
+def test_a_second_download_into_the_folder_waits_for_the_first(server, archives, tmp_path, log):
+  holder = start_holder(tmp_path / download._LOCK_NAME)
+  folders = []
+  thread = threading.Thread(target=lambda: folders.append(
+      download.fetch(_request(server, archives), tmp_path)))
+  thread.start()
+  try:
+    deadline = time.monotonic() + 30
+    while not any(line.startswith(f"Waiting for process {holder.pid} on host ") and
+                  line.endswith(f", downloading into {tmp_path}.") for line in log.messages):
+      assert time.monotonic() < deadline, log.messages
+      time.sleep(0.05)
+    assert server.requests == []
+  finally:
+    release(holder)
+  thread.join(timeout=60)
+  assert len(layouts.find_cases(folders[0])) == NUM_CASES
 
 
 # ---- the first N cases ------------------------------------------------------------------------
@@ -321,8 +352,7 @@ def test_missing_url_and_no_network_are_clear_errors(server, archives, tmp_path)
 def test_first_cases_are_fetched_alone_with_range_requests(server, archives, tmp_path,
                                                            monkeypatch):
   monkeypatch.setattr(download, "_HEADER_READ", 1024)  # Read-ahead smaller than these files.
-  lines = []
-  folder = download.fetch(_request(server, archives, cases=3), tmp_path, lines.append)
+  folder = download.fetch(_request(server, archives, cases=3), tmp_path)
   assert folder.parent.name.startswith("FIRST3.")
   assert _files_under(folder) == ["dataset.json"] + [
       f"{d}/BRATS_00{i}.nii.gz" for d in ("imagesTr", "labelsTr") for i in (1, 2, 3)]
@@ -342,24 +372,36 @@ def test_first_cases_are_fetched_alone_with_range_requests(server, archives, tmp
 
 
 def test_first_cases_fall_back_to_the_whole_archive_without_range_support(server, archives,
-                                                                         tmp_path):
+                                                                         tmp_path, log):
   server.mode = "no_range"
-  lines = []
-  folder = download.fetch(_request(server, archives, cases=3), tmp_path, lines.append)
-  assert any("does not honour Range requests" in line for line in lines)
+  folder = download.fetch(_request(server, archives, cases=3), tmp_path)
+  assert any("does not honour Range requests" in line for line in log.messages)
   assert [r.case_id for r in layouts.find_cases(folder)] == ["BRATS_001", "BRATS_002",
                                                              "BRATS_003"]
-  assert any(line.startswith("Checked ") for line in lines)  # The whole archive's MD5.
+  assert any(line.startswith("Checked ") for line in log.messages)  # The whole archive's MD5.
 
 
 def test_damaged_case_file_is_refused(server, archives, tmp_path):
   data = archives["pax"]
-  members = list(download.scan_members(lambda start, n: data[start:start + n], "test"))
-  label = next(m for m in members if m.name.endswith("labelsTr/BRATS_002.nii.gz"))
-  server.mode, server.corrupt_at = "corrupt", label.offset + label.size // 2
+  label = next(m for m in _members(data) if m.name.endswith("labelsTr/BRATS_002.nii.gz"))
+  server.mode, server.corrupt_at = "corrupt", label.offset_data + label.size // 2
   with pytest.raises(download.DownloadError, match="labelsTr/BRATS_002.nii.gz is damaged"):
-    download.fetch(_request(server, archives, cases=3), tmp_path, lambda _: None)
+    download.fetch(_request(server, archives, cases=3), tmp_path)
   assert not (tmp_path / "extracted").exists() or list((tmp_path / "extracted").iterdir()) == []
+
+
+def test_damaged_or_cut_header_stops_the_first_cases(server, archives, tmp_path):
+  # tarfile alone would end its listing there quietly, as at the end of the archive.
+  data = archives["pax"]
+  second = _members(data)[1]
+  server.mode, server.corrupt_at = "corrupt", second.offset + 10  # In its header's name.
+  with pytest.raises(download.DownloadError, match="damaged or truncated.*end-of-archive"):
+    download.fetch(_request(server, archives, cases=3), tmp_path / "damaged")
+  server.mode, server.files[ARCHIVE] = "normal", data[:second.offset + 100]
+  with pytest.raises(download.DownloadError, match="damaged or truncated"):
+    download.fetch(_request(server, archives, cases=3, download_md5=_md5(data[:1])),
+                   tmp_path / "cut")
+  assert _nothing_but_the_lock(tmp_path / "damaged") and _nothing_but_the_lock(tmp_path / "cut")
 
 
 # ---- through the builder, prepare and training ------------------------------------------------
@@ -376,7 +418,7 @@ def test_prepare_command_downloads_prepares_and_then_fetches_nothing(server, arc
           f"--download_md5={_md5(archives['pax'])}", f"--data_dir={out}", *SMALL_FLAGS]
   first = _cli(*args)
   assert first.returncode == 0, first.stderr[-3000:]
-  assert "Checked " in first.stdout and f"case {NUM_CASES}/{NUM_CASES}" in first.stdout
+  assert "Checked " in first.stderr and f"case {NUM_CASES}/{NUM_CASES}" in first.stdout
   assert [p.name[:4] for p in (out / "downloads" / "extracted").iterdir()] == ["TAR."]
   count = len(server.requests)
   second = _cli(*args)

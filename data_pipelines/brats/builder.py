@@ -29,7 +29,6 @@ about 3x on synthetic data at ~0.5 ms of CPU per slice when reading), labels zli
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from data_pipelines import download as download_lib
+from data_pipelines import locks
 from data_pipelines.brats import layouts
 from data_pipelines.brats import preprocess
 from data_pipelines.errors import DataError
@@ -253,18 +253,6 @@ def split_case_ids(case_ids: Sequence[str], seed: int, num_validation: int = -1,
 # Preparation safety: one preparer per config, leftovers of killed runs removed.
 
 
-@contextlib.contextmanager
-def _exclusive_lock(folder: Path) -> Iterator[None]:
-  """An flock on folder/.prepare.lock; the kernel drops it when the holder dies."""
-  folder.mkdir(parents=True, exist_ok=True)
-  with (folder / _LOCK_NAME).open("w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def incomplete_leftovers(config_dir: Path) -> List[Path]:
   """`incomplete.*` folders a killed preparation left in <data_dir>/brats/<config>/."""
   if not config_dir.is_dir():
@@ -336,7 +324,7 @@ class Brats(tfds.core.GeneratorBasedBuilder):
     download_config = kwargs.get("download_config")
     self._manual_dir_given = bool(download_config and download_config.manual_dir)
     config_dir = Path(self.data_path).parent
-    with _exclusive_lock(config_dir):
+    with locks.hold(config_dir / _LOCK_NAME):
       # Under the lock no other preparation runs: any incomplete.* folder is a dead run's.
       for leftover in incomplete_leftovers(config_dir):
         logging.warning("Removing %s, left by an interrupted preparation.", leftover)
@@ -356,7 +344,7 @@ class Brats(tfds.core.GeneratorBasedBuilder):
         request = download_lib.default_request()
         self.progress_fn("No manual folder given: downloading the Decathlon's Task01 archive.")
     try:
-      source = download_lib.fetch(request, Path(dl_manager.download_dir), self.progress_fn)
+      source = download_lib.fetch(request, Path(dl_manager.download_dir))
     except download_lib.DownloadError as e:
       published = download_lib.SOURCES[request.source]
       raise download_lib.DownloadError(
