@@ -8,8 +8,13 @@ added; intensities are int16 with a 1 mm LPS affine as in BraTS. Every case depe
 (seed, case index), so data sets are reproducible (voxel for voxel with the same numpy build)
 and a bigger set extends a smaller one.
 
+--metastases=N adds up to N small metastasis-like lesions per case (an enhancing sphere of 2-5 mm
+radius, necrotic at its centre when large enough, in a thin edema shell), apart from each other
+and from the tumours: multi-lesion cases for the lesion-wise scores (`msatt_jax.metrics`).
+
 Usage:
   python -m data_pipelines.synthetic --out /tmp/syn --layout msd --cases 8 [--shape 240,240,155]
+      [--metastases 4]
 """
 
 import contextlib
@@ -57,6 +62,8 @@ MODALITY_SCALE = np.array([400.0, 500.0, 600.0, 700.0], np.float32)
 NOISE_STD = 0.04  # Gaussian noise, relative to white matter.
 BIAS_STRENGTH = 0.12  # Amplitude of the log bias field.
 TEXTURE_STRENGTH = 0.05  # Smooth within-tissue intensity variation.
+METASTASIS_RADIUS_MM = (2.0, 5.0)  # Enhancing radius of a small metastasis.
+METASTASIS_EDEMA = 2.0  # Edema shell radius, as a multiple of the enhancing radius.
 NO_ET_EVERY = 5  # Case i has no ET when i % NO_ET_EVERY == NO_ET_EVERY // 2 (20% of cases).
 
 # The paper keeps axial slices 30..120 of 155 and a 190 crop of 240: tumours are placed inside.
@@ -213,6 +220,34 @@ def _add_tumour(rng: np.random.Generator, tissue: np.ndarray, brain_center, brai
     region[(radius < core_fraction) & inside_brain] = NCR  # Non-enhancing core only.
 
 
+def _add_metastases(rng: np.random.Generator, tissue: np.ndarray, brain_center, brain_radii,
+                    count: int) -> int:
+  """Paints up to `count` small metastases into `tissue`, each clear of every lesion painted
+  before it (so each is its own connected component); returns how many fitted."""
+  shape = tissue.shape
+  voxel_scale = (shape[0] / 240, shape[1] / 240, shape[2] / 155)
+  placed = 0
+  for _ in range(20 * count):  # Attempts: a crowded or tiny brain fits fewer.
+    if placed == count:
+      break
+    radius_mm = rng.uniform(*METASTASIS_RADIUS_MM)
+    radii = tuple(max(radius_mm * s, 1.0) for s in voxel_scale)
+    shell = tuple(METASTASIS_EDEMA * r for r in radii)
+    center = _place_tumour(rng, shape, brain_center, brain_radii, shell)
+    box = _box(shape, center, shell, margin=1.0 + 2.0 / min(shell))  # Two voxels of clearance.
+    if (tissue[box] >= NCR).any():
+      continue
+    radius = _ellipsoid_radius(shape, center, radii, box)
+    region = tissue[box]
+    inside_brain = region != OUTSIDE
+    region[(radius < METASTASIS_EDEMA) & inside_brain] = EDEMA
+    region[(radius < 1.0) & inside_brain] = ET
+    if min(radii) >= 2.5:  # Large enough for a necrotic centre inside the enhancing rim.
+      region[(radius < 0.45) & inside_brain] = NCR
+    placed += 1
+  return placed
+
+
 def _intensities(rng: np.random.Generator, tissue: np.ndarray) -> Dict[str, np.ndarray]:
   """Raw int16 modalities from tissue classes: contrast x texture x bias + noise."""
   brain = tissue != OUTSIDE
@@ -233,8 +268,10 @@ def _intensities(rng: np.random.Generator, tissue: np.ndarray) -> Dict[str, np.n
   return images
 
 
-def make_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0, index: int = 0) -> SyntheticCase:
-  """The phantom number `index` of the data set with this seed (independent of the others)."""
+def make_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0, index: int = 0,
+              metastases: int = 0) -> SyntheticCase:
+  """The phantom number `index` of the data set with this seed (independent of the others);
+  metastases > 0 adds up to that many small metastases (none: the same voxels as before)."""
   shape = tuple(int(s) for s in shape)
   rng = np.random.default_rng([seed, index])
   tissue, brain_center, brain_radii = _brain(rng, shape)
@@ -244,6 +281,8 @@ def make_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0, index: int = 
     # A second tumour is smaller, like a satellite lesion.
     _add_tumour(rng, tissue, brain_center, brain_radii, with_et=has_et,
                 size_scale=1.0 if t == 0 else 0.6)
+  if metastases > 0:
+    _add_metastases(rng, tissue, brain_center, brain_radii, int(metastases))
   images = _intensities(rng, tissue)
   label = CLASS_TO_LABEL[tissue]
   return SyntheticCase(images=images, label=label, affine=lps_affine(shape),
@@ -329,7 +368,8 @@ def _check_args(layout: str, num_cases: int, shape: Sequence[int]) -> Tuple[int,
 
 
 def generate_dataset(out_dir, layout: str, num_cases: int,
-                     shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0) -> List[str]:
+                     shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
+                     metastases: int = 0) -> List[str]:
   """Writes num_cases phantoms in the given layout under out_dir; returns the case ids.
 
   out_dir must be new or empty, or hold a complete data set of the same parameters (then it
@@ -339,6 +379,10 @@ def generate_dataset(out_dir, layout: str, num_cases: int,
   out = Path(out_dir)
   params = {"layout": layout, "num_cases": int(num_cases), "shape": list(shape),
             "seed": int(seed)}
+  if int(metastases) < 0:
+    raise ValueError(f"--metastases must be 0 or more, got {metastases}.")
+  if metastases:  # Only then: earlier data sets' markers stay valid.
+    params["metastases"] = int(metastases)
   ids = case_ids(layout, int(num_cases))
   if out.exists() and not out.is_dir():
     raise DataError(f"{out}: exists and is not a folder.")
@@ -360,7 +404,7 @@ def generate_dataset(out_dir, layout: str, num_cases: int,
     # dataset.json first: until every listed file exists, readers report the missing ones.
     files.atomic_write_text(out / "dataset.json", json.dumps(_msd_dataset_json(ids), indent=2))
   for index, case_id in enumerate(ids):
-    case = make_case(shape, seed, index)
+    case = make_case(shape, seed, index, metastases)
     if layout == "msd":
       _write_msd_case(out, case_id, case)
     else:
@@ -400,6 +444,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("cases", None, "Number of cases.")
   flags.DEFINE_string("shape", ",".join(map(str, DEFAULT_SHAPE)), "Volume shape X,Y,Z.")
   flags.DEFINE_integer("seed", 0, "Seed; the same seed gives the same voxels.")
+  flags.DEFINE_integer("metastases", 0, "Up to this many small metastasis-like lesions per "
+                       "case besides the tumours (multi-lesion cases); 0: none.")
 
 
 def parse_shape(text: str) -> Tuple[int, int, int]:
@@ -419,7 +465,7 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS[name].value is None:
       raise ValueError(f"--{name} is required.")
   ids = generate_dataset(FLAGS.out, FLAGS.layout, FLAGS.cases, parse_shape(FLAGS.shape),
-                         FLAGS.seed)
+                         FLAGS.seed, FLAGS.metastases)
   print(f"Wrote {len(ids)} synthetic cases ({FLAGS.layout} layout) to {FLAGS.out}")
 
 

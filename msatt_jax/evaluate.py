@@ -1,7 +1,8 @@
 """Evaluate a trained run, or an ensemble of runs, on whole cases of a split (NIfTI files).
 
   python -m msatt_jax.evaluate --workdir=runs/paper [--checkpoint=best|latest|STEP] [--split=test]
-      [--notta] [--hd95=official|max] [--postprocess=auto|none|PATH]
+      [--notta] [--hd95=official|max|surface] [--postprocess=auto|none|PATH]
+      [--lesion_rules=auto|off|NAME]
   python -m msatt_jax.evaluate --workdir=runs/f0,runs/f1,runs/f2   # an ensemble
 
 Restores the checkpoint and the run's own config, segments every case of the split (the slices
@@ -22,6 +23,10 @@ per_case_unprocessed.csv (before them, when rules applied), summary.json (which 
 runs, TTA, the HD95 definition and the rules applied; 'metrics' after them,
 'metrics_unprocessed' before), table.md (laid out like the paper's Table I, one table after
 and one before the rules) and figures/<case>.png (modalities, ground truth, prediction; Fig. 7).
+With lesion rules (--lesion_rules, as in evaluate_folder: auto = the 2023 rule set of a 2023+
+case name's challenge, off, or a rule set's name) the scores after the rules also hold the
+BraTS 2023+ lesion-wise Dice, HD95 and lesion counts, table.md their means, and lesions.csv and
+lesions.md list every lesion and each case's missed ones.
 """
 
 if __name__ == "__main__":
@@ -66,6 +71,9 @@ def markdown_table(model_name: str, summary: Dict[str, Dict[str, float]], split:
       f" | {fmt.format(float(np.mean([summary[f'{key}_{r}']['mean'] for r in order])))} |"
   inference_text = ("probabilities averaged over the four in-plane flips (mirroring TTA)" if tta
                     else "no test-time augmentation")
+  lesion_rows = [row("Lesion-wise Dice", "lesion_dice", "{:.3f}"),
+                 row("Lesion-wise HD95 (mm)", "lesion_hd95", "{:.2f}")] \
+      if all(f"lesion_dice_{r}" in summary for r in order) else []
   return "\n".join([
       f"Evaluation of {model_name} on the {split} split ({num_cases} cases), checkpoint step "
       f"{step}, {inference_text}; postprocessing: {postprocessing}. Dice, HD95 (mm), "
@@ -77,6 +85,7 @@ def markdown_table(model_name: str, summary: Dict[str, Dict[str, float]], split:
       row("Dice", "dice", "{:.3f}"),
       row("Dice (slice range)", "slice_dice", "{:.3f}"),
       row("HD95 (mm)", "hd95", "{:.2f}"),
+      *lesion_rows,
       row("Sensitivity", "sensitivity", "{:.3f}"),
       row("Specificity", "specificity", "{:.4f}"),
       "",
@@ -116,7 +125,8 @@ def _model_name(runs: Sequence[inference.TrainedRun]) -> str:
 def evaluate(workdir: Union[str, Sequence[str]], checkpoint: str = "best", split: str = "test",
              out_dir: Optional[str] = None, num_figures: int = 3,
              source_dir: Optional[str] = None, batch_size: int = 16, tta: bool = True,
-             hd95_mode: str = "official", postprocess: str = "auto") -> Dict[str, Any]:
+             hd95_mode: str = "official", postprocess: str = "auto",
+             lesion_rules: str = "auto") -> Dict[str, Any]:
   """Evaluates a run (or an ensemble: several workdirs) on one split.
 
   postprocess: 'auto' (the first run's postprocessing.json, if any), 'none', or a file's path.
@@ -128,6 +138,7 @@ def evaluate(workdir: Union[str, Sequence[str]], checkpoint: str = "best", split
     raise ValueError(f"--split must be one of {builder_lib.SPLITS}, not {split!r}.")
   if hd95_mode not in metrics.HD95_MODES:
     raise ValueError(f"--hd95 must be one of {metrics.HD95_MODES}, not {hd95_mode!r}.")
+  evaluate_folder.check_lesion_rules_flag(lesion_rules)
   workdirs = [workdir] if isinstance(workdir, str) else list(workdir)
   if not workdirs:
     raise ValueError("--workdir: name at least one run directory.")
@@ -148,12 +159,16 @@ def evaluate(workdir: Union[str, Sequence[str]], checkpoint: str = "best", split
       **metrics.slice_dice(pred, case.label, data_config.slice_start, data_config.slice_stop)}
   rows: List[Dict[str, Any]] = []
   unprocessed_rows: List[Dict[str, Any]] = []
+  lesion_list: List[Dict[str, Any]] = []
   t0 = time.perf_counter()
   for i, case in enumerate(cases):
     seg = inference.segment(predict, case.image, data_config, batch_size=batch_size,
                             rules=rules)
-    row = score(seg.labels, case)
+    row, lesions = evaluate_folder.add_lesion_scores(
+        score(seg.labels, case), seg.labels, case.label, case.spacing,
+        evaluate_folder.case_lesion_rules(case.case_id, lesion_rules))
     rows.append(row)
+    lesion_list.extend(evaluate_folder.lesion_rows(case.case_id, lesions))
     if rules is not None:
       unprocessed_rows.append(score(seg.unprocessed, case))
     logging.info("[%d/%d] %s  Dice ET %.3f TC %.3f WT %.3f  (%.1fs elapsed)", i + 1,
@@ -178,13 +193,19 @@ def evaluate(workdir: Union[str, Sequence[str]], checkpoint: str = "best", split
     reporting.write_csv(unprocessed_csv, unprocessed_rows)
   elif os.path.exists(unprocessed_csv):  # An earlier evaluation's, into the same folder.
     os.remove(unprocessed_csv)
+  evaluate_folder.write_lesion_reports(out_dir, rows, lesion_list,
+                                       f"Lesion-wise scores, {split} split, step {step}")
+  scored = {r["case"]: r["lesion_rules"] for r in rows if r.get("lesion_rules")}
   reporting.write_json(os.path.join(out_dir, "summary.json"), {
       "model": runs[0].config.model.name, "checkpoint_step": runs[0].step, "split": split,
       "num_cases": len(rows), "tta": bool(tta), "hd95_mode": hd95_mode,
       "hd95": metrics.HD95_DEFINITIONS[hd95_mode],
       "runs": [{"workdir": r.workdir, "model": r.config.model.name, "checkpoint_step": r.step}
                for r in runs],
-      "postprocessing": applied, "metrics": summary, "metrics_unprocessed": unprocessed})
+      "postprocessing": applied, "metrics": summary, "metrics_unprocessed": unprocessed,
+      "lesion_rules": {"requested": lesion_rules, "cases": scored,
+                       "rules": {n: metrics.LESION_RULES[n].describe()
+                                 for n in sorted(set(scored.values()))}}})
   table = lambda scores, text: markdown_table(_model_name(runs), scores, split, len(rows), step,
                                               hd95_mode, tta, text)
   text = table(summary, applied["description"])
@@ -213,6 +234,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("tta", True, "Mirroring test-time augmentation: average over the four "
                     "in-plane flips (--notta: the plain forward pass).")
   evaluate_folder.define_hd95_flag()
+  evaluate_folder.define_lesion_rules_flag()
   postprocess_lib.define_postprocess_flag()
   flags.mark_flags_as_required(["workdir"])
 
@@ -220,7 +242,8 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   del argv
   result = evaluate(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.out, FLAGS.num_figures,
-                    FLAGS.source_dir, FLAGS.batch_size, FLAGS.tta, FLAGS.hd95, FLAGS.postprocess)
+                    FLAGS.source_dir, FLAGS.batch_size, FLAGS.tta, FLAGS.hd95, FLAGS.postprocess,
+                    FLAGS.lesion_rules)
   mean = lambda summary, name: {"case": name, **{k: v["mean"] for k, v in summary.items()}}
   rows = result["per_case"] + [mean(result["summary"], "mean")]
   if result["summary_unprocessed"] is not None:

@@ -1,19 +1,27 @@
 r"""Scores a folder of predicted segmentations against reference segmentations.
 
-  python -m msatt_jax.evaluate_folder --pred=PRED_DIR --ref=REF_DIR [--labels=brats|msd] \
-      [--out=OUT_DIR] [--allow_missing] [--hd95=official|max]
+  python -m msatt_jax.evaluate_folder --pred=PRED_DIR --ref=REF_DIR [--labels=auto|brats|...] \
+      [--out=OUT_DIR] [--allow_missing] [--hd95=official|max|surface] [--lesion_rules=auto|off|NAME]
 
 Files are matched by case name: the file name without `.nii.gz`/`.nii` and without a trailing
-`_seg`. Either folder may be flat (`<case>.nii.gz`, `<case>_seg.nii.gz`), hold BraTS case
-folders (`<case>/<case>_seg.nii.gz`, also grouped under e.g. HGG/ and LGG/), or be one BraTS
-case folder itself. Image files (`_flair`, `_t1`, `_t1ce`, `_t2`) and hidden files are ignored.
+`_seg` (`-seg` for BraTS 2023+ names). Either folder may be flat (`<case>.nii.gz`,
+`<case>_seg.nii.gz`, `<case>-seg.nii.gz`), hold BraTS case folders (`<case>/<case>_seg.nii.gz`
+or `<case>/<case>-seg.nii.gz`, also grouped under e.g. HGG/ and LGG/), or be one BraTS case
+folder itself. Image files (`_flair`, `_t1`, `_t1ce`, `_t2`; 2023+: `-t1c`, `-t1n`, `-t2w`,
+`-t2f`) and hidden files are ignored.
 
-Both sides are read in the --labels convention, converted to canonical labels, and scored per
-case with Dice, HD95 (mm, the reference's voxel spacing; --hd95=official, the BraTS scorer's
-pooled percentile, or max, the larger directed one), sensitivity and specificity for ET, TC and
-WT, plus the Dice on axial slices 30..120; see `msatt_jax.metrics` for the exact definitions.
+Both sides are read in the --labels convention (auto: `brats2023`, ET = 3, for 2023+ case names
+such as BraTS-GLI-00000-000, else `brats`, ET = 4), converted to canonical labels, and scored
+per case with Dice, HD95 (mm, the reference's voxel spacing; --hd95=official, the BraTS scorer's
+pooled percentile, max, the larger directed one, or surface, surface_distance's area-weighted
+one), sensitivity and specificity for ET, TC and WT, plus the Dice on axial slices 30..120; see
+`msatt_jax.metrics` for the exact definitions. With lesion rules (--lesion_rules: auto = the
+2023 rule set of a 2023+ case name's challenge, BraTS-GLI-... -> gli2023, none for older names;
+off; or a rule set's name for every case) each case also gets the BraTS 2023+ lesion-wise Dice
+and HD95 and its counts of matched, missed and false-positive lesions per region.
 Writes `<out>/per_case.csv` and `<out>/summary.json` (default out: the prediction folder), which
-records the HD95 definition used.
+records the HD95 definition and lesion rules used, and with lesion rules `<out>/lesions.csv`
+(one row per lesion) and `<out>/lesions.md` (each case's missed lesions).
 """
 
 import os
@@ -24,6 +32,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from data_pipelines import files
 from data_pipelines.brats import labels
 from data_pipelines.brats import layouts
 from data_pipelines.errors import DataError
@@ -32,7 +41,11 @@ from msatt_jax import metrics
 from msatt_jax import reporting
 
 _NIFTI = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")
-_IMAGE_SUFFIXES = ("_flair", "_t1", "_t1ce", "_t1gd", "_t2")
+_IMAGE_SUFFIXES = ("_flair", "_t1", "_t1ce", "_t1gd", "_t2", "-t1c", "-t1n", "-t2w", "-t2f")
+_SEG_SUFFIXES = ("_seg", "-seg")
+# BraTS 2023+ case names: BraTS-<challenge>-<5 digits>-<3 digits> (challenge GLI, MET, ...).
+_BRATS2023_CASE = re.compile(r"^BraTS-(?P<challenge>[A-Za-z]+)-\d{5}-\d{3}$")
+LESION_RULES_CHOICES = ("auto", "off", *metrics.LESION_RULES)
 # Grouping folders (HGG/LGG, ...) are searched this many levels deep for case folders.
 _MAX_DEPTH = 2
 # Largest per-axis voxel-spacing difference (mm) accepted between prediction and reference.
@@ -47,15 +60,17 @@ def _case_name(filename: str) -> Optional[str]:
   stem = match.group("stem")
   if stem.endswith(_IMAGE_SUFFIXES):
     return None
-  if stem.endswith("_seg"):
-    stem = stem[:-len("_seg")]
+  for suffix in _SEG_SUFFIXES:
+    if stem.endswith(suffix):
+      stem = stem[:-len(suffix)]
   return stem or None
 
 
 def _case_folder_file(folder: str) -> Optional[str]:
-  """The segmentation of a BraTS case folder (`<name>/<name>_seg.nii.gz` or `<name>.nii.gz`)."""
+  """The segmentation of a BraTS case folder (`<name>/<name>_seg.nii.gz`, `-seg` or `.nii.gz`)."""
   name = os.path.basename(os.path.normpath(folder))
-  for candidate in (f"{name}_seg.nii.gz", f"{name}_seg.nii", f"{name}.nii.gz", f"{name}.nii"):
+  for candidate in (f"{name}_seg.nii.gz", f"{name}_seg.nii", f"{name}-seg.nii.gz",
+                    f"{name}-seg.nii", f"{name}.nii.gz", f"{name}.nii"):
     path = os.path.join(folder, candidate)
     if os.path.isfile(path):
       return path
@@ -117,19 +132,69 @@ def _check_pair(pred_path: str, ref_path: str, pred: np.ndarray, ref: np.ndarray
                     f"{tuple(ref_spacing.tolist())} mm.")
 
 
-def evaluate_folders(pred_dir: str, ref_dir: str, convention: str = "brats",
+def case_convention(case: str, convention: str) -> str:
+  """--labels for one case: 'auto' is brats2023 for 2023+ case names, else brats."""
+  if convention != "auto":
+    return convention
+  return "brats2023" if _BRATS2023_CASE.match(case) else "brats"
+
+
+def case_lesion_rules(case: str, requested: str) -> Optional[metrics.LesionRules]:
+  """--lesion_rules for one case: None (off, or auto for a name without a 2023 rule set)."""
+  if requested == "off":
+    return None
+  if requested == "auto":
+    match = _BRATS2023_CASE.match(case)
+    return metrics.rules_for_challenge(match.group("challenge").upper()) if match else None
+  return metrics.lesion_rules(requested)
+
+
+def check_lesion_rules_flag(requested: str) -> None:
+  if requested not in LESION_RULES_CHOICES:
+    raise DataError(f"--lesion_rules={requested}: unknown rule set; choose one of "
+                    f"{', '.join(LESION_RULES_CHOICES)}.")
+
+
+def lesion_rows(case: str, lesions: Sequence[metrics.Lesion]) -> List[dict]:
+  """lesions.csv rows of one case."""
+  return [{"case": case, "region": x.region, "lesion": x.lesion_id, "status": x.status,
+           "volume_mm3": x.volume_mm3, "counted": x.counted, "dice": x.dice, "hd95": x.hd95}
+          for x in lesions]
+
+
+def missed_lesions_markdown(rows: Sequence[dict], lesion_list: Sequence[dict],
+                            title: str) -> str:
+  """Markdown: each lesion-scored case's lesion-wise Dice and its missed lesions."""
+  lines = [f"# {title}", "",
+           "Missed reference lesions (counted ones; those at or under the rule set's volume "
+           "threshold in brackets) per case and region.", ""]
+  for row in rows:
+    if not row.get("lesion_rules"):
+      continue
+    missed = [x for x in lesion_list if x["case"] == row["case"] and x["status"] == "missed"]
+    text = "; ".join(
+        f"{x['region']} lesion {x['lesion']} ({x['volume_mm3']:g} mm^3)" if x["counted"] else
+        f"[{x['region']} lesion {x['lesion']} ({x['volume_mm3']:g} mm^3)]" for x in missed)
+    lines.append(f"- {row['case']} ({row['lesion_rules']}): {text or 'none missed'}")
+  return "\n".join(lines) + "\n"
+
+
+def evaluate_folders(pred_dir: str, ref_dir: str, convention: str = "auto",
                      out_dir: Optional[str] = None, allow_missing: bool = False,
                      slice_range: Optional[Tuple[int, int]] = (30, 120),
                      spacing_tol: float = DEFAULT_SPACING_TOL,
-                     hd95_mode: str = "official") -> Tuple[List[dict], dict]:
+                     hd95_mode: str = "official",
+                     lesion_rules: str = "auto") -> Tuple[List[dict], dict]:
   """Scores every reference case; returns (per-case rows, summary) and writes them to out_dir.
 
   Raises DataError for unusable input: missing predictions (unless allow_missing), unreadable
-  files, shape or spacing mismatches (all cases are checked and every problem is reported).
+  files, shape or spacing mismatches, lesion rules the data cannot take (all cases are checked
+  and every problem is reported); nothing is written then.
   """
-  if convention not in labels.CONVENTIONS:
-    raise DataError(f"Unknown label convention {convention!r}; choose one of "
+  if convention != "auto" and convention not in labels.CONVENTIONS:
+    raise DataError(f"Unknown label convention {convention!r}; choose one of auto, "
                     f"{', '.join(labels.CONVENTIONS)}.")
+  check_lesion_rules_flag(lesion_rules)
   if hd95_mode not in metrics.HD95_MODES:
     raise DataError(f"Unknown --hd95 {hd95_mode!r}; choose one of "
                     f"{', '.join(metrics.HD95_MODES)}.")
@@ -152,15 +217,19 @@ def evaluate_folders(pred_dir: str, ref_dir: str, convention: str = "brats",
   if not cases:
     raise DataError(f"No case of {ref_dir} has a prediction in {pred_dir}.")
 
-  rows, errors = [], []
+  rows, lesion_list, errors = [], [], []
   for case in cases:
     try:
-      rows.append(_score_case(case, preds[case], refs[case], convention, slice_range,
-                              spacing_tol, hd95_mode))
+      row, lesions = _score_case(case, preds[case], refs[case], case_convention(case, convention),
+                                 slice_range, spacing_tol, hd95_mode,
+                                 case_lesion_rules(case, lesion_rules))
+      rows.append(row)
+      lesion_list.extend(lesion_rows(case, lesions))
     except (DataError, ValueError) as e:
-      errors.append(str(e))
+      errors.append(f"{case}: {e}")
   if errors:
     raise DataError(f"{len(errors)} case(s) could not be scored:\n  " + "\n  ".join(errors))
+  scored = {r["case"]: r["lesion_rules"] for r in rows if r.get("lesion_rules")}
 
   summary = {
       "num_cases": len(rows),
@@ -170,19 +239,41 @@ def evaluate_folders(pred_dir: str, ref_dir: str, convention: str = "brats",
       "hd95_mode": hd95_mode,
       "hd95": metrics.HD95_DEFINITIONS[hd95_mode],
       "slice_range": list(slice_range) if slice_range else None,
+      "lesion_rules": {"requested": lesion_rules, "cases": scored,
+                       "rules": {n: metrics.LESION_RULES[n].describe()
+                                 for n in sorted(set(scored.values()))}},
       "missing_predictions": missing,
       "extra_predictions": extra,
       "metrics": metrics.summarize(rows),
   }
   if out_dir is not None:
     reporting.write_csv(os.path.join(out_dir, "per_case.csv"), rows)
+    write_lesion_reports(out_dir, rows, lesion_list, f"Lesion-wise scores of {pred_dir}")
     reporting.write_json(os.path.join(out_dir, "summary.json"), summary)
   return rows, summary
 
 
+LESION_COLUMNS = ("case", "region", "lesion", "status", "volume_mm3", "counted", "dice", "hd95")
+
+
+def write_lesion_reports(out_dir: str, rows: Sequence[dict], lesion_list: Sequence[dict],
+                         title: str) -> None:
+  """lesions.csv and lesions.md when any case was scored lesion-wise; else removes an earlier
+  evaluation's, so that the folder never mixes two runs."""
+  paths = [os.path.join(out_dir, n) for n in ("lesions.csv", "lesions.md")]
+  if not any(r.get("lesion_rules") for r in rows):
+    for path in paths:
+      if os.path.exists(path):
+        os.remove(path)
+    return
+  reporting.write_csv(paths[0], lesion_list, LESION_COLUMNS)
+  files.atomic_write_text(paths[1], missed_lesions_markdown(rows, lesion_list, title))
+
+
 def _score_case(case: str, pred_path: str, ref_path: str, convention: str,
                 slice_range: Optional[Tuple[int, int]], spacing_tol: float,
-                hd95_mode: str) -> dict:
+                hd95_mode: str, rules: Optional[metrics.LesionRules] = None
+                ) -> Tuple[dict, List[metrics.Lesion]]:
   pred, pred_spacing, pred_affine = read_label_volume(pred_path)
   ref, ref_spacing, ref_affine = read_label_volume(ref_path)
   try:
@@ -199,7 +290,22 @@ def _score_case(case: str, pred_path: str, ref_path: str, convention: str,
   row.update(metrics.region_scores(pred, ref, ref_spacing, hd95_mode))
   if slice_range is not None:
     row.update(metrics.slice_dice(pred, ref, *slice_range))
-  return row
+  return add_lesion_scores(row, pred, ref, ref_spacing, rules)
+
+
+def add_lesion_scores(row: dict, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
+                      rules: Optional[metrics.LesionRules]
+                      ) -> Tuple[dict, List[metrics.Lesion]]:
+  """(the row with 'lesion_rules' and the lesion-wise scores, the lesions) of one case; the
+  row unchanged without rules. Shared with `evaluate`."""
+  if rules is None:
+    return row, []
+  try:
+    metrics.check_lesion_rules(rules)
+  except ValueError as e:
+    raise DataError(f"--lesion_rules={rules.name}: {e}") from e
+  scores, lesions = metrics.lesion_scores(pred, ref, spacing, rules)
+  return {**row, "lesion_rules": rules.name, **scores}, lesions
 
 
 def summary_rows(summary: dict) -> List[dict]:
@@ -216,8 +322,18 @@ def define_hd95_flag() -> None:
   """--hd95, shared with `evaluate`."""
   flags.DEFINE_enum("hd95", "official", list(metrics.HD95_MODES),
                     "HD95 definition: 'official' (BraTS/CaPTk: the 95th percentile of both "
-                    "directions' surface distances pooled) or 'max' (the larger of the two "
-                    "directed 95th percentiles).")
+                    "directions' surface distances pooled), 'max' (the larger of the two "
+                    "directed 95th percentiles) or 'surface' (the larger directed percentile "
+                    "of area-weighted surface elements, DeepMind surface_distance's, as the "
+                    "BraTS 2023+ lesion-wise HD95).")
+
+
+def define_lesion_rules_flag() -> None:
+  """--lesion_rules, shared with `evaluate`."""
+  flags.DEFINE_string("lesion_rules", "auto", "BraTS 2023+ lesion-wise scores: 'auto' (the "
+                      "2023 rule set of a case named BraTS-<challenge>-NNNNN-NNN, e.g. GLI -> "
+                      "gli2023; none for older names), 'off', or one rule set for every case: "
+                      f"{', '.join(metrics.LESION_RULES)}.")
 
 
 def define_flags() -> None:
@@ -226,8 +342,10 @@ def define_flags() -> None:
   flags.DEFINE_string("pred", None, "Folder of predicted segmentation NIfTI files.")
   flags.DEFINE_string("ref", None,
                       "Folder of reference segmentations (flat or BraTS case folders).")
-  flags.DEFINE_enum("labels", "brats", sorted(labels.CONVENTIONS),
-                    "Label convention of both folders: brats (1,2,4) or msd (1 ED, 2 NCR, 3 ET).")
+  flags.DEFINE_enum("labels", "auto", ["auto", *sorted(labels.CONVENTIONS)],
+                    "Label convention of both folders: brats (1 NCR, 2 ED, 4 ET), brats2023 "
+                    "(1 NCR, 2 ED, 3 ET), msd (1 ED, 2 NCR, 3 ET), or auto: brats2023 for "
+                    "2023+ case names (BraTS-GLI-00000-000), brats otherwise.")
   flags.DEFINE_string("out", None, "Folder for per_case.csv and summary.json (default: --pred).")
   flags.DEFINE_bool("allow_missing", False, "Score the cases that have a prediction when some "
                     "reference cases have none (default: an error).")
@@ -237,6 +355,7 @@ def define_flags() -> None:
   flags.DEFINE_float("spacing_tol", DEFAULT_SPACING_TOL,
                      "Largest voxel-spacing difference (mm) accepted between pred and ref.")
   define_hd95_flag()
+  define_lesion_rules_flag()
   flags.mark_flags_as_required(["pred", "ref"])
 
 
@@ -246,9 +365,11 @@ def main(argv: Sequence[str]) -> None:
   slice_range = (FLAGS.slice_start, FLAGS.slice_stop) if FLAGS.slice_dice else None
   rows, summary = evaluate_folders(FLAGS.pred, FLAGS.ref, FLAGS.labels, out_dir,
                                    FLAGS.allow_missing, slice_range, FLAGS.spacing_tol,
-                                   FLAGS.hd95)
+                                   FLAGS.hd95, FLAGS.lesion_rules)
   print(reporting.format_metric_tables(rows + summary_rows(summary)))
   print(f"\nHD95 ({summary['hd95_mode']}): {summary['hd95']}")
+  for description in summary["lesion_rules"]["rules"].values():
+    print(f"Lesion rules {description}")
   print(f"{len(rows)} case(s); per-case scores and summary written to {out_dir}")
 
 

@@ -2,6 +2,7 @@
 
   python -m msatt_jax.postprocess --workdir=runs/paper [--checkpoint=best] [--notta]
   python -m msatt_jax.postprocess --workdir=runs/f0,runs/f1,runs/f2,runs/f3,runs/f4  # folds
+  python -m msatt_jax.postprocess --workdir=runs/gli --objective=lesion [--lesion_rules=gli2023]
 
 Predicts the validation cases once (TTA as evaluate's default; --notta without), keeps their
 label volumes in memory, and tries two kinds of rule on them:
@@ -17,7 +18,11 @@ The rules apply in that order (components WT, TC, ET, then the small-ET rule on 
 left) and are chosen greedily in the same order: each size or threshold of its grid is tried
 with the rules chosen before it applied, and the best is kept only if it raises the validation
 mean Dice (the mean over cases of the mean of ET, TC and WT Dice) strictly; on a tie the
-smaller value, the simpler rule, wins, and 0 means no rule. The choice, the validation Dice
+smaller value, the simpler rule, wins, and 0 means no rule. --objective=lesion chooses on the
+BraTS 2023+ lesion-wise Dice instead (the mean over cases of the mean over the rule set's
+regions; rule set per case from --lesion_rules, auto = the 2023 rule set of a 2023+ case
+name's challenge), the leaderboards' ranking since 2023, which stray components cost far more.
+The choice, the validation Dice
 before and after, every trial, the cases, the runs and the TTA setting are written atomically
 to <first workdir>/postprocessing.json, which evaluate and predict then apply by default
 (--postprocess=auto; none skips it; or the path of another such file).
@@ -50,6 +55,7 @@ from scipy import ndimage
 from data_pipelines import input_pipeline
 from data_pipelines.brats import labels as labels_lib
 from msatt_jax import cli
+from msatt_jax import evaluate_folder
 from msatt_jax import inference
 from msatt_jax import metrics
 from msatt_jax import reporting
@@ -67,6 +73,12 @@ ET_LABEL, NCR_LABEL = 3, 1
 ET_THRESHOLDS = (0, 50, 100, 200, 300, 500, 750, 1000)
 COMPONENT_SIZES = (0, 10, 20, 50, 100, 200, 300, 500, 1000)
 CONNECTIVITY = 26
+# What the greedy choice maximises (--objective), in words for the record.
+OBJECTIVES = {
+    "voxel": "mean over cases of the mean of ET, TC and WT Dice (voxel-wise)",
+    "lesion": "mean over cases of the mean over the lesion rule set's regions of the BraTS "
+              "2023+ lesion-wise Dice",
+}
 _RANKS = {6: 1, 18: 2, 26: 3}  # Neighbourhood -> generate_binary_structure's connectivity.
 # Mean-Dice gains up to this are float rounding (the same Dice values summed in another
 # order), so they count as ties.
@@ -277,6 +289,19 @@ def dice_summary(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> Dic
   return out
 
 
+def lesion_dice_summary(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray],
+                        spacings: Sequence[Sequence[float]],
+                        rules: Sequence[metrics.LesionRules]) -> Dict[str, float]:
+  """Mean lesion-wise Dice per region over the cases, and 'mean', their mean (per-case rule
+  sets; the regions of the first)."""
+  rows = [metrics.lesion_scores(p, r, s, rule, with_hd95=False)[0]
+          for p, r, s, rule in zip(preds, refs, spacings, rules)]
+  regions = rules[0].regions
+  out = {g: float(np.mean([row[f"lesion_dice_{g}"] for row in rows])) for g in regions}
+  out["mean"] = float(np.mean([out[g] for g in regions]))
+  return out
+
+
 def _best(candidates: Sequence[int], score_of, current: float) -> Tuple[int, float, List[Any]]:
   """The first (smallest) candidate with the highest score, if it beats `current` strictly."""
   best, best_score, trials = 0, current, []
@@ -292,21 +317,34 @@ def _best(candidates: Sequence[int], score_of, current: float) -> Tuple[int, flo
 
 def choose_rules(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray],
                  component_sizes: Sequence[int] = COMPONENT_SIZES,
-                 et_thresholds: Sequence[int] = ET_THRESHOLDS) -> Tuple[Rules, Dict[str, Any]]:
+                 et_thresholds: Sequence[int] = ET_THRESHOLDS, objective: str = "voxel",
+                 spacings: Optional[Sequence[Sequence[float]]] = None,
+                 lesion_rules: Optional[Sequence[metrics.LesionRules]] = None
+                 ) -> Tuple[Rules, Dict[str, Any]]:
   """Greedy choice of the rules on predicted and reference canonical label volumes.
 
-  Returns (the rules, a report: Dice before and after per region and 'mean', and every trial).
+  objective: a key of OBJECTIVES; 'lesion' needs each case's spacing and lesion rule set.
+  Returns (the rules, a report: the objective's Dice before and after per region and 'mean',
+  and every trial).
   """
   if not preds or len(preds) != len(refs):
     raise ValueError("Choosing postprocessing needs validation predictions and references.")
+  if objective not in OBJECTIVES:
+    raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}.")
+  if objective == "lesion":
+    if spacings is None or lesion_rules is None or not (
+        len(spacings) == len(lesion_rules) == len(preds)):
+      raise ValueError("--objective=lesion needs each case's spacing and lesion rule set.")
+  summarize = dice_summary if objective == "voxel" else (
+      lambda ps, rs: lesion_dice_summary(ps, rs, spacings, lesion_rules))
   current = [np.asarray(p, np.uint8) for p in preds]
-  before = dice_summary(current, refs)
+  before = summarize(current, refs)
   score, rules, trials = before["mean"], Rules(), []
   for region in COMPONENT_REGIONS:
     components = [Components.of(p, region) for p in current]
     candidate = lambda n: [c.without_smaller_than(n) for c in components]
     n, score, tried = _best(sorted(component_sizes),
-                            lambda n: dice_summary(candidate(n), refs)["mean"], score)
+                            lambda n: summarize(candidate(n), refs)["mean"], score)
     trials += [{"rule": f"min_component_voxels.{region}", "value": v, "mean_dice": s}
                for v, s in tried]
     if n:
@@ -314,10 +352,10 @@ def choose_rules(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray],
       current = candidate(n)
   candidate = lambda t: [relabel_small_et(p, t) for p in current]
   t, score, tried = _best(sorted(et_thresholds),
-                          lambda t: dice_summary(candidate(t), refs)["mean"], score)
+                          lambda t: summarize(candidate(t), refs)["mean"], score)
   trials += [{"rule": "et_min_voxels", "value": v, "mean_dice": s} for v, s in tried]
   rules.et_min_voxels = t
-  after = dice_summary([rules(p) for p in preds], refs)
+  after = summarize([rules(p) for p in preds], refs)
   return rules, {"dice_before": before, "dice_after": after, "trials": trials}
 
 
@@ -339,12 +377,13 @@ def assign_members(validation_splits: Sequence[Sequence[str]]) -> Dict[Tuple[int
 
 def predict_validation(runs: Sequence[Any], tta: bool = True, batch_size: int = 16,
                        source_dir: Optional[str] = None):
-  """(case ids, {case: member workdirs}, predictions, references) of the pooled validation
-  cases, each volume cropped to its tumour box (crop_to_tumour)."""
+  """(case ids, {case: member workdirs}, predictions, references, [(case id, spacing)] in the
+  predictions' order) of the pooled validation cases, each volume cropped to its tumour box
+  (crop_to_tumour; exact for the lesion-wise scores too, see `metrics`)."""
   data_configs = [inference.run_data_config(r, source_dir) for r in runs]
   groups = assign_members([input_pipeline.split_cases(c, "validation") for c in data_configs])
   total = sum(len(cases) for cases in groups.values())
-  predicted_by, preds, refs, t0 = {}, [], [], time.perf_counter()
+  predicted_by, preds, refs, order, t0 = {}, [], [], [], time.perf_counter()
   for members, case_ids in groups.items():
     predictor = inference.make_predictor([runs[m] for m in members], tta)
     data_config = data_configs[members[0]]
@@ -355,21 +394,44 @@ def predict_validation(runs: Sequence[Any], tta: bool = True, batch_size: int = 
       preds.append(pred)
       refs.append(ref)
       predicted_by[case.case_id] = [runs[m].workdir for m in members]
+      order.append((case.case_id, tuple(float(s) for s in case.spacing)))
       logging.info("[%d/%d] %s predicted (%.1fs elapsed)", len(preds), total, case.case_id,
                    time.perf_counter() - t0)
-  return sorted(predicted_by), predicted_by, preds, refs
+  return sorted(predicted_by), predicted_by, preds, refs, order
+
+
+def validation_lesion_rules(case_ids: Sequence[str], requested: str
+                            ) -> List[metrics.LesionRules]:
+  """Each case's lesion rule set for --objective=lesion; ValueError naming a case without."""
+  out = []
+  for case_id in case_ids:
+    rules = evaluate_folder.case_lesion_rules(case_id, requested)
+    if rules is None:
+      raise ValueError(f"{case_id}: --objective=lesion needs a lesion rule set, and "
+                       f"--lesion_rules={requested} gives this case none (pass a rule set's "
+                       f"name: {', '.join(metrics.LESION_RULES)}).")
+    out.append(rules)
+  return out
 
 
 def postprocess(workdir: Union[str, Sequence[str]], checkpoint: str = "best", tta: bool = True,
                 batch_size: int = 16, source_dir: Optional[str] = None,
-                out: Optional[str] = None) -> Dict[str, Any]:
+                out: Optional[str] = None, objective: str = "voxel",
+                lesion_rules: str = "auto") -> Dict[str, Any]:
   """Chooses the rules on the validation cases and writes them; returns the record written."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}.")
+  evaluate_folder.check_lesion_rules_flag(lesion_rules)
   workdirs = [workdir] if isinstance(workdir, str) else list(workdir)
   runs = inference.restore_runs(workdirs, checkpoint)
   out = out or os.path.join(runs[0].workdir, FILE_NAME)
   reporting.check_writable_folder(os.path.dirname(os.path.abspath(out)))
-  case_ids, predicted_by, preds, refs = predict_validation(runs, tta, batch_size, source_dir)
-  rules, report = choose_rules(preds, refs)
+  case_ids, predicted_by, preds, refs, order = predict_validation(runs, tta, batch_size,
+                                                                  source_dir)
+  per_case_rules = (validation_lesion_rules([c for c, _ in order], lesion_rules)
+                    if objective == "lesion" else None)
+  rules, report = choose_rules(preds, refs, objective=objective,
+                               spacings=[s for _, s in order], lesion_rules=per_case_rules)
   record = {
       "format_version": FORMAT_VERSION,
       "rules": rules.to_json(),
@@ -381,6 +443,10 @@ def postprocess(workdir: Union[str, Sequence[str]], checkpoint: str = "best", tt
                for r in runs],
       "checkpoint": str(checkpoint),
       "tta": bool(tta),
+      "objective": objective,
+      "objective_description": OBJECTIVES[objective],
+      "lesion_rules": ({c: r.name for (c, _), r in zip(order, per_case_rules)}
+                       if per_case_rules else None),
       "connectivity": CONNECTIVITY,
       "order": "components of WT, TC, ET, then the small-ET rule",
       "removed_voxels_become": {r: labels_lib.CLASS_NAMES[v] for r, v in REMOVED_TO.items()},
@@ -405,15 +471,19 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", 16, "Slices per forward pass (x4 images with --tta).")
   flags.DEFINE_string("source_dir", None, "Raw NIfTI folder, if it moved since training.")
   flags.DEFINE_string("out", None, f"Output file (default <first workdir>/{FILE_NAME}).")
+  flags.DEFINE_enum("objective", "voxel", list(OBJECTIVES), "What the rules maximise: 'voxel' "
+                    "(mean ET/TC/WT Dice) or 'lesion' (BraTS 2023+ lesion-wise Dice).")
+  evaluate_folder.define_lesion_rules_flag()
   flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   del argv
   record = postprocess(FLAGS.workdir, FLAGS.checkpoint, FLAGS.tta, FLAGS.batch_size,
-                       FLAGS.source_dir, FLAGS.out)
+                       FLAGS.source_dir, FLAGS.out, FLAGS.objective, FLAGS.lesion_rules)
   before, after = record["validation"]["dice_before"], record["validation"]["dice_after"]
-  dice = lambda d: " ".join(f"{r} {d[r]:.4f}" for r in (*labels_lib.REGIONS, "mean"))
+  dice = lambda d: " ".join(f"{r} {v:.4f}" for r, v in d.items())
+  print(f"Objective: {record['objective_description']}")
   print(f"Validation ({record['validation']['num_cases']} cases, TTA "
         f"{'on' if record['tta'] else 'off'}): Dice before {dice(before)}")
   print(f"{' ' * len('Validation')} after  {dice(after)}")

@@ -12,9 +12,10 @@ from typing import Any, List, Mapping, Optional, Sequence
 from data_pipelines import files
 from data_pipelines.errors import DataError
 
-# The console's score tables: overlap and distance in one, detection rates in the other (all
-# in one would be too wide to read).
-METRIC_GROUPS = (("dice", "hd95", "slice_dice"), ("sensitivity", "specificity"))
+# The console's score tables: overlap and distance in one, detection rates in another, then
+# the lesion-wise scores and lesion counts (all in one would be too wide to read).
+METRIC_GROUPS = (("dice", "hd95", "slice_dice"), ("sensitivity", "specificity"),
+                 ("lesion_dice", "lesion_hd95"), ("lesions_tp", "lesions_fn", "lesions_fp"))
 
 
 def _columns(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]]) -> List[str]:

@@ -268,3 +268,134 @@ def test_reporting_writers(tmp_path):
   table = reporting.format_table([{"case": "x", "v": 0.12345}]).splitlines()
   assert table[0].split() == ["case", "v"] and table[2].split() == ["x", "0.1235"]
   assert sorted(os.listdir(tmp_path)) == ["rows.csv", "sub"]
+
+
+# --- BraTS 2023 names and lesion-wise scores. ------------------------------------------------
+
+A23 = (slice(1, 5), slice(2, 6), slice(2, 6))  # 4x4x4 = 64 voxels.
+B23 = (slice(8, 12), slice(2, 6), slice(2, 6))  # 4 voxels from A23: merged at d=3, not d=1.
+FAR23 = (slice(14, 16), slice(0, 2), slice(0, 2))  # 8 voxels, far from both.
+
+
+def _blocks(*boxes, label):
+  out = np.zeros((16, 8, 8), np.uint8)
+  for box in boxes:
+    out[box] = label
+  return out
+
+
+def _write_2023(tmp_path):
+  """2023-named cases: references as case folders (<case>-seg.nii.gz beside four images),
+  predictions flat (<case>.nii.gz); labels stored with ET = 3."""
+  cases = {  # (pred, ref), canonical.
+      "BraTS-GLI-00001-000": (_blocks(A23, label=3), _blocks(A23, B23, label=3)),
+      "BraTS-GLI-00002-000": (_blocks(A23, FAR23, label=2), _blocks(A23, label=2)),
+      "BraTS-MET-00003-000": (_blocks(A23, label=3), _blocks(A23, B23, label=3)),
+  }
+  for case, (pred, ref) in cases.items():
+    _save(str(tmp_path / "pred" / f"{case}.nii.gz"), pred, convention="brats2023")
+    _save(str(tmp_path / "ref" / case / f"{case}-seg.nii.gz"), ref, convention="brats2023")
+    for modality in ("t1c", "t1n", "t2w", "t2f"):  # Images are never taken for labels.
+      image = nib.Nifti1Image(np.full((16, 8, 8), 7.5, np.float32), np.eye(4))
+      nib.save(image, str(tmp_path / "ref" / case / f"{case}-{modality}.nii.gz"))
+  return str(tmp_path / "pred"), str(tmp_path / "ref")
+
+
+def _read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_2023_folder_lesion_wise_cli(tmp_path):
+  pred_dir, ref_dir = _write_2023(tmp_path)
+  out = tmp_path / "out"
+  ok = _cli(f"--pred={pred_dir}", f"--ref={ref_dir}", "--lesion_rules=gli2023", f"--out={out}",
+            "--noslice_dice")
+  assert ok.returncode == 0, ok.stderr
+  assert "lesion_dice_WT" in ok.stdout and "Lesion rules gli2023: BraTS 2023 GLI" in ok.stdout
+  rows = {r["case"]: r for r in _read_csv(out / "per_case.csv")}
+  assert list(rows) == ["BraTS-GLI-00001-000", "BraTS-GLI-00002-000", "BraTS-MET-00003-000"]
+  for region in ("WT", "TC", "ET"):
+    for key in ("lesion_dice", "lesion_hd95", "lesions_tp", "lesions_fn", "lesions_fp"):
+      assert f"{key}_{region}" in rows["BraTS-GLI-00001-000"]
+  first, second, met = rows.values()
+  # Case 1: ET 3 read as ET; A and B one lesion at d=3, A found: Dice 2*64/(64+128).
+  assert first["lesion_rules"] == "gli2023" and float(first["dice_ET"]) == pytest.approx(2 / 3)
+  assert float(first["lesion_dice_ET"]) == pytest.approx(2 / 3)
+  assert (first["lesions_tp_ET"], first["lesions_fn_ET"], first["lesions_fp_ET"]) == \
+      ("1", "0", "0")
+  # Case 2: edema found plus an 8-voxel stray blob: (1 + 0) / 2 and (0 + 374) / 2.
+  assert float(second["lesion_dice_WT"]) == 0.5 and float(second["lesion_hd95_WT"]) == 187.0
+  assert second["lesions_fp_WT"] == "1" and float(second["lesion_dice_ET"]) == 1.0
+  assert float(second["dice_WT"]) == pytest.approx(128 / 136)  # Voxel-wise barely notices.
+  # The MET case under the rules asked for (gli2023), not its own.
+  assert met["lesion_rules"] == "gli2023"
+  assert float(met["lesion_dice_ET"]) == pytest.approx(2 / 3)
+  lesions = _read_csv(out / "lesions.csv")
+  assert list(lesions[0]) == list(ef.LESION_COLUMNS)
+  fp = [x for x in lesions if x["status"] == "false_positive"]
+  assert [(x["case"], x["region"], x["volume_mm3"], x["dice"], x["hd95"]) for x in fp] == [
+      ("BraTS-GLI-00002-000", "WT", "8.0", "0.0", "374.0")]
+  assert len(lesions) == 2 * 3 + 2  # Cases 1 and 3: one lesion per region; case 2: WT, two.
+  with open(out / "summary.json") as f:
+    saved = json.load(f)
+  assert saved["lesion_rules"]["requested"] == "gli2023"
+  assert set(saved["lesion_rules"]["cases"].values()) == {"gli2023"}
+  assert saved["metrics"]["lesion_dice_WT"]["mean"] == pytest.approx((2 / 3 + 0.5 + 2 / 3) / 3)
+  assert sorted(os.listdir(out)) == ["lesions.csv", "lesions.md", "per_case.csv", "summary.json"]
+
+
+def test_2023_auto_rules_and_missed_lesions_report(tmp_path):
+  pred_dir, ref_dir = _write_2023(tmp_path)
+  out = tmp_path / "out"
+  rows, summary = ef.evaluate_folders(pred_dir, ref_dir, out_dir=str(out), slice_range=None)
+  by_case = {r["case"]: r for r in rows}
+  assert summary["lesion_rules"]["cases"] == {"BraTS-GLI-00001-000": "gli2023",
+                                              "BraTS-GLI-00002-000": "gli2023",
+                                              "BraTS-MET-00003-000": "met2023"}
+  # met2023 (d=1): A and B are two lesions, B missed: (1 + 0) / 2, (0 + 374) / 2.
+  met = by_case["BraTS-MET-00003-000"]
+  assert met["lesion_dice_ET"] == 0.5 and met["lesion_hd95_ET"] == 187.0
+  assert met["lesions_fn_ET"] == 1
+  report = (out / "lesions.md").read_text()
+  assert "- BraTS-MET-00003-000 (met2023): WT lesion 2 (64 mm^3); TC lesion 2 (64 mm^3); " \
+         "ET lesion 2 (64 mm^3)" in report
+  assert "- BraTS-GLI-00002-000 (gli2023): none missed" in report
+  # Off: no lesion columns, and the earlier lesion files go.
+  rows, _ = ef.evaluate_folders(pred_dir, ref_dir, out_dir=str(out), slice_range=None,
+                                lesion_rules="off")
+  assert not any(k.startswith("lesion") for k in rows[0])
+  assert sorted(os.listdir(out)) == ["per_case.csv", "summary.json"]
+
+
+def test_old_names_get_no_lesion_rules_by_default(tmp_path):
+  pred_dir, ref_dir = _write_flat(tmp_path)
+  rows, summary = ef.evaluate_folders(pred_dir, ref_dir, out_dir=None, slice_range=SLICES)
+  assert "lesion_rules" not in rows[0] and summary["lesion_rules"]["cases"] == {}
+  rows, _ = ef.evaluate_folders(pred_dir, ref_dir, out_dir=None, slice_range=SLICES,
+                                lesion_rules="men2023")
+  assert rows[0]["lesion_rules"] == "men2023" and rows[0]["lesion_dice_WT"] == 1.0
+
+
+def test_2023_bad_input(tmp_path, monkeypatch):
+  pred_dir, ref_dir = _write_2023(tmp_path)
+  out = tmp_path / "out"
+  bad = _cli(f"--pred={pred_dir}", f"--ref={ref_dir}", "--lesion_rules=gli2030", f"--out={out}")
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr
+  (error,) = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+  assert "--lesion_rules=gli2030: unknown rule set" in error and "met2023" in error
+  assert not out.exists()
+  # A rule set whose regions the label set lacks: named with the case and the flag.
+  rc = metrics.dataclasses.replace(metrics.LESION_RULES["gli2023"], regions=("WT", "RC"))
+  monkeypatch.setitem(metrics.LESION_RULES, "gli2023", rc)
+  with pytest.raises(DataError, match=r"BraTS-GLI-00001-000: --lesion_rules=gli2023: .*RC"):
+    ef.evaluate_folders(pred_dir, ref_dir, out_dir=str(out), slice_range=None)
+  monkeypatch.undo()
+  assert not out.exists() or os.listdir(out) == []
+  # Shape mismatch: named with the case; nothing written.
+  _save(os.path.join(pred_dir, "BraTS-MET-00003-000.nii.gz"), np.zeros((16, 8, 7), np.uint8),
+        convention="brats2023")
+  bad = _cli(f"--pred={pred_dir}", f"--ref={ref_dir}", "--lesion_rules=gli2023", f"--out={out}")
+  assert bad.returncode == 1
+  assert "BraTS-MET-00003-000: Shape mismatch" in bad.stderr
+  assert not out.exists() or os.listdir(out) == []

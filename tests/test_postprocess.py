@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from msatt_jax import metrics
 from msatt_jax import postprocess as pp
 
 NCR, ED, ET = 1, 2, 3
@@ -230,3 +231,47 @@ def test_the_record_is_written_atomically(tmp_path, monkeypatch):
     pp.reporting.write_json(str(path), {"rules": {"et_min_voxels": 2}})
   assert json.loads(path.read_text()) == {"rules": {"et_min_voxels": 1}}
   assert os.listdir(tmp_path) == [pp.FILE_NAME]  # No temporary file left.
+
+
+def test_lesion_objective_removes_stray_components_the_voxel_dice_keeps():
+  """Case 1: a found 9-voxel metastasis that the rule would remove; case 2: four 1-voxel false
+  positives. Voxel-wise the removal costs more than it gains; lesion-wise (met2023, lesions
+  over 2 mm^3 counted) it gains more."""
+  shape = (16, 8, 8)
+  a = (slice(1, 5), slice(2, 6), slice(2, 6))  # 64 voxels.
+  small = (slice(13, 16), slice(0, 3), slice(0, 1))  # 9 voxels, far from a.
+  ref1 = np.zeros(shape, np.uint8)
+  ref1[a] = ref1[small] = 2
+  ref2 = np.zeros(shape, np.uint8)
+  ref2[a] = 2
+  pred2 = ref2.copy()
+  for corner in ((15, 0, 7), (15, 7, 0), (15, 7, 7), (10, 7, 7)):
+    pred2[corner] = 2
+  preds, refs = [ref1.copy(), pred2], [ref1, ref2]
+  voxel, report = pp.choose_rules(preds, refs, component_sizes=(0, 10), et_thresholds=(0,))
+  assert voxel.is_identity
+  # Before: case 1 perfect, case 2 WT 128/132; with the rule: 128/137 and 1 (ET, TC: 1).
+  assert report["dice_before"]["mean"] == pytest.approx((1 + (2 + 128 / 132) / 3) / 2)
+  assert report["trials"][0]["mean_dice"] == pytest.approx(((2 + 128 / 137) / 3 + 1) / 2)
+  met = metrics.LESION_RULES["met2023"]
+  lesion, report = pp.choose_rules(preds, refs, component_sizes=(0, 10), et_thresholds=(0,),
+                                   objective="lesion", spacings=[(1, 1, 1)] * 2,
+                                   lesion_rules=[met, met])
+  assert lesion.min_component_voxels == {"WT": 10, "TC": 0, "ET": 0}
+  # Lesion-wise WT: case 1 two lesions found (1), case 2 one lesion and four false positives
+  # (1/5); with the rule 1/2 (the small lesion missed) and 1.
+  assert report["dice_before"]["WT"] == pytest.approx((1 + 0.2) / 2)
+  assert report["dice_after"]["WT"] == pytest.approx((0.5 + 1) / 2)
+  assert report["dice_after"]["mean"] == pytest.approx(((2 + 0.5) / 3 + 1) / 2)
+  with pytest.raises(ValueError, match="objective=lesion needs"):
+    pp.choose_rules(preds, refs, objective="lesion")
+  with pytest.raises(ValueError, match="--objective must be one of voxel, lesion"):
+    pp.choose_rules(preds, refs, objective="hd95")
+
+
+def test_validation_lesion_rules_by_case_name():
+  names = pp.validation_lesion_rules(["BraTS-MET-00001-000", "BraTS-GLI-00002-001"], "auto")
+  assert [r.name for r in names] == ["met2023", "gli2023"]
+  assert [r.name for r in pp.validation_lesion_rules(["case1"], "ped2023")] == ["ped2023"]
+  with pytest.raises(ValueError, match="case1: --objective=lesion needs a lesion rule set"):
+    pp.validation_lesion_rules(["case1"], "auto")

@@ -203,3 +203,28 @@ def test_cli_bad_arguments(tmp_path, args, message):
 def test_cli_requires_out():
   result = _cli("--layout", "msd")
   assert result.returncode != 0 and "--out" in result.stderr
+
+
+def test_metastases_make_multi_lesion_cases(tmp_path):
+  shape = (96, 96, 64)
+  plain = synthetic.make_case(shape, seed=2, index=0)
+  assert np.array_equal(plain.label, synthetic.make_case(shape, seed=2, index=0,
+                                                         metastases=0).label)
+  case = synthetic.make_case(shape, seed=2, index=0, metastases=5)
+  structure = ndimage.generate_binary_structure(3, 3)
+  count = lambda label: ndimage.label(label > 0, structure)[1]
+  # Each metastasis is its own whole-tumour component beside the tumour(s), with ET inside.
+  assert count(case.label) >= count(plain.label) + 4
+  added = (case.label > 0) & (plain.label == 0)
+  components, n = ndimage.label(added, structure)
+  sizes = np.bincount(components.ravel())[1:]
+  assert n >= 4 and sizes.max() < 2000  # Small: a few hundred voxels at most here.
+  assert all((case.label[components == i] == labels_lib.ENHANCING).any() for i in range(1, n + 1))
+  assert np.array_equal(case.label[plain.label > 0], plain.label[plain.label > 0])
+  # Through the data set writer: recorded in the marker, refused below 0.
+  ids = synthetic.generate_dataset(tmp_path / "met", "brats", 1, (48, 48, 32), seed=1,
+                                   metastases=3)
+  assert json.loads((tmp_path / "met" / synthetic.MARKER).read_text())["metastases"] == 3
+  assert len(ids) == 1
+  with pytest.raises(ValueError, match="--metastases must be 0 or more"):
+    synthetic.generate_dataset(tmp_path / "bad", "brats", 1, (48, 48, 32), metastases=-1)

@@ -256,6 +256,7 @@ def test_postprocess_command_then_evaluate_and_predict_apply_the_rules(trained, 
   assert record["validation"]["cases"] == sorted(validation)
   assert record["runs"] == [{"workdir": run_dir, "model": "unet", "checkpoint_step": run.step}]
   assert record["tta"] is True and record["connectivity"] == 26
+  assert record["objective"] == "voxel" and record["lesion_rules"] is None
   before, after = record["validation"]["dice_before"], record["validation"]["dice_after"]
   assert after["mean"] >= before["mean"]
   assert (after["mean"] > before["mean"]) != postprocess.rules_from_json(
@@ -297,3 +298,29 @@ def test_postprocess_command_then_evaluate_and_predict_apply_the_rules(trained, 
   assert not np.asarray(nib.load(str(out)).dataobj).any()
   seg = predict.predict_case(run, image, str(tmp_path / "plain.nii.gz"))
   assert seg.any()
+
+
+def test_evaluate_and_postprocess_lesion_wise(trained, tmp_path):
+  """--lesion_rules in evaluate (columns, lesions.csv/md, table rows) and
+  postprocess --objective=lesion (recorded with each case's rule set)."""
+  from msatt_jax import postprocess
+  workdir, _, _ = trained
+  out = str(tmp_path / "eval")
+  result = evaluate.evaluate(workdir, "best", "test", out_dir=out, num_figures=0, tta=False,
+                             postprocess="none", lesion_rules="gli2023")
+  for row in result["per_case"]:
+    assert row["lesion_rules"] == "gli2023" and 0.0 <= row["lesion_dice_WT"] <= 1.0
+    assert row["lesions_tp_WT"] + row["lesions_fn_WT"] >= 0 and "lesion_hd95_ET" in row
+  assert {"lesions.csv", "lesions.md", "per_case.csv"} <= set(os.listdir(out))
+  table = open(os.path.join(out, "table.md")).read()
+  assert "| Lesion-wise Dice |" in table and "| Lesion-wise HD95 (mm) |" in table
+  with open(os.path.join(out, "summary.json")) as f:
+    assert json.load(f)["lesion_rules"]["requested"] == "gli2023"
+  plain = evaluate.evaluate(workdir, "best", "test", out_dir=out, num_figures=0, tta=False,
+                            postprocess="none", lesion_rules="off")
+  assert "lesion_dice_WT" not in plain["per_case"][0] and "lesions.csv" not in os.listdir(out)
+  record = postprocess.postprocess(workdir, tta=False, out=str(tmp_path / "pp.json"),
+                                   objective="lesion", lesion_rules="met2023")
+  assert record["objective"] == "lesion" and set(record["lesion_rules"].values()) == {"met2023"}
+  assert sorted(record["lesion_rules"]) == record["validation"]["cases"]
+  assert record["validation"]["dice_after"]["mean"] >= record["validation"]["dice_before"]["mean"]

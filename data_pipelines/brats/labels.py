@@ -20,6 +20,10 @@ CONVENTIONS: Dict[str, Dict[int, int]] = {
     "brats": {0: BACKGROUND, 1: NCR_NET, 2: EDEMA, 4: ENHANCING},
     # MSD Task01 dataset.json: 1 edema, 2 non-enhancing tumour, 3 enhancing tumour.
     "msd": {0: BACKGROUND, 1: EDEMA, 2: NCR_NET, 3: ENHANCING},
+    # BraTS 2023 (GLI, SSA, MEN, MET, PED; `BraTS-XXX-NNNNN-NNN` cases): 1 NCR/NETC, 2 ED/SNFH,
+    # 3 ET; the organisers' metrics code builds ET from 3, TC from 1+3, WT from 1+2+3
+    # (https://github.com/rachitsaluja/BraTS-2023-Metrics, metrics.py).
+    "brats2023": {0: BACKGROUND, 1: NCR_NET, 2: EDEMA, 3: ENHANCING},
 }
 # The convention each layout's own files use ('auto' resolves through this).
 LAYOUT_CONVENTION = {"brats": "brats", "msd": "msd"}
