@@ -38,6 +38,9 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
     # 'none' (the full model), or remove one block: 'no_convlstm', 'no_se', 'no_sam',
     # 'no_fusion', 'deepest_only' (docs/architecture.md, "Ablations").
     m.ablation = "none"
+    # What the backward pass keeps of the modality encoders: 'none' (every intermediate),
+    # 'convs' (convolution outputs) or 'nothing' (recomputed): memory against time.
+    m.encoder_remat = "none"
   elif name in ("unet", "attunet"):
     m.base_width = 32  # Width of the first level; doubles at each of the 4 poolings.
     m.depth = 4  # Number of poolings.
@@ -85,10 +88,14 @@ def get_config(model: str = "msconvlstm_att") -> ml_collections.ConfigDict:
 
   # Every interval is a positive whole number; each also fires at the last step.
   config.eval_every_epochs = 10  # Validation Dice (ET/TC/WT); a new best is saved as 'best'.
+  config.eval_every_steps = 0  # > 0: validate every this many steps instead (0 or a whole number).
   config.checkpoint_every_epochs = 50  # Periodic save, independent of validation (the paper's).
   config.max_checkpoints_to_keep = 3  # Newest periodic checkpoints kept besides the best one.
   config.log_every_steps = 50  # Console, TensorBoard and metrics.jsonl.
   config.nan_policy = "stop"  # 'stop': halt on a NaN/Inf loss; 'skip': drop that update.
+  # True: refuse a run whose working-set estimate (logged at the start) exceeds the memory the
+  # machine has free; False: warn and go ahead.
+  config.memory_check = True
 
   config.parallel = "auto"  # 'auto' | 'single' | 'pmap' | 'sharding'.
   config.num_devices = -1  # -1: all local devices.

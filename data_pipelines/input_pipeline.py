@@ -83,6 +83,22 @@ def steps_per_epoch(data_config, batch_size: int) -> int:
   return num_examples(data_config, "train") // int(batch_size)
 
 
+def buffer_bytes(data_config, batch_size: int) -> int:
+  """Bytes the train iterator holds at most: the shuffle buffer of serialized slices, the
+  shards' read-ahead, and the decoded float32 batches in flight (parallel decoding, which
+  tf.data sizes to the cores, plus the prefetch)."""
+  builder = prepared_builder(data_config)
+  split = builder.info.splits["train"]
+  record = int(split.num_bytes) / max(int(split.num_examples), 1)
+  shuffle = min(max(1, int(data_config.get("shuffle_buffer", 4096))),
+                int(split.num_examples)) * record
+  read_ahead = min(_CYCLE_LENGTH, len(split.filepaths)) * _READ_BUFFER
+  shape = builder.info.features["image"].shape
+  decoded = int(batch_size) * (int(np.prod(shape)) * 4 + int(np.prod(shape[:2])))
+  in_flight = (int(data_config.get("prefetch", 2)) + (os.cpu_count() or 1)) * decoded
+  return int(shuffle + read_ahead + in_flight)
+
+
 def split_cases(data_config, split: str) -> List[str]:
   """Case ids of a split, as stored with the prepared data."""
   _check_split(split)

@@ -175,6 +175,26 @@ def _global_from_host(x: Any, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+class CompiledStep:
+  """A step function of a strategy: called with (state, host batch), it places the batch, runs
+  the jitted or pmapped function and hands its outputs on; `memory` is XLA's memory analysis of
+  that same compilation (the jit cache: it compiles once, whichever comes first)."""
+
+  def __init__(self, fn: Callable[..., Any], place: Callable[[Batch], Batch],
+               finish: Callable[[Any], Any] = lambda out: out):
+    self._fn, self._place, self._finish = fn, place, finish
+
+  def __call__(self, state: Any, batch: Batch) -> Any:
+    return self._finish(self._fn(state, self._place(batch)))
+
+  def memory(self, state: Any, batch: Batch) -> Any:
+    """XLA's CompiledMemoryStats of the step on these shapes (None where unavailable)."""
+    try:
+      return self._fn.lower(state, self._place(batch)).compile().memory_analysis()
+    except (AttributeError, NotImplementedError):
+      return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Strategies.
 
@@ -288,13 +308,13 @@ class Sharded(Parallel):
   def train_step_fn(self, step_fn: StepFn):
     step = jax.jit(step_fn, in_shardings=(self.replicated, self.batch_sharding),
                    out_shardings=self.replicated, donate_argnums=(0,))
-    return lambda state, batch: step(state, self.place_batch(batch))
+    return CompiledStep(step, self.place_batch)
 
   def eval_step_fn(self, eval_fn):
     # Replicated outputs: every process can read every row without a cross-host gather.
     step = jax.jit(eval_fn, in_shardings=(self.replicated, self.batch_sharding),
                    out_shardings=self.replicated)
-    return lambda state, batch: jax.device_get(step(state, self._place_global_batch(batch)))
+    return CompiledStep(step, self._place_global_batch, jax.device_get)
 
 
 class Single(Sharded):
@@ -341,11 +361,11 @@ class Pmapped(Parallel):
     step = jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS,
                     devices=self.devices, donate_argnums=(0,))
 
-    def run(state, batch):
-      state, metrics = step(state, self.place_batch(batch))
+    def first_metrics(out):
+      state, metrics = out
       # The metrics were averaged on device: every copy is the same.
       return state, jax.tree.map(_first_copy, metrics)
-    return run
+    return CompiledStep(step, self.place_batch, first_metrics)
 
   def eval_step_fn(self, eval_fn):
     def gathered(state, batch):
@@ -353,11 +373,11 @@ class Pmapped(Parallel):
       return jax.lax.all_gather(eval_fn(state, batch), AXIS, tiled=True)
     step = jax.pmap(gathered, axis_name=AXIS, devices=self.devices)
 
-    def run(state, batch):
-      rows = jax.tree.map(
-          lambda x: _process_rows(x, self.process_index, self.process_count), batch)
-      return jax.device_get(jax.tree.map(_first_copy, step(state, self.place_batch(rows))))
-    return run
+    def place(batch):
+      return self.place_batch(jax.tree.map(
+          lambda x: _process_rows(x, self.process_index, self.process_count), batch))
+    return CompiledStep(step, place,
+                        lambda out: jax.device_get(jax.tree.map(_first_copy, out)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,12 +435,3 @@ def from_config(config: ml_collections.ConfigDict) -> Parallel:
   par.check_batch_size(int(config.batch_size))
   logging.info("Parallel: %s.", par.describe())
   return par
-
-
-def __getattr__(name: str) -> Any:
-  """`parallel.Discard`, now writers.Discard, for the trainer until it names the new place (its
-  import pulls in TensorFlow, so it is resolved only when asked for)."""
-  if name == "Discard":
-    from msatt_jax import writers  # pylint: disable=g-import-not-at-top
-    return writers.Discard
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

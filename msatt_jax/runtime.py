@@ -35,7 +35,7 @@ from typing import Dict, Mapping, MutableMapping, Optional, Sequence, Tuple
 OPT_ENV = "MSATT_RUNTIME_DEFAULTS"  # 'all' (default) | 'none' | comma list of GROUPS.
 GROUPS = ("xla", "malloc", "hugepages")
 # Set in the re-executed process so it never re-executes again.
-_REEXEC_MARK = "MSATT_RUNTIME_REEXECUTED"
+REEXEC_MARK = "MSATT_RUNTIME_REEXECUTED"
 
 XLA_FLAGS: Tuple[str, ...] = (
     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
@@ -151,8 +151,8 @@ def configure(reexec: bool = True) -> None:
   needs_restart = any(name.startswith("MALLOC_") or name == TUNABLES_ENV for name in changed)
   # An interactive session (no script) would lose its state: it keeps the default allocator.
   interactive = sys.flags.interactive or not sys.argv or not sys.argv[0]
-  if reexec and needs_restart and not interactive and not os.environ.get(_REEXEC_MARK):
-    os.environ[_REEXEC_MARK] = "1"
+  if reexec and needs_restart and not interactive and not os.environ.get(REEXEC_MARK):
+    os.environ[REEXEC_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
     # sys.orig_argv is the interpreter's own command line (with -m, -X, ...), so the new

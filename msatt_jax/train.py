@@ -22,6 +22,7 @@ if __name__ == "__main__":
   runtime.configure()
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ from data_pipelines import prepare as prepare_lib
 from data_pipelines.brats import builder as builder_lib
 from msatt_jax import checkpointing
 from msatt_jax import losses
+from msatt_jax import memory
 from msatt_jax import models
 from msatt_jax import parallel
 from msatt_jax import preemption
@@ -69,6 +71,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"config.{key} must be a positive whole number, not {value!r}.")
+  value = config.eval_every_steps
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"config.eval_every_steps must be 0 (use eval_every_epochs) or a positive "
+                     f"whole number, not {value!r}.")
   if config.deep_supervision_weight and config.model.name not in models.DEEP_SUPERVISION_MODELS:
     raise ValueError(
         f"config.deep_supervision_weight={config.deep_supervision_weight} needs per-scale "
@@ -113,7 +119,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   steps_per_epoch = input_pipeline.steps_per_epoch(data_config, config.batch_size)
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else config.num_epochs * steps_per_epoch)
-  eval_every = config.eval_every_epochs * steps_per_epoch
+  eval_every = config.eval_every_steps or config.eval_every_epochs * steps_per_epoch
   checkpoint_every = config.checkpoint_every_epochs * steps_per_epoch
 
   learning_rate_fn = steps.create_learning_rate_fn(config, steps_per_epoch)
@@ -143,7 +149,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   p_train_step = par.train_step_fn(steps.make_train_step(config, learning_rate_fn))
   p_eval_step = par.eval_step_fn(steps.make_eval_step(config))
   # One copy of the logs; checkpoints are written by every process together.
-  writer = writers.MetricWriter(workdir, start_step) if par.is_primary else parallel.Discard()
+  writer = writers.MetricWriter(workdir, start_step) if par.is_primary else writers.Discard()
   meta_base = {"config": json.loads(config.to_json_best_effort()), "model": fingerprint,
                "data": {"source_dir": data_config.source_dir, "data_dir": data_config.data_dir},
                "steps_per_epoch": steps_per_epoch}
@@ -172,6 +178,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                                           seed=config.seed, start_step=start_step,
                                           process_index=par.process_index,
                                           process_count=par.process_count)
+  first_batch = next(batches)
+  check_working_set(config, data_config, par, p_train_step, p_eval_step, state, first_batch)
+  batches = itertools.chain([first_batch], batches)
   progress = _Progress(config, num_steps, steps_per_epoch, start_step, writer)
   # From here SIGTERM/SIGINT only set a flag, acted on at the next step boundary. Before, the
   # defaults apply: nothing needs saving, and data preparation is atomic on its own.
@@ -191,9 +200,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         writer.write_scalars(done, val)
         writer.write_images(done, validation.sample_overlays(sample))
         progress.pause()  # Validation time is not training throughput.
-        logging.info("step %d validation Dice  ET %.4f  TC %.4f  WT %.4f  mean %.4f", done,
-                     val["val_dice_ET"], val["val_dice_TC"], val["val_dice_WT"],
-                     val["val_dice_mean"])
+        logging.info("step %d validation Dice  ET %.4f  TC %.4f  WT %.4f  mean %.4f  %s",
+                     done, val["val_dice_ET"], val["val_dice_TC"], val["val_dice_WT"],
+                     val["val_dice_mean"], memory.usage_text())
       # Validation updates the best checkpoint; the periodic save keeps the latest N.
       new_best = val is not None and (best_dice is None or
                                       val[checkpointing.BEST_METRIC] > best_dice)
@@ -214,6 +223,30 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   checkpointer.close()
   writer.close()
   return par.to_canonical(state)
+
+
+def check_working_set(config: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
+                      par: parallel.Parallel, train_step: parallel.CompiledStep,
+                      eval_step: parallel.CompiledStep, state: Any,
+                      batch: Dict[str, np.ndarray]) -> memory.WorkingSet:
+  """Logs the run's working-set estimate; refuses a run that would not fit (config.memory_check).
+
+  Compiles both steps (the loop then finds them in the jit cache).
+  """
+  on_device = jax.local_devices()[0].platform != "cpu"
+  working_set = memory.WorkingSet(
+      process=memory.rss_bytes(),
+      train_step=memory.step_bytes(train_step.memory(state, batch)),
+      # Validation batches are whole global batches on every process.
+      eval_step=memory.step_bytes(eval_step.memory(
+          state, {k: np.concatenate([v] * par.process_count) for k, v in batch.items()})),
+      pipeline=input_pipeline.buffer_bytes(data_config, config.batch_size // par.process_count),
+      on_device=on_device)
+  logging.info("Working set: %s.", working_set.describe())
+  reason = memory.check_fits(working_set, refuse=config.memory_check)
+  if reason:
+    logging.warning("Going ahead although %s (config.memory_check=False).", reason)
+  return working_set
 
 
 class _Progress:
@@ -238,9 +271,9 @@ class _Progress:
     self._writer.write_scalars(step, {"train_loss": loss, "learning_rate": learning_rate,
                                       "slices_per_second": rate})
     eta = (self._num_steps - step) * (now - self._t_start) / max(step - self._start_step, 1)
-    logging.info("step %d/%d  epoch %.1f  loss %.4f  lr %.2e  %.1f slices/s  ETA %s", step,
+    logging.info("step %d/%d  epoch %.1f  loss %.4f  lr %.2e  %.1f slices/s  ETA %s  %s", step,
                  self._num_steps, step / self._steps_per_epoch, loss, learning_rate, rate,
-                 _format_seconds(eta))
+                 _format_seconds(eta), memory.usage_text())
     self._t_log, self._step_log = now, step
 
 

@@ -24,7 +24,7 @@ REQUIRED_KEYS = {"model", "framework", "mode", "batch_size", "slices_per_s", "co
 def _clean_env(**extra: str) -> dict:
   """This environment without the runtime settings (so each test decides them)."""
   env = dict(os.environ)
-  for name in ("XLA_FLAGS", runtime.OPT_ENV, runtime._REEXEC_MARK, runtime.TUNABLES_ENV,
+  for name in ("XLA_FLAGS", runtime.OPT_ENV, runtime.REEXEC_MARK, runtime.TUNABLES_ENV,
                *runtime.MALLOC_ENV):
     env.pop(name, None)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)

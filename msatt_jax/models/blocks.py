@@ -3,7 +3,7 @@
 See docs/architecture.md for the reading of the paper that each block follows.
 """
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -178,6 +178,21 @@ def resolve_attention_implementation(platform: str, compute_capability: Optional
   return "einsum"
 
 
+def _attention_einsum(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+  """softmax_j(query_i . key_j) @ value, one example at a time.
+
+  The N x N map of all examples at once was over half of a train step's memory (BENCHMARKS.md,
+  "Memory"): here one example's map exists at a time, and the backward pass recomputes it from
+  query and key (jax.checkpoint) instead of holding it from the forward pass.
+  """
+  @jax.checkpoint
+  def one_example(qkv: Tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+    q, k, v = qkv
+    logits = jnp.einsum("id,jd->ij", q, k, preferred_element_type=jnp.float32)
+    return jax.nn.softmax(logits, axis=-1).astype(v.dtype) @ v
+  return jax.lax.map(one_example, (query, key, value))
+
+
 class SpatialAttention(nn.Module):
   """Spatial Attention Module (the paper's Fig. 5, eqs. 1-2; DANet's position attention, Fu 2019).
 
@@ -216,9 +231,7 @@ class SpatialAttention(nn.Module):
       implementation = resolve_attention_implementation(
           device.platform, getattr(device, "compute_capability", None), self.dtype)
     if implementation == "einsum":
-      logits = jnp.einsum("bid,bjd->bij", query, key, preferred_element_type=jnp.float32)
-      attn = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-      r = jnp.einsum("bij,bjc->bic", attn, value)
+      r = _attention_einsum(query, key, value)
     elif implementation == "cudnn":
       # One head, in dot_product_attention's (batch, length, heads, dim) layout.
       pad = lambda t: jnp.pad(t, ((0, 0), (0, 0), (0, c - inner)))[:, :, None, :]

@@ -20,6 +20,12 @@ Dtype = Any
 # block (docs/architecture.md, "Ablations"); 'none' is the full model.
 ABLATIONS = ("none", "no_convlstm", "no_se", "no_sam", "no_fusion", "deepest_only")
 
+# What the backward pass keeps of each modality encoder's forward pass (jax.checkpoint): 'none'
+# keeps every intermediate; 'convs' keeps the convolutions' outputs and recomputes the
+# element-wise work after them (BatchNorm, activations, gates); 'nothing' recomputes the encoder.
+ENCODER_REMAT = {"none": None, "convs": jax.checkpoint_policies.dots_saveable,
+                 "nothing": jax.checkpoint_policies.nothing_saveable}
+
 
 def check_ablation(ablation: str) -> None:
   """A ValueError naming the choices, for any value of config.model.ablation not in ABLATIONS."""
@@ -102,11 +108,16 @@ class ModalityEncoders(nn.Module):
   axis_name: Optional[str] = None
   use_convlstm: bool = True
   use_se: bool = True
+  remat: str = "none"  # One of ENCODER_REMAT.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    step = _ModalityStep
+    if ENCODER_REMAT[self.remat] is not None:
+      # Arguments (self, carry, x, train): `train` is a Python bool.
+      step = nn.remat(step, policy=ENCODER_REMAT[self.remat], static_argnums=(3,))
     # A rolled loop would slow the gradient of XLA:CPU convolutions inside it ~20x; M is small.
-    scan = nn.scan(_ModalityStep, variable_axes={"params": 0, "batch_stats": 0},
+    scan = nn.scan(step, variable_axes={"params": 0, "batch_stats": 0},
                    split_rngs={"params": True}, in_axes=(3, nn.broadcast), out_axes=3,
                    unroll=x.shape[3])
     encoder = scan(lstm_features=self.lstm_features, inception_features=self.inception_features,
@@ -158,6 +169,7 @@ class MSConvLSTMAtt(nn.Module):
   attention_implementation: str = "auto"  # SpatialAttention's: 'auto', 'einsum', 'cudnn'.
   convlstm_gate_convs: str = "separate"  # ConvLSTM's: 'separate' or 'stacked' (same parameters).
   ablation: str = "none"  # One of ABLATIONS.
+  encoder_remat: str = "none"  # One of ENCODER_REMAT: memory against recomputation.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -173,7 +185,7 @@ class MSConvLSTMAtt(nn.Module):
         resnet_features=self.resnet_features, se_ratio=self.se_ratio,
         convlstm_gate_convs=self.convlstm_gate_convs, dtype=self.dtype, axis_name=self.axis_name,
         use_convlstm=self.ablation != "no_convlstm", use_se=self.ablation != "no_se",
-        name="encoders")(x[..., None], train)
+        remat=self.encoder_remat, name="encoders")(x[..., None], train)
 
     singles = []
     for s, feats in enumerate(scales, start=1):
