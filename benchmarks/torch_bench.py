@@ -13,11 +13,19 @@ settings (the driver hands both workers one environment).
   FLOPs differ from the project's Attention U-Net: compare FLOPs columns as well.
 """
 
+import sys
 import time
 from typing import Any, Callable, Dict, Mapping
 
-import torch
-import torch.nn.functional as F
+# Before torch and MONAI: `import monai` reaches torch.utils.tensorboard, which imports
+# TensorFlow where it is installed. TensorFlow's libraries, loaded RTLD_GLOBAL, then stand in
+# for the LLVM that Triton bundles, and creating Adam (which imports torch._dynamo, which
+# imports Triton) crashes the worker. Without TensorFlow, tensorboard takes its own stub; the
+# worker's memory is then PyTorch's alone.
+sys.modules.setdefault("tensorflow", None)
+
+import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
+import torch.nn.functional as F  # pylint: disable=wrong-import-position
 
 from benchmarks import common
 from configs import brats18
