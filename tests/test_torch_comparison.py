@@ -56,6 +56,8 @@ def test_compare_torch_end_to_end(tmp_path):
     assert len(r["step_times_s"]) == 3 and r["slices_per_s"] > 0
     assert r["params"] > 0 and r["flops_per_step"] > 0 and r["peak_mem_mb"] > 0
     assert r["framework_version"].startswith("2.")
+    assert r["settings"] == {"mkldnn": True, "memory_format": "channels_last", "adam": "fused"}
+    assert r["threads"] == next(j["threads"] for j in rows if j["framework"] == "jax")
   # The same U-Net on both sides: 30,778 parameters in JAX; MONAI's convolutions before
   # BatchNorm keep their (redundant) biases, 254 more.
   jax_params = next(r["params"] for r in rows if r["framework"] == "jax")
