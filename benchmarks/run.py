@@ -286,6 +286,7 @@ def _row(base: Mapping[str, Any], side: Side, mode: str,
          "params": info["params"], "threads": info["threads"], "device": info["device"],
          "platform": info["platform"], "framework_version": info["version"],
          "overrides": side.worker.spec.get("overrides", {}), "runtime": info.get("runtime"),
+         "settings": info.get("settings"),
          "breakdown": (breakdown.rows(setup["breakdown"]["coarse"], stats["step_s_median"])
                        if "breakdown" in setup else None),
          "breakdown_modules": setup["breakdown"]["fine"] if "breakdown" in setup else None,
@@ -354,6 +355,16 @@ def _append_json(path: Optional[str], rows: Sequence[Mapping[str, Any]]) -> None
         f.write(json.dumps(r) + "\n")
 
 
+def load_warning(load: float, cores: int) -> Optional[str]:
+  """A warning line when other processes already keep every core busy. PyTorch's timings
+  suffer most: its pool's threads wait for each other after every operation, so a step of
+  the tiny U-Net (32x32, width 2, batch 2) took seconds at load 6 on 2 cores, 11 ms idle."""
+  if load < cores:
+    return None
+  return (f"# warning: load average {load:.2f} on {cores} cores: other processes share the "
+          "CPU, so these timings (PyTorch's most) are not those of an idle machine")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
   """Runs the benchmark; returns its result rows (steps, then case latencies)."""
   args = parse_args(argv)
@@ -363,6 +374,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         f"{args.steps} steps after {args.warmup} warm-up; {common.cpu_threads()} CPU threads; "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
   print(f"# runtime settings: {runtime.describe() or 'none'}", flush=True)
+  warning = load_warning(load[0], common.cpu_threads())
+  if warning:
+    print(warning, flush=True)
   rows: List[Dict[str, Any]] = []
   for model in args.models:
     for batch_size in args.batch_sizes:

@@ -3,7 +3,9 @@
 The counterparts of the project's U-Net and Attention U-Net, trained the same way: forward, the
 project's soft Dice loss (foreground classes, pooled over the batch), backward and Adam, on
 the same batch and slice size, with as many threads as the JAX side and the same allocator
-settings (the driver hands both workers one environment).
+settings (the driver hands both workers one environment). Set up as for CPU training in
+PyTorch: eager mode (nothing compiled), oneDNN convolutions in channels_last, fused Adam; the
+driver's untimed warm-up steps take any first-call costs (Adam's state is made lazily).
 
 - 'unet': MONAI BasicUNet with the U-Net's widths (w, 2w, 4w, 8w, 16w, w), BatchNorm and ReLU
   (as the project's U-Net; MONAI's defaults are InstanceNorm and LeakyReLU), 2x2 stride-2
@@ -13,11 +15,19 @@ settings (the driver hands both workers one environment).
   FLOPs differ from the project's Attention U-Net: compare FLOPs columns as well.
 """
 
+import sys
 import time
 from typing import Any, Callable, Dict, Mapping
 
-import torch
-import torch.nn.functional as F
+# Before torch and MONAI: `import monai` reaches torch.utils.tensorboard, which imports
+# TensorFlow where it is installed. TensorFlow's libraries, loaded RTLD_GLOBAL, then stand in
+# for the LLVM that Triton bundles, and creating Adam (which imports torch._dynamo, which
+# imports Triton) crashes the worker. Without TensorFlow, tensorboard takes its own stub; the
+# worker's memory is then PyTorch's alone.
+sys.modules.setdefault("tensorflow", None)
+
+import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
+import torch.nn.functional as F  # pylint: disable=wrong-import-position
 
 from benchmarks import common
 from configs import brats18
@@ -58,7 +68,10 @@ class TorchBench:
 
   def __init__(self, spec: Mapping[str, Any]):
     self.spec = dict(spec)
+    # As for CPU training in PyTorch: one thread per core the JAX side uses (XLA's pool sizes
+    # itself the same way), and oneDNN's convolutions (the default; set so that it is stated).
     torch.set_num_threads(common.cpu_threads())
+    torch.backends.mkldnn.enabled = True
     torch.manual_seed(0)
     config = brats18.get_config(spec["model"])
     overrides = spec.get("overrides", {})
@@ -74,15 +87,24 @@ class TorchBench:
     b, s = spec["batch_size"], spec["size"]
     self.image = torch.randn(b, in_channels, s, s).to(memory_format=self.memory_format)
     self.label = torch.randint(0, self.num_classes, (b, s, s), dtype=torch.uint8)
-    self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+    self.optimizer = self._adam()
     self.autocast = spec["dtype"] == "bfloat16"
     self._steps: Dict[str, Callable[[], Any]] = {}
     self._rss = {mode: common.PeakRSS() for mode in MODES}
 
+  def _adam(self) -> torch.optim.Optimizer:
+    # fused: one kernel over all parameters, as XLA fuses optax's Adam. CPU's default is a
+    # loop of about ten small operations per parameter tensor (82 in the U-Net).
+    return torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=True)
+
   def describe(self) -> Dict[str, Any]:
     params = sum(p.numel() for p in self.model.parameters())
+    settings = {"mkldnn": torch.backends.mkldnn.enabled,
+                "memory_format": str(self.memory_format).removeprefix("torch."),
+                "adam": "fused" if self.optimizer.defaults["fused"] else "default"}
     return {"framework": "pytorch", "version": torch.__version__, "device": "cpu",
-            "platform": "cpu", "params": int(params), "threads": torch.get_num_threads()}
+            "platform": "cpu", "params": int(params), "threads": torch.get_num_threads(),
+            "settings": settings}
 
   def _train_step(self) -> torch.Tensor:
     self.model.train()
@@ -110,7 +132,7 @@ class TorchBench:
     first_s = time.perf_counter() - t0
     # Undo the counted step (BatchNorm statistics, Adam moments) so every side starts alike.
     self.model.load_state_dict(state)
-    self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+    self.optimizer = self._adam()
     self._steps[mode] = step
     return {"compile_s": None, "first_step_s": first_s,
             "flops_per_step": float(counter.get_total_flops()), "flops_source": "torch"}

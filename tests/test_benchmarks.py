@@ -325,6 +325,13 @@ def test_variant_spec():
     run._variant("x:runtime=xla+fast")
 
 
+def test_load_warning_when_the_cores_are_busy():
+  from benchmarks import run  # pylint: disable=g-import-not-at-top
+  assert run.load_warning(1.99, 2) is None
+  assert "load average 2.00 on 2 cores" in run.load_warning(2.0, 2)
+  assert run.load_warning(6.5, 8) is None
+
+
 def test_suite_defaults_yield_to_given_flags():
   from benchmarks import run  # pylint: disable=g-import-not-at-top
   args = run.parse_args(["--suite", "gpu"])
