@@ -127,7 +127,7 @@ def _predictor(runs: Runs, tta: bool) -> inference.Predictor:
 def _check_request(label_convention: str, slices: str) -> None:
   if slices not in SLICE_MODES:
     raise ValueError(f"--slices must be one of {SLICE_MODES}, not {slices!r}.")
-  labels_lib.resolve_convention(label_convention, "brats")
+  labels_lib.check_convention(label_convention)
 
 
 def _load(ref: layouts.CaseRef, data_config,

@@ -44,6 +44,7 @@ from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from data_pipelines import download as download_lib
 from data_pipelines import locks
+from data_pipelines.brats import labels as labels_lib
 from data_pipelines.brats import layouts
 from data_pipelines.brats import preprocess
 from data_pipelines.errors import DataError
@@ -285,8 +286,9 @@ class Brats(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *args, layout: str = "auto",
                download: Optional[download_lib.Request] = None, **kwargs):
     if layout not in ("auto",) + layouts.LAYOUTS:
-      raise ValueError(f"Unknown layout {layout!r}; choose 'auto', 'msd' or 'brats'.")
-    self.layout = layout  # How the manual folder is laid out: 'auto' | 'msd' | 'brats'.
+      raise ValueError(f"Unknown layout {layout!r}; choose 'auto' or one of "
+                       f"{', '.join(layouts.LAYOUTS)}.")
+    self.layout = layout  # How the manual folder is laid out: 'auto' or a layouts.LAYOUTS one.
     # The archive to download instead of reading a manual folder; None: the manual folder, or,
     # when none was given (`tfds build` without --manual_dir), the Decathlon's archive.
     self.download = download
@@ -361,6 +363,7 @@ class Brats(tfds.core.GeneratorBasedBuilder):
     splits = split_case_ids(case_ids, cfg.split_seed, cfg.num_validation_cases,
                             cfg.num_test_cases, cfg.num_folds, cfg.fold)
     layout = refs[0].layout
+    convention = layouts.folder_convention(refs, cfg.label_convention)
     self.report = {"num_cases": len(refs), "cases_done": 0, "seconds": 0.0, "warnings": []}
     metadata = self.info.metadata
     metadata.clear()
@@ -368,6 +371,10 @@ class Brats(tfds.core.GeneratorBasedBuilder):
         "source_dir": str(source.resolve()),
         "download": downloaded,
         "layout": layout,
+        # The labels' meaning: the convention read and the label set a model trained on
+        # these data outputs (labels.py).
+        "label_convention": convention,
+        "label_set": labels_lib.label_set(convention).name,
         "preprocessing": _content_params(cfg),
         "splits": splits,
         "case_ids": sorted(case_ids),

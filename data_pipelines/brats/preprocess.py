@@ -51,10 +51,12 @@ class Preprocessing:
   converted and checked here too.
   """
   label_convention: str = _param(
-      "auto", "Label values on disk: 'auto' (the layout's own), 'msd' or 'brats'.",
+      "auto", "Label values on disk: 'auto' (the one the file names decide), or brats, msd, "
+      "brats2023, gli2024 (adds RC), ped2024 (labels.py).",
       LABEL_CONVENTIONS)
   modalities: Tuple[str, ...] = _param(
-      layouts.MODALITIES, "Image channels: any subset and order of flair, t1, t1ce, t2.")
+      layouts.MODALITIES, "Image channels: any subset and order of flair, t1, t1ce, t2 (or their "
+      "2023 names t2f, t1n, t1c, t2w).")
   slice_start: int = _param(30, "First axial slice kept (inclusive).")
   slice_stop: int = _param(120, "Last axial slice kept (inclusive).")
   crop_size: int = _param(190, "Square in-plane crop of the 240x240 slices.")
@@ -95,8 +97,9 @@ class Preprocessing:
         raise ValueError(f"Unknown {field.name} {value!r}; choose one of "
                          f"{', '.join(choices)}.")
       setattr(self, field.name, value)
-    self.modalities = tuple(str(m) for m in self.modalities)
-    unknown = [m for m in self.modalities if m not in layouts.MODALITIES]
+    names = tuple(str(m) for m in self.modalities)
+    unknown = [m for m in names if m.lower() not in layouts.MSD_MODALITY_NAMES]
+    self.modalities = tuple(layouts.MSD_MODALITY_NAMES.get(m.lower(), m) for m in names)
     if not self.modalities or unknown or len(set(self.modalities)) != len(self.modalities):
       raise ValueError(f"modalities must be distinct names from "
                        f"{', '.join(layouts.MODALITIES)}; got {list(self.modalities)}.")
