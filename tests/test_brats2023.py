@@ -134,3 +134,81 @@ def test_a_folder_mixing_conventions_is_refused(tmp_path):
     layouts.folder_convention(refs, "auto")  # PED undecided.
   with pytest.raises(DataError, match="'ped2024' contradicts"):
     layouts.folder_convention(refs, "ped2024")  # Not GLI's.
+
+
+# ---------------------------------------------------------------------------------------------
+# Label sets through the model's outputs, the scores and the written files.
+
+
+def test_label_sets_size_the_outputs_and_keep_classes_1_to_3():
+  from msatt_jax import losses  # pylint: disable=g-import-not-at-top
+  assert [losses.num_outputs(l, s) for s in ("glioma", "glioma_rc", "ped")
+          for l in ("dice", "region_dice")] == [4, 3, 5, 4, 5, 6]
+  for chosen in labels_lib.LABEL_SETS.values():
+    assert chosen.region_names[:3] == ("ET", "TC", "WT")
+    assert chosen.region_classes("ET") == (labels_lib.ENHANCING,)
+    assert labels_lib.label_set_with_regions(len(chosen.regions)) is chosen
+  assert labels_lib.label_set_of("auto").name == "glioma"
+  assert labels_lib.label_set_of("gli2024").name == "glioma_rc"
+  # 'auto' only ever resolves to conventions of the glioma set: a run's class count is known
+  # from its config before any file is read.
+  defaults = list(layouts.LAYOUT_CONVENTION.values()) + [
+      d for d, _ in layouts.CHALLENGE_CONVENTIONS.values() if d]
+  assert {labels_lib.label_set(c).name for c in defaults} == {"glioma"}
+
+
+def test_region_outputs_decode_to_classes_of_any_label_set():
+  from msatt_jax import losses  # pylint: disable=g-import-not-at-top
+  # Every ET/TC/WT combination: as the nested rule (WT outside TC is ED, TC outside ET NCR).
+  combos = np.array([[et, tc, wt] for et in (0, 1) for tc in (0, 1) for wt in (0, 1)], bool)
+  got = np.asarray(losses.logits_to_labels(np.where(combos, 1.0, -1.0), "region_dice"))
+  want = [0 if not wt else (2 if not tc else (1 if not et else 3)) for et, tc, wt in combos]
+  np.testing.assert_array_equal(got, want)
+  # glioma_rc: RC alone is class 4; every class's own regions give it back.
+  table = labels_lib.label_set("glioma_rc").region_table()
+  got = np.asarray(losses.logits_to_labels(np.where(table, 1.0, -1.0), "region_dice",
+                                           "glioma_rc"))
+  np.testing.assert_array_equal(got, [0, 1, 2, 3, 4])
+  got = np.asarray(losses.logits_to_labels(np.where(labels_lib.label_set("ped").region_table(),
+                                                    1.0, -1.0), "region_dice", "ped"))
+  np.testing.assert_array_equal(got, [0, 1, 2, 3, 4])
+
+
+def test_rc_is_scored_as_its_own_region():
+  from msatt_jax import metrics  # pylint: disable=g-import-not-at-top
+  ref = np.zeros((8, 8, 8), np.uint8)
+  ref[1:3, 1:3, 1:3] = 3  # 8 ET voxels.
+  ref[5:7, 5:7, 5:7] = 4  # 8 RC voxels.
+  pred = ref.copy()
+  pred[5, 5, 5:7] = 0  # 6 of the 8 RC voxels found.
+  scores = metrics.region_scores(pred, ref, label_set="glioma_rc")
+  assert scores["dice_RC"] == pytest.approx(2 * 6 / (6 + 8))
+  assert scores["dice_ET"] == scores["dice_TC"] == scores["dice_WT"] == 1.0  # RC in none.
+  glioma = np.where(ref == 4, 0, ref)
+  assert "dice_RC" not in metrics.region_scores(glioma, glioma)
+  # PED: the cyst (class 4) is tumour core.
+  ped = np.zeros((4, 4, 4), np.uint8)
+  ped[0, 0, 0] = 4
+  assert labels_lib.region_masks(ped, "ped")[0, 0, 0].tolist() == [False, True, True, False,
+                                                                    True, False]
+  with pytest.raises(ValueError, match="class 4 is not in the 'glioma' label set"):
+    labels_lib.region_masks(ped)
+
+
+def test_outputs_are_written_in_the_input_convention_of_the_models_label_set(tmp_path):
+  new = layouts.find_cases(_gen(tmp_path, "new", cases=1))[0]
+  old = layouts.find_cases(_gen(tmp_path, "old", layout="brats", cases=1))[0]
+  ped = layouts.find_cases(_gen(tmp_path, "ped", cases=1, challenge="PED"))[0]
+  out = layouts.output_convention
+  assert out(old, "auto", "glioma") == "brats"  # ET 4.
+  assert out(new, "auto", "glioma") == "brats2023"  # ET 3.
+  assert out(new, "auto", "glioma_rc") == "gli2024"  # RC 4.
+  assert out(ped, "auto", "ped") == "ped2024"
+  assert out(ped, "auto", "glioma") == "brats2023"
+  with pytest.raises(DataError, match=r"case Brats18_SYN_0001_1\): the model outputs the "
+                                      r"'glioma_rc' label set \(NETC, SNFH, ET, RC\)"):
+    out(old, "auto", "glioma_rc")
+  with pytest.raises(DataError, match="the 'brats2023' convention does not hold"):
+    out(new, "brats2023", "glioma_rc")
+  with pytest.raises(ValueError, match=r"classes \[4\] have no value in the 'brats2023'"):
+    labels_lib.from_canonical(np.array([0, 4]), "brats2023")

@@ -121,6 +121,14 @@ def label_set_of(convention: Optional[str]) -> LabelSet:
   return label_set(convention)
 
 
+def label_set_with_regions(count: int) -> LabelSet:
+  """The label set scoring `count` regions (each set's count differs; a test keeps it so)."""
+  found = [s for s in LABEL_SETS.values() if len(s.regions) == count]
+  if len(found) != 1:
+    raise ValueError(f"No single label set scores {count} regions.")
+  return found[0]
+
+
 def check_convention(convention: str) -> None:
   if convention not in CONVENTIONS:
     raise ValueError(f"Unknown label convention {convention!r}; choose one of "

@@ -193,7 +193,7 @@ def detect_layout(folder) -> str:
   root = _require_folder(folder)
   if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir():
     return "msd"
-  namings = _folder_namings(root)
+  namings = folder_namings(root)
   if namings:
     return namings[0]
   raise DataError(f"{root}: neither an MSD folder (dataset.json, imagesTr/) nor a BraTS folder "
@@ -201,8 +201,9 @@ def detect_layout(folder) -> str:
                   "BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz).")
 
 
-def _folder_namings(root: Path) -> List[str]:
+def folder_namings(root) -> List[str]:
   """The one naming of a folder's cases (empty without cases); a folder mixing them raises."""
+  root = Path(root)
   seen: Dict[str, Path] = {}
   for case_dir in _brats_case_dirs(root):
     naming, _ = _case_naming(case_dir)
@@ -352,7 +353,7 @@ def _naming_examples(case_dir: Path) -> str:
 
 def _find_brats(root: Path, layout: str) -> List[CaseRef]:
   refs, seen = [], {}
-  namings = _folder_namings(root)
+  namings = folder_namings(root)
   if namings and namings[0] != layout:
     raise DataError(f"{root}: layout '{layout}' ({NAMINGS[layout].years} names) was asked for, "
                     f"but its cases use the {NAMINGS[namings[0]].years} names ('{namings[0]}').")
@@ -417,6 +418,33 @@ def resolve_convention(requested: str, ref: CaseRef) -> str:
                     f"{', '.join(allowed)}; reading them as '{requested}' would misread the "
                     "classes.")
   return requested
+
+
+def output_convention(ref: CaseRef, requested: str, label_set: str) -> str:
+  """The convention a model's labels of this case are written in: 'auto' -> the one the case's
+  names decide if it holds the model's label set, else the names' convention that does (a 2023
+  input gets ET 3, a 2021 input ET 4, a GLI input of an RC model gli2024). DataError naming the
+  case when none does, or when an explicit one lacks classes the model outputs."""
+  where = next(iter(ref.image_paths.values()), ref.case_id)
+  fits = lambda c: labels_lib.label_set(c).name == label_set
+  if requested != "auto":
+    labels_lib.check_convention(requested)
+    if not fits(requested):
+      raise DataError(f"{where} (case {ref.case_id}): the model outputs the {label_set!r} label "
+                      f"set ({', '.join(labels_lib.label_set(label_set).classes[1:])}), which "
+                      f"the '{requested}' convention does not hold; choose one of that set.")
+    return requested
+  try:
+    own = resolve_convention("auto", ref)
+  except DataError:
+    own = None
+  candidates = ([own] if own else []) + list(layout_conventions(ref.layout, ref.case_id))
+  for convention in candidates:
+    if fits(convention):
+      return convention
+  raise DataError(f"{where} (case {ref.case_id}): the model outputs the {label_set!r} label set "
+                  f"({', '.join(labels_lib.label_set(label_set).classes[1:])}), which no "
+                  f"convention of these names ({', '.join(candidates)}) holds.")
 
 
 def folder_convention(refs: Sequence[CaseRef], requested: str) -> str:
