@@ -38,8 +38,16 @@ def get_data_config() -> ml_collections.ConfigDict:
   #                         2023 names t2f, t1n, t1c, t2w).
   #   slice_start           First axial slice kept (inclusive).
   #   slice_stop            Last axial slice kept (inclusive).
-  #   crop_size             Square in-plane crop of the 240x240 slices.
-  #   crop_center           (x, y) centre of the crop; unset: the centre of the volume.
+  #   crop_size             Square in-plane crop of the 240x240 slices; larger than a volume, it
+  #                         pads it with zeros.
+  #   crop_center           (x, y) centre of the crop; unset: the centre of the volume (or of the
+  #                         brain).
+  #   crop_around           Unset crop_center: centre the crop on the 'volume' (the paper) or on
+  #                         the 'brain' (its in-plane bounding box, for volumes not centred like
+  #                         BraTS's).
+  #   slice_range           Axial slices kept: 'fixed', slice_start..slice_stop (the paper's
+  #                         30..120), or 'brain', every slice holding brain (any depth, e.g.
+  #                         MNI152's 182).
   #   normalize             'zscore': per modality per volume over brain (non-zero) voxels, 0 stays
   #                         0; or 'none'.
   #   split_seed            Seed of the patient-level train/validation/test split.

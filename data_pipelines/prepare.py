@@ -253,6 +253,10 @@ def summary(builder, report: Optional[Dict] = None) -> str:
   if report and report.get("cases_done"):
     lines.append(f"  time       {report['wall_seconds']:.1f} s "
                  f"({report['seconds'] / report['cases_done']:.2f} s per case)")
+  spacings = info.metadata.get("non_1mm_spacing", {})
+  lines.append(f"  voxel spacing not 1 mm: {len(spacings)} case(s)")
+  lines.extend(f"    {case}: {' x '.join(f'{v:g}' for v in spacing)} mm"
+               for case, spacing in sorted(spacings.items()))
   warnings = info.metadata.get("label_warnings", [])
   lines.append(f"  label-convention warnings (T1gd: ET not brighter than NCR/NET): "
                f"{len(warnings)}")

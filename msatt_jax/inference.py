@@ -35,7 +35,8 @@ from msatt_jax import steps
 TTA_FLIPS = ((), (1,), (2,), (1, 2))
 # The preprocessing keys (config.data) that define a model's input: an ensemble's members share
 # them, so that one prepared batch of slices means the same to each.
-INPUT_KEYS = ("modalities", "crop_size", "crop_center", "slice_start", "slice_stop", "normalize")
+INPUT_KEYS = ("modalities", "crop_size", "crop_center", "slice_start", "slice_stop", "normalize",
+              "crop_around", "slice_range")
 # Canonical label volume -> canonical label volume (postprocessing rules).
 LabelRules = Callable[[np.ndarray], np.ndarray]
 
@@ -123,7 +124,8 @@ def _plain(value: Any) -> Any:
 
 
 def _input_signature(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  signature = {f"data.{k}": _plain(config.data.get(k)) for k in INPUT_KEYS}
+  defaults = preprocess.defaults()  # For keys older runs' configs lack.
+  signature = {f"data.{k}": _plain(config.data.get(k, defaults[k])) for k in INPUT_KEYS}
   signature["output"] = "sigmoid regions" if is_region_output(config.loss) else "softmax classes"
   signature["label set"] = losses.label_set_name(config)
   return signature
@@ -259,10 +261,14 @@ def prepare_slices(image: np.ndarray, data_config: ml_collections.ConfigDict,
   """
   start, stop = slice_range or (data_config.slice_start, data_config.slice_stop)
   crop_center = data_config.crop_center
+  # Keys a run trained before they existed lacks take their defaults (its preprocessing).
+  defaults = preprocess.defaults()
+  get = lambda key: data_config.get(key, defaults[key])
   return preprocess.preprocess_case(
       image, None, slice_start=start, slice_stop=stop, crop_size=data_config.crop_size,
       crop_center=tuple(crop_center) if crop_center is not None else None,
-      normalize=data_config.normalize)
+      normalize=data_config.normalize, crop_around=get("crop_around"),
+      slice_range="fixed" if slice_range else get("slice_range"))
 
 
 def paste_back_probabilities(probs: np.ndarray, slices: preprocess.Slices,
@@ -273,7 +279,10 @@ def paste_back_probabilities(probs: np.ndarray, slices: preprocess.Slices,
   out = np.empty((len(channels), *(int(s) for s in volume_shape)), np.float16)
   out[:] = outside[:, None, None, None]
   (x0, y0), (_, height, width, _) = slices.offsets, probs.shape
-  out[:, x0:x0 + height, y0:y0 + width, slices.slice_indices] = probs.transpose(3, 1, 2, 0)
+  # The part of a (padded) window inside the volume.
+  (vx, wx) = preprocess.window_overlap(x0, height, out.shape[1])
+  (vy, wy) = preprocess.window_overlap(y0, width, out.shape[2])
+  out[:, vx, vy, slices.slice_indices] = probs.transpose(3, 1, 2, 0)[:, wx, wy]
   return out
 
 

@@ -364,7 +364,8 @@ class Brats(tfds.core.GeneratorBasedBuilder):
                             cfg.num_test_cases, cfg.num_folds, cfg.fold)
     layout = refs[0].layout
     convention = layouts.folder_convention(refs, cfg.label_convention)
-    self.report = {"num_cases": len(refs), "cases_done": 0, "seconds": 0.0, "warnings": []}
+    self.report = {"num_cases": len(refs), "cases_done": 0, "seconds": 0.0, "warnings": [],
+                   "spacings": {}}
     metadata = self.info.metadata
     metadata.clear()
     metadata.update({
@@ -379,6 +380,9 @@ class Brats(tfds.core.GeneratorBasedBuilder):
         "splits": splits,
         "case_ids": sorted(case_ids),
         "label_warnings": self.report["warnings"],
+        # Cases whose voxels are not 1 mm (the model sees voxels, not millimetres): case ->
+        # spacing (mm); scores in mm use each case's own.
+        "non_1mm_spacing": self.report["spacings"],
     })
     by_id = {r.case_id: r for r in refs}
     return {split: self._generate_examples([by_id[c] for c in splits[split]])
@@ -418,10 +422,14 @@ class Brats(tfds.core.GeneratorBasedBuilder):
       raise DataError(f"case {ref.case_id}: no label file (labelsTr/ or <case>_seg.nii.gz); "
                       "training data needs labels.")
     warning = layouts.check_label_convention(case)
+    if not np.allclose(case.spacing, 1.0, atol=1e-3):
+      self.report["spacings"][ref.case_id] = list(case.spacing)
+      logging.warning("case %s: voxel spacing %s mm, not 1 mm.", ref.case_id, case.spacing)
     try:
       slices = preprocess.preprocess_case(
           case.image, case.label, slice_start=cfg.slice_start, slice_stop=cfg.slice_stop,
-          crop_size=cfg.crop_size, crop_center=cfg.crop_center, normalize=cfg.normalize)
+          crop_size=cfg.crop_size, crop_center=cfg.crop_center, normalize=cfg.normalize,
+          crop_around=cfg.crop_around, slice_range=cfg.slice_range)
     except ValueError as e:
       source = next(iter(ref.image_paths.values()))
       raise DataError(f"{source} (case {ref.case_id}): {e}") from None
