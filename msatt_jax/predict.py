@@ -137,7 +137,9 @@ def _check_request(label_convention: str, slices: str) -> None:
 def _load(ref: layouts.CaseRef, data_config,
           slices: str) -> Tuple[layouts.Case, preprocess.Slices]:
   """Reads a case and prepares its slices (whole brain or the training range)."""
-  case = layouts.load_case(ref, modalities=tuple(data_config.modalities))
+  # The images alone: a segmentation beside them is not read (nor its convention needed).
+  case = layouts.load_case(dataclasses.replace(ref, label_path=None),
+                           modalities=tuple(data_config.modalities))
   slice_range = preprocess.brain_slice_range(case.image) if slices == "brain" else None
   return case, inference.prepare_slices(case.image, data_config, slice_range)
 
@@ -258,6 +260,11 @@ def predict_folder(runs: Runs, input_dir: str, output_dir: str, label_convention
   written, a DataError names every such case.
   """
   _check_request(label_convention, slices)
+  predictor = _predictor(runs, tta)
+  # Every case's output convention before anything is written (a model's class the input's
+  # names cannot hold stops the folder).
+  conventions = {r.case_id: layouts.output_convention(r, label_convention, predictor.label_set)
+                 for r in find_input_cases(input_dir)}
   refs, output = plan_folder(input_dir, output_dir, save_probabilities)
   done = lambda r: all(os.path.exists(p) for p in _outputs(output[r.case_id],
                                                            save_probabilities))
@@ -268,11 +275,6 @@ def predict_folder(runs: Runs, input_dir: str, output_dir: str, label_convention
                input_dir, output_dir,
                f" ({len(result.skipped)} already written; --overwrite redoes them)"
                if result.skipped else "")
-  predictor = _predictor(runs, tta)
-  # Every case's output convention before any is written (a model's class the input's names
-  # cannot hold stops the folder).
-  conventions = {r.case_id: layouts.output_convention(r, label_convention, predictor.label_set)
-                 for r in todo}
   t0 = time.perf_counter()
   # The next case is read and prepared while this one runs through the model.
   with futures.ThreadPoolExecutor(max_workers=1) as reader:
