@@ -19,7 +19,8 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.source_dir = config_dict.placeholder(str)
   # Prepared TFDS data; default: <source_dir>/../prepared when unset.
   d.data_dir = config_dict.placeholder(str)
-  d.layout = "auto"  # 'auto' | 'msd' | 'brats': how case folders are laid out.
+  # 'auto' | 'msd' | 'brats' (2018-2021 names) | 'brats2023' (2023+ names): how cases are laid out.
+  d.layout = "auto"
   # 'msd_task01': download the Decathlon's Task01_BrainTumour instead of reading source_dir
   # (checked against its published size and MD5, resumable, kept in <data_dir>/downloads;
   # data_dir default: TFDS's, ~/tensorflow_datasets). Unset: source_dir, as downloaded by hand.
@@ -31,12 +32,22 @@ def get_data_config() -> ml_collections.ConfigDict:
   # The preprocessing, what a prepared data set holds. Its keys, their defaults (the paper's)
   # and help are the fields of data_pipelines/brats/preprocess.py:Preprocessing, also the
   # flags of `python -m data_pipelines.prepare`; a change of any of them prepares new data:
-  #   label_convention      Label values on disk: 'auto' (the layout's own), 'msd' or 'brats'.
-  #   modalities            Image channels: any subset and order of flair, t1, t1ce, t2.
+  #   label_convention      Label values on disk: 'auto' (the one the file names decide), or brats,
+  #                         msd, brats2023, gli2024 (adds RC), ped2024 (labels.py).
+  #   modalities            Image channels: any subset and order of flair, t1, t1ce, t2 (or their
+  #                         2023 names t2f, t1n, t1c, t2w).
   #   slice_start           First axial slice kept (inclusive).
   #   slice_stop            Last axial slice kept (inclusive).
-  #   crop_size             Square in-plane crop of the 240x240 slices.
-  #   crop_center           (x, y) centre of the crop; unset: the centre of the volume.
+  #   crop_size             Square in-plane crop of the 240x240 slices; larger than a volume, it
+  #                         pads it with zeros.
+  #   crop_center           (x, y) centre of the crop; unset: the centre of the volume (or of the
+  #                         brain).
+  #   crop_around           Unset crop_center: centre the crop on the 'volume' (the paper) or on
+  #                         the 'brain' (its in-plane bounding box, for volumes not centred like
+  #                         BraTS's).
+  #   slice_range           Axial slices kept: 'fixed', slice_start..slice_stop (the paper's
+  #                         30..120), or 'brain', every slice holding brain (any depth, e.g.
+  #                         MNI152's 182).
   #   normalize             'zscore': per modality per volume over brain (non-zero) voxels, 0 stays
   #                         0; or 'none'.
   #   split_seed            Seed of the patient-level train/validation/test split.
@@ -63,5 +74,8 @@ def get_data_config() -> ml_collections.ConfigDict:
   # <workdir>/synthetic and train on them (the demo); 0: source_dir is required.
   d.synthetic_cases = 0
   d.synthetic_shape = (240, 240, 155)  # Volume shape of generated cases (X, Y, Z).
-  d.synthetic_layout = "msd"  # File layout the generator writes: 'msd' | 'brats'.
+  d.synthetic_layout = "msd"  # File layout the generator writes: 'msd' | 'brats' | 'brats2023'.
+  # Label convention it writes: 'auto' (the layout's own) or, for brats2023, 'gli2024' (adds RC).
+  d.synthetic_labels = "auto"
+  d.synthetic_geometry = "brats"  # 'brats' (SRI24 LPS) or 'mni152' (the template's RAS affine).
   return d

@@ -135,7 +135,8 @@ def _checked_source(builder, source: Optional[str], data_config,
     raise DataError(f"{source}: folder does not exist.\n"
                     f"{builder_lib.Brats.MANUAL_DOWNLOAD_INSTRUCTIONS}")
   refs = layouts.find_cases(source, builder.layout)
-  cfg = builder.builder_config  # The split is checked before anything is written.
+  cfg = builder.builder_config  # The convention and split are checked before anything is written.
+  layouts.folder_convention(refs, cfg.label_convention)
   builder_lib.split_case_ids([r.case_id for r in refs], cfg.split_seed, cfg.num_validation_cases,
                              cfg.num_test_cases, cfg.num_folds, cfg.fold)
   progress(f"Preparing {len(refs)} cases from {source} into {builder.data_path} "
@@ -217,7 +218,9 @@ def prepare_for_training(data_config, workdir: str) -> ml_collections.ConfigDict
                    data_config.synthetic_cases, shape, data_config.source_dir)
       synthetic.generate_dataset_atomically(
           data_config.source_dir, data_config.synthetic_layout, data_config.synthetic_cases,
-          shape=shape, seed=data_config.split_seed)
+          shape=shape, seed=data_config.split_seed,
+          labels=data_config.get("synthetic_labels", "auto"),
+          geometry=data_config.get("synthetic_geometry", "brats"))
   elif not os.path.isdir(data_config.source_dir):
     raise FileNotFoundError(f"{data_config.source_dir}: --config.data.source_dir is not a folder.")
   prepare(data_config)
@@ -250,6 +253,10 @@ def summary(builder, report: Optional[Dict] = None) -> str:
   if report and report.get("cases_done"):
     lines.append(f"  time       {report['wall_seconds']:.1f} s "
                  f"({report['seconds'] / report['cases_done']:.2f} s per case)")
+  spacings = info.metadata.get("non_1mm_spacing", {})
+  lines.append(f"  voxel spacing not 1 mm: {len(spacings)} case(s)")
+  lines.extend(f"    {case}: {' x '.join(f'{v:g}' for v in spacing)} mm"
+               for case, spacing in sorted(spacings.items()))
   warnings = info.metadata.get("label_warnings", [])
   lines.append(f"  label-convention warnings (T1gd: ET not brighter than NCR/NET): "
                f"{len(warnings)}")

@@ -1,4 +1,5 @@
-r"""Synthetic BraTS-like cases written as real NIfTI files in the MSD or BraTS layout.
+r"""Synthetic BraTS-like cases written as real NIfTI files in the MSD, BraTS 2018-2021 or BraTS
+2023+ layout (any challenge prefix, label convention and geometry).
 
 Skull-stripped head phantoms (an ellipsoidal brain, exactly 0 outside, with white matter, grey
 matter and CSF) whose tissue contrast differs by modality, and 1-2 tumours whose sub-regions
@@ -12,9 +13,18 @@ and a bigger set extends a smaller one.
 radius, necrotic at its centre when large enough, in a thin edema shell), apart from each other
 and from the tumours: multi-lesion cases for the lesion-wise scores (`msatt_jax.metrics`).
 
+The 2023+ layout (`--layout brats2023`) writes BraTS-<CHALLENGE>-NNNNN-000 case folders
+(`--challenge GLI|SSA|MEN|MET|PED`) in any convention of those names (`--labels brats2023`, 1 NCR,
+2 ED, 3 ET; `gli2024`, which adds a resection cavity, label 4; `ped2024`, 1 ET, 2 NET, 3 CC,
+4 ED, with a cyst in the core). A label set's fifth class (RC or CC) is fluid: dark on FLAIR, T1
+and T1gd, bright on T2. `--geometry mni152` writes volumes in the MNI152 1 mm template's grid
+and affine (182 x 218 x 182, RAS, unless --shape says otherwise) instead of BraTS's SRI24 LPS.
+
 Usage:
   python -m data_pipelines.synthetic --out /tmp/syn --layout msd --cases 8 [--shape 240,240,155]
       [--metastases 4]
+  python -m data_pipelines.synthetic --out /tmp/gli24 --layout brats2023 --labels gli2024 \
+      --cases 8 [--challenge GLI --geometry mni152]
 """
 
 import contextlib
@@ -41,10 +51,10 @@ MIN_SIZE = 16  # Smallest edge that still holds a brain with a tumour.
 MARKER = "synthetic.json"  # Written last: parameters of a complete data set in that folder.
 
 # Tissue classes of the phantom (row indices of TISSUE_CONTRAST).
-OUTSIDE, CSF, GREY, WHITE, NCR, EDEMA, ET = range(7)
-# Canonical label of each tissue class.
+OUTSIDE, CSF, GREY, WHITE, NCR, EDEMA, ET, CAVITY = range(8)
+# Canonical label of each tissue class (CAVITY: a 2024 label set's fifth class, RC or CC).
 CLASS_TO_LABEL = np.array([0, 0, 0, 0, labels_lib.NCR_NET, labels_lib.EDEMA,
-                           labels_lib.ENHANCING], np.uint8)
+                           labels_lib.ENHANCING, labels_lib.EXTRA], np.uint8)
 # Relative intensity per tissue class (rows) and modality (columns: flair, t1, t1ce, t2).
 # Real signatures: CSF dark on FLAIR/T1, bright on T2; edema bright on FLAIR and T2; ET bright
 # on T1gd only (contrast uptake); necrosis dark on T1/T1gd, bright on T2.
@@ -56,6 +66,7 @@ TISSUE_CONTRAST = np.array([
     [0.85, 0.45, 0.35, 1.40],  # NCR/NET
     [1.50, 0.68, 0.70, 1.25],  # edema
     [1.10, 0.80, 1.65, 1.00],  # ET
+    [0.20, 0.28, 0.30, 1.70],  # cavity / cyst: fluid
 ], np.float32)
 # Scanner units of each modality (raw BraTS intensities are a few hundred to a few thousand).
 MODALITY_SCALE = np.array([400.0, 500.0, 600.0, 700.0], np.float32)
@@ -70,6 +81,18 @@ NO_ET_EVERY = 5  # Case i has no ET when i % NO_ET_EVERY == NO_ET_EVERY // 2 (20
 Z_RANGE = (30 / 155, 120 / 155)
 CROP_FRACTION = 190 / 240
 
+GEOMETRIES = ("brats", "mni152")
+# The MNI152 1 mm template grid (FSL's MNI152_T1_1mm): 182 x 218 x 182, RAS, origin at voxel
+# (90, 126, 72).
+MNI152_SHAPE = (182, 218, 182)
+CHALLENGES = ("GLI", "SSA", "MEN", "MET", "PED")
+# The conventions each layout is written in ('auto': the first; 2023+ names: per challenge,
+# layouts.CHALLENGE_CONVENTIONS).
+WRITTEN_CONVENTIONS = {"msd": ("msd",), "brats": ("brats",)}
+# The cavity each 2024 convention's fifth class is: a resection cavity beside the tumour (RC) or
+# a cyst inside its core (CC).
+CAVITY_PLACEMENT = {"gli2024": "beside", "ped2024": "inside"}
+
 MSD_LABEL_NAMES = {"0": "background", "1": "edema", "2": "non-enhancing tumor",
                    "3": "enhancing tumour"}
 
@@ -83,11 +106,24 @@ class SyntheticCase:
   has_et: bool
 
 
-def case_ids(layout: str, num_cases: int) -> List[str]:
+def case_ids(layout: str, num_cases: int, challenge: str = "GLI") -> List[str]:
   """File names of the cases, numbered from 1 like the real data sets."""
   if layout == "msd":
     return [f"BRATS_{i + 1:03d}" for i in range(num_cases)]
+  if layout == "brats2023":
+    return [f"BraTS-{challenge}-{i + 1:05d}-000" for i in range(num_cases)]
   return [f"Brats18_SYN_{i + 1:04d}_1" for i in range(num_cases)]
+
+
+def geometry_affine(geometry: str, shape: Sequence[int]) -> np.ndarray:
+  """The affine of a geometry: BraTS's SRI24 LPS, or MNI152's RAS with the template's origin
+  (scaled to the shape's centre when the shape is not the template's)."""
+  if geometry == "brats":
+    return lps_affine(shape)
+  affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+  affine[:3, 3] = [90.0, -126.0, -72.0] if tuple(shape) == MNI152_SHAPE else \
+      [(shape[0] - 1) / 2, -(shape[1] - 1) / 2, -(shape[2] - 1) / 2]
+  return affine
 
 
 def lps_affine(shape: Sequence[int]) -> np.ndarray:
@@ -186,7 +222,7 @@ def _place_tumour(rng: np.random.Generator, shape: Sequence[int], brain_center, 
 
 
 def _add_tumour(rng: np.random.Generator, tissue: np.ndarray, brain_center, brain_radii,
-                with_et: bool, size_scale: float) -> None:
+                with_et: bool, size_scale: float):
   """Paints one tumour (edema, core, optional ET rim around necrosis) into `tissue`."""
   shape = tissue.shape
   # Edema radius 12-28 mm in a 240-wide volume, at least a few voxels in small test volumes.
@@ -218,6 +254,21 @@ def _add_tumour(rng: np.random.Generator, tissue: np.ndarray, brain_center, brai
     region[(radius < necrosis_fraction) & inside_brain] = NCR
   else:
     region[(radius < core_fraction) & inside_brain] = NCR  # Non-enhancing core only.
+  return center, radii, core_fraction
+
+
+def _add_cavity(tissue: np.ndarray, center, radii, core_fraction: float, placement: str) -> None:
+  """A fluid cavity: a cyst inside the tumour core, or a resection cavity at the core's side
+  (replacing part of the tumour, as surgery leaves residual tumour and edema around it)."""
+  shape = tissue.shape
+  scale = 0.5 * core_fraction
+  if placement == "beside":
+    center = (center[0] + core_fraction * radii[0], center[1], center[2])
+    scale = 0.7 * core_fraction
+  cavity_radii = tuple(max(scale * r, 2.0) for r in radii)
+  box = _box(shape, center, cavity_radii)
+  inside = (_ellipsoid_radius(shape, center, cavity_radii, box) < 1.0) & (tissue[box] != OUTSIDE)
+  tissue[box][inside] = CAVITY
 
 
 def _add_metastases(rng: np.random.Generator, tissue: np.ndarray, brain_center, brain_radii,
@@ -269,9 +320,12 @@ def _intensities(rng: np.random.Generator, tissue: np.ndarray) -> Dict[str, np.n
 
 
 def make_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0, index: int = 0,
-              metastases: int = 0) -> SyntheticCase:
+              metastases: int = 0, cavity: str = "none",
+              geometry: str = "brats") -> SyntheticCase:
   """The phantom number `index` of the data set with this seed (independent of the others);
-  metastases > 0 adds up to that many small metastases (none: the same voxels as before)."""
+  metastases > 0 adds up to that many small metastases, cavity 'beside' / 'inside' a fluid
+  cavity of class labels.EXTRA (RC / CC) to the first tumour (none of them: the same voxels as
+  before)."""
   shape = tuple(int(s) for s in shape)
   rng = np.random.default_rng([seed, index])
   tissue, brain_center, brain_radii = _brain(rng, shape)
@@ -279,13 +333,15 @@ def make_case(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0, index: int = 
   num_tumours = 1 if rng.uniform() < 0.6 else 2
   for t in range(num_tumours):
     # A second tumour is smaller, like a satellite lesion.
-    _add_tumour(rng, tissue, brain_center, brain_radii, with_et=has_et,
-                size_scale=1.0 if t == 0 else 0.6)
+    placed = _add_tumour(rng, tissue, brain_center, brain_radii, with_et=has_et,
+                         size_scale=1.0 if t == 0 else 0.6)
+    if t == 0 and cavity != "none":
+      _add_cavity(tissue, *placed, cavity)
   if metastases > 0:
     _add_metastases(rng, tissue, brain_center, brain_radii, int(metastases))
   images = _intensities(rng, tissue)
   label = CLASS_TO_LABEL[tissue]
-  return SyntheticCase(images=images, label=label, affine=lps_affine(shape),
+  return SyntheticCase(images=images, label=label, affine=geometry_affine(geometry, shape),
                        has_et=bool((label == labels_lib.ENHANCING).any()))
 
 
@@ -356,9 +412,35 @@ def _write_brats_case(out: Path, case_id: str, case: SyntheticCase) -> None:
       nib.save(_nifti(case.images[name], case.affine), str(tmp / f"{case_id}_{name}.nii.gz"))
 
 
+def _write_brats2023_case(out: Path, case_id: str, case: SyntheticCase, convention: str) -> None:
+  # No grouping folders in the 2023+ releases; the case folder appears only when complete.
+  tmp = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=out))
+  naming = layouts.NAMINGS["brats2023"]
+  with _folder_renamed_into_place(tmp, out / case_id):
+    seg = labels_lib.from_canonical(case.label, convention)
+    nib.save(_nifti(seg, case.affine), str(tmp / f"{case_id}-{layouts.SEG}.nii.gz"))
+    for name in layouts.MODALITIES:
+      nib.save(_nifti(case.images[name], case.affine),
+               str(tmp / f"{case_id}-{naming.suffix(name)}.nii.gz"))
+
+
+def _resolve_labels(layout: str, labels: str, challenge: str) -> str:
+  """The convention files are written in: 'auto' is the layout's own (2023+: brats2023)."""
+  if challenge not in CHALLENGES:
+    raise ValueError(f"Unknown challenge {challenge!r}; choose one of {', '.join(CHALLENGES)}.")
+  allowed = (layouts.CHALLENGE_CONVENTIONS[challenge][1] if layout == "brats2023"
+             else WRITTEN_CONVENTIONS[layout])
+  if labels == "auto":
+    return allowed[0]
+  if labels not in allowed:
+    raise ValueError(f"The {layout} layout is not written with {labels!r} labels; choose one of "
+                     f"{', '.join(allowed)}.")
+  return labels
+
+
 def _check_args(layout: str, num_cases: int, shape: Sequence[int]) -> Tuple[int, ...]:
-  if layout not in ("msd", "brats"):
-    raise ValueError(f"Unknown layout {layout!r}; choose 'msd' or 'brats'.")
+  if layout not in layouts.LAYOUTS:
+    raise ValueError(f"Unknown layout {layout!r}; choose one of {', '.join(layouts.LAYOUTS)}.")
   if int(num_cases) < 1:
     raise ValueError(f"The number of cases must be at least 1, got {num_cases}.")
   shape = tuple(int(s) for s in shape)
@@ -369,8 +451,12 @@ def _check_args(layout: str, num_cases: int, shape: Sequence[int]) -> Tuple[int,
 
 def generate_dataset(out_dir, layout: str, num_cases: int,
                      shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
-                     metastases: int = 0) -> List[str]:
+                     metastases: int = 0, labels: str = "auto", challenge: str = "GLI",
+                     geometry: str = "brats") -> List[str]:
   """Writes num_cases phantoms in the given layout under out_dir; returns the case ids.
+
+  labels: the convention written ('auto': the layout's own); challenge: the 2023+ case-name
+  prefix; geometry: 'brats' (SRI24 LPS affine) or 'mni152' (the template's RAS affine).
 
   out_dir must be new or empty, or hold a complete data set of the same parameters (then it
   is reused as it is). Cases are written one at a time, each file atomically.
@@ -383,7 +469,17 @@ def generate_dataset(out_dir, layout: str, num_cases: int,
     raise ValueError(f"--metastases must be 0 or more, got {metastases}.")
   if metastases:  # Only then: earlier data sets' markers stay valid.
     params["metastases"] = int(metastases)
-  ids = case_ids(layout, int(num_cases))
+  convention = _resolve_labels(layout, labels, challenge)
+  if geometry not in GEOMETRIES:
+    raise ValueError(f"Unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}.")
+  # Only when not the defaults, for the same reason.
+  if labels != "auto":
+    params["labels"] = convention
+  if layout == "brats2023":
+    params["challenge"] = challenge
+  if geometry != "brats":
+    params["geometry"] = geometry
+  ids = case_ids(layout, int(num_cases), challenge)
   if out.exists() and not out.is_dir():
     raise DataError(f"{out}: exists and is not a folder.")
   if out.is_dir() and any(out.iterdir()):
@@ -404,9 +500,12 @@ def generate_dataset(out_dir, layout: str, num_cases: int,
     # dataset.json first: until every listed file exists, readers report the missing ones.
     files.atomic_write_text(out / "dataset.json", json.dumps(_msd_dataset_json(ids), indent=2))
   for index, case_id in enumerate(ids):
-    case = make_case(shape, seed, index, metastases)
+    case = make_case(shape, seed, index, metastases, CAVITY_PLACEMENT.get(convention, "none"),
+                     geometry)
     if layout == "msd":
       _write_msd_case(out, case_id, case)
+    elif layout == "brats2023":
+      _write_brats2023_case(out, case_id, case, convention)
     else:
       _write_brats_case(out, case_id, case)
     del case
@@ -415,7 +514,8 @@ def generate_dataset(out_dir, layout: str, num_cases: int,
 
 
 def generate_dataset_atomically(out_dir, layout: str, num_cases: int,
-                                shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0) -> List[str]:
+                                shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
+                                **options) -> List[str]:
   """generate_dataset, with a new out_dir appearing only once the whole data set is written.
 
   It is written into `<out_dir>.incomplete` and renamed at the end, so a killed run leaves no
@@ -424,14 +524,14 @@ def generate_dataset_atomically(out_dir, layout: str, num_cases: int,
   """
   out = Path(out_dir)
   if out.exists():
-    return generate_dataset(out, layout, num_cases, shape, seed)
+    return generate_dataset(out, layout, num_cases, shape, seed, **options)
   shape = _check_args(layout, num_cases, shape)
   tmp = out.with_name(out.name + ".incomplete")
   if tmp.exists():
     shutil.rmtree(tmp)
   tmp.mkdir(parents=True)
   with _folder_renamed_into_place(tmp, out):
-    return generate_dataset(tmp, layout, num_cases, shape, seed)
+    return generate_dataset(tmp, layout, num_cases, shape, seed, **options)
 
 
 FLAGS = flags.FLAGS
@@ -440,9 +540,16 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defined only when run as a command, so importing this module adds no global flags."""
   flags.DEFINE_string("out", None, "Output folder (new or empty).")
-  flags.DEFINE_enum("layout", "msd", ["msd", "brats"], "File layout to write.")
+  flags.DEFINE_enum("layout", "msd", list(layouts.LAYOUTS), "File layout to write: msd, brats "
+                    "(2018-2021 names) or brats2023 (2023+ names).")
   flags.DEFINE_integer("cases", None, "Number of cases.")
-  flags.DEFINE_string("shape", ",".join(map(str, DEFAULT_SHAPE)), "Volume shape X,Y,Z.")
+  flags.DEFINE_string("shape", None, "Volume shape X,Y,Z (default 240,240,155; with "
+                      "--geometry mni152, 182,218,182).")
+  flags.DEFINE_enum("labels", "auto", ["auto", *labels_lib.CONVENTIONS], "Label convention "
+                    "written: auto (the layout's own), or for brats2023 names gli2024 / ped2024.")
+  flags.DEFINE_enum("challenge", "GLI", list(CHALLENGES), "2023+ case-name prefix.")
+  flags.DEFINE_enum("geometry", "brats", list(GEOMETRIES), "brats: SRI24 LPS affine; mni152: "
+                    "the MNI152 1 mm template's RAS affine.")
   flags.DEFINE_integer("seed", 0, "Seed; the same seed gives the same voxels.")
   flags.DEFINE_integer("metastases", 0, "Up to this many small metastasis-like lesions per "
                        "case besides the tumours (multi-lesion cases); 0: none.")
@@ -464,8 +571,10 @@ def main(argv: Sequence[str]) -> None:
   for name in ("out", "cases"):
     if FLAGS[name].value is None:
       raise ValueError(f"--{name} is required.")
-  ids = generate_dataset(FLAGS.out, FLAGS.layout, FLAGS.cases, parse_shape(FLAGS.shape),
-                         FLAGS.seed, FLAGS.metastases)
+  default = MNI152_SHAPE if FLAGS.geometry == "mni152" else DEFAULT_SHAPE
+  shape = parse_shape(FLAGS.shape) if FLAGS.shape else default
+  ids = generate_dataset(FLAGS.out, FLAGS.layout, FLAGS.cases, shape, FLAGS.seed,
+                         FLAGS.metastases, FLAGS.labels, FLAGS.challenge, FLAGS.geometry)
   print(f"Wrote {len(ids)} synthetic cases ({FLAGS.layout} layout) to {FLAGS.out}")
 
 

@@ -65,23 +65,28 @@ def markdown_table(model_name: str, summary: Dict[str, Dict[str, float]], split:
 
   postprocessing: the rules applied to the labels scored, in words.
   """
-  order = ("ET", "WT", "TC")
+  order = ("ET", "WT", "TC") + tuple(  # The paper's order, then a label set's other regions.
+      k[len("dice_"):] for k in summary if k.startswith("dice_") and
+      k[len("dice_"):] not in ("ET", "WT", "TC"))
+  # A cell a metric lacks for a region (lesion rules score ET, TC, WT only) stays empty.
+  cell = lambda key, r, fmt: fmt.format(summary[f"{key}_{r}"]["mean"]) \
+      if f"{key}_{r}" in summary else ""
   row = lambda name, key, fmt: f"| {name} | " + " | ".join(
-      fmt.format(summary[f"{key}_{r}"]["mean"]) for r in order) + \
-      f" | {fmt.format(float(np.mean([summary[f'{key}_{r}']['mean'] for r in order])))} |"
+      cell(key, r, fmt) for r in order) + " | " + fmt.format(float(np.mean(
+          [summary[f"{key}_{r}"]["mean"] for r in order if f"{key}_{r}" in summary]))) + " |"
   inference_text = ("probabilities averaged over the four in-plane flips (mirroring TTA)" if tta
                     else "no test-time augmentation")
   lesion_rows = [row("Lesion-wise Dice", "lesion_dice", "{:.3f}"),
                  row("Lesion-wise HD95 (mm)", "lesion_hd95", "{:.2f}")] \
-      if all(f"lesion_dice_{r}" in summary for r in order) else []
+      if all(f"lesion_dice_{r}" in summary for r in ("ET", "WT", "TC")) else []
   return "\n".join([
       f"Evaluation of {model_name} on the {split} split ({num_cases} cases), checkpoint step "
       f"{step}, {inference_text}; postprocessing: {postprocessing}. Dice, HD95 (mm), "
       "sensitivity and specificity in 3D on the full volume with the BraTS rules; slice Dice on "
       f"the training slice range only. HD95 '{hd95_mode}': {metrics.HD95_DEFINITIONS[hd95_mode]}.",
       "",
-      "| Metric | ET | WT | TC | Mean |",
-      "|---|---|---|---|---|",
+      "| Metric | " + " | ".join(order) + " | Mean |",
+      "|---|" + "---|" * (len(order) + 1),
       row("Dice", "dice", "{:.3f}"),
       row("Dice (slice range)", "slice_dice", "{:.3f}"),
       row("HD95 (mm)", "hd95", "{:.2f}"),
@@ -154,9 +159,12 @@ def evaluate(workdir: Union[str, Sequence[str]], checkpoint: str = "best", split
 
   cases = inference.labelled_cases(data_config, case_ids, split)
   predict = inference.make_predictor(runs, tta)
+  label_set = runs[0].label_set  # The regions of the model's classes (its training data's).
   score = lambda pred, case: {
-      "case": case.case_id, **metrics.region_scores(pred, case.label, case.spacing, hd95_mode),
-      **metrics.slice_dice(pred, case.label, data_config.slice_start, data_config.slice_stop)}
+      "case": case.case_id,
+      **metrics.region_scores(pred, case.label, case.spacing, hd95_mode, label_set),
+      **metrics.slice_dice(pred, case.label, data_config.slice_start, data_config.slice_stop,
+                           label_set)}
   rows: List[Dict[str, Any]] = []
   unprocessed_rows: List[Dict[str, Any]] = []
   lesion_list: List[Dict[str, Any]] = []
@@ -166,7 +174,7 @@ def evaluate(workdir: Union[str, Sequence[str]], checkpoint: str = "best", split
                             rules=rules)
     row, lesions = evaluate_folder.add_lesion_scores(
         score(seg.labels, case), seg.labels, case.label, case.spacing,
-        evaluate_folder.case_lesion_rules(case.case_id, lesion_rules))
+        evaluate_folder.case_lesion_rules(case.case_id, lesion_rules), label_set)
     rows.append(row)
     lesion_list.extend(evaluate_folder.lesion_rows(case.case_id, lesions))
     if rules is not None:
@@ -198,6 +206,7 @@ def evaluate(workdir: Union[str, Sequence[str]], checkpoint: str = "best", split
   scored = {r["case"]: r["lesion_rules"] for r in rows if r.get("lesion_rules")}
   reporting.write_json(os.path.join(out_dir, "summary.json"), {
       "model": runs[0].config.model.name, "checkpoint_step": runs[0].step, "split": split,
+      "label_set": label_set,
       "num_cases": len(rows), "tta": bool(tta), "hd95_mode": hd95_mode,
       "hd95": metrics.HD95_DEFINITIONS[hd95_mode],
       "runs": [{"workdir": r.workdir, "model": r.config.model.name, "checkpoint_step": r.step}

@@ -41,10 +41,10 @@ from msatt_jax import metrics
 from msatt_jax import reporting
 
 _NIFTI = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")
-_IMAGE_SUFFIXES = ("_flair", "_t1", "_t1ce", "_t1gd", "_t2", "-t1c", "-t1n", "-t2w", "-t2f")
-_SEG_SUFFIXES = ("_seg", "-seg")
-# BraTS 2023+ case names: BraTS-<challenge>-<5 digits>-<3 digits> (challenge GLI, MET, ...).
-_BRATS2023_CASE = re.compile(r"^BraTS-(?P<challenge>[A-Za-z]+)-\d{5}-\d{3}$")
+# Image files of every naming (layouts.NAMINGS over layouts.MODALITY_ALIASES), never labels.
+_IMAGE_SUFFIXES = tuple(f"{n.separator}{alias}" for n in layouts.NAMINGS.values()
+                        for aliases in layouts.MODALITY_ALIASES.values() for alias in aliases)
+_SEG_SUFFIXES = tuple(f"{n.separator}{layouts.SEG}" for n in layouts.NAMINGS.values())
 LESION_RULES_CHOICES = ("auto", "off", *metrics.LESION_RULES)
 # Grouping folders (HGG/LGG, ...) are searched this many levels deep for case folders.
 _MAX_DEPTH = 2
@@ -133,10 +133,23 @@ def _check_pair(pred_path: str, ref_path: str, pred: np.ndarray, ref: np.ndarray
 
 
 def case_convention(case: str, convention: str) -> str:
-  """--labels for one case: 'auto' is brats2023 for 2023+ case names, else brats."""
-  if convention != "auto":
-    return convention
-  return "brats2023" if _BRATS2023_CASE.match(case) else "brats"
+  """--labels for one case: 'auto' is what its name decides (2023+ names: by challenge, as
+  layouts.CHALLENGE_CONVENTIONS; brats otherwise); a DataError where the name decides none or
+  contradicts the explicit one (e.g. msd for a 2023+ name, which would swap NCR and ED)."""
+  challenge = layouts.challenge(case)
+  if challenge is None:
+    return "brats" if convention == "auto" else convention
+  default, allowed = layouts.CHALLENGE_CONVENTIONS.get(challenge, (None, layouts.NAMINGS[
+      "brats2023"].conventions))
+  if convention == "auto":
+    if default is None:
+      raise DataError(f"--labels=auto: the name {case} does not decide the label convention of "
+                      f"BraTS-{challenge} files; pass --labels, one of {', '.join(allowed)}.")
+    return default
+  if convention not in allowed:
+    raise DataError(f"--labels={convention} contradicts the 2023+ name {case}, whose files hold "
+                    f"one of {', '.join(allowed)}.")
+  return convention
 
 
 def case_lesion_rules(case: str, requested: str) -> Optional[metrics.LesionRules]:
@@ -144,8 +157,8 @@ def case_lesion_rules(case: str, requested: str) -> Optional[metrics.LesionRules
   if requested == "off":
     return None
   if requested == "auto":
-    match = _BRATS2023_CASE.match(case)
-    return metrics.rules_for_challenge(match.group("challenge").upper()) if match else None
+    challenge = layouts.challenge(case)
+    return metrics.rules_for_challenge(challenge) if challenge else None
   return metrics.lesion_rules(requested)
 
 
@@ -282,29 +295,31 @@ def _score_case(case: str, pred_path: str, ref_path: str, convention: str,
   except DataError as e:
     raise DataError(f"{e} Check --labels.") from e
   _check_pair(pred_path, ref_path, pred, ref, pred_spacing, ref_spacing, spacing_tol)
+  label_set = labels.label_set(convention).name
   if not np.allclose(pred_affine, ref_affine, atol=1e-3):
     # Often just a header written without the input's affine; a flipped volume would show in
     # the scores, so warn rather than refuse.
     logging.warning("%s: affine differs from the reference %s.", pred_path, ref_path)
   row = {"case": case}
-  row.update(metrics.region_scores(pred, ref, ref_spacing, hd95_mode))
+  row.update(metrics.region_scores(pred, ref, ref_spacing, hd95_mode, label_set))
   if slice_range is not None:
-    row.update(metrics.slice_dice(pred, ref, *slice_range))
-  return add_lesion_scores(row, pred, ref, ref_spacing, rules)
+    row.update(metrics.slice_dice(pred, ref, *slice_range, label_set=label_set))
+  return add_lesion_scores(row, pred, ref, ref_spacing, rules, label_set)
 
 
 def add_lesion_scores(row: dict, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
-                      rules: Optional[metrics.LesionRules]
+                      rules: Optional[metrics.LesionRules],
+                      label_set: str = labels.DEFAULT_LABEL_SET
                       ) -> Tuple[dict, List[metrics.Lesion]]:
   """(the row with 'lesion_rules' and the lesion-wise scores, the lesions) of one case; the
   row unchanged without rules. Shared with `evaluate`."""
   if rules is None:
     return row, []
   try:
-    metrics.check_lesion_rules(rules)
+    metrics.check_lesion_rules(rules, labels.label_set(label_set).region_names)
   except ValueError as e:
     raise DataError(f"--lesion_rules={rules.name}: {e}") from e
-  scores, lesions = metrics.lesion_scores(pred, ref, spacing, rules)
+  scores, lesions = metrics.lesion_scores(pred, ref, spacing, rules, label_set=label_set)
   return {**row, "lesion_rules": rules.name, **scores}, lesions
 
 
@@ -344,8 +359,10 @@ def define_flags() -> None:
                       "Folder of reference segmentations (flat or BraTS case folders).")
   flags.DEFINE_enum("labels", "auto", ["auto", *sorted(labels.CONVENTIONS)],
                     "Label convention of both folders: brats (1 NCR, 2 ED, 4 ET), brats2023 "
-                    "(1 NCR, 2 ED, 3 ET), msd (1 ED, 2 NCR, 3 ET), or auto: brats2023 for "
-                    "2023+ case names (BraTS-GLI-00000-000), brats otherwise.")
+                    "(1 NCR, 2 ED, 3 ET), msd (1 ED, 2 NCR, 3 ET), gli2024 (brats2023 + 4 RC, "
+                    "scored as its own region), ped2024 (1 ET, 2 NET, 3 CC, 4 ED), or auto: "
+                    "what a case name decides (BraTS-GLI-00000-000: brats2023; BraTS-PED: "
+                    "none, pass it), brats otherwise.")
   flags.DEFINE_string("out", None, "Folder for per_case.csv and summary.json (default: --pred).")
   flags.DEFINE_bool("allow_missing", False, "Score the cases that have a prediction when some "
                     "reference cases have none (default: an error).")

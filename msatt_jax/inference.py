@@ -35,7 +35,8 @@ from msatt_jax import steps
 TTA_FLIPS = ((), (1,), (2,), (1, 2))
 # The preprocessing keys (config.data) that define a model's input: an ensemble's members share
 # them, so that one prepared batch of slices means the same to each.
-INPUT_KEYS = ("modalities", "crop_size", "crop_center", "slice_start", "slice_stop", "normalize")
+INPUT_KEYS = ("modalities", "crop_size", "crop_center", "slice_start", "slice_stop", "normalize",
+              "crop_around", "slice_range")
 # Canonical label volume -> canonical label volume (postprocessing rules).
 LabelRules = Callable[[np.ndarray], np.ndarray]
 
@@ -48,6 +49,11 @@ class TrainedRun:
   meta: Dict[str, Any]
   model: Any
   workdir: Optional[str] = None  # Where it was restored from (named in errors).
+
+  @property
+  def label_set(self) -> str:
+    """The classes and regions it outputs: those of its training data (labels.LABEL_SETS)."""
+    return losses.label_set_name(self.config)
 
 
 def restore_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
@@ -106,9 +112,10 @@ def is_region_output(loss: str) -> bool:
   return loss == "region_dice"
 
 
-def channel_names(loss: str) -> Tuple[str, ...]:
-  """Names of the probability channels a run of this loss produces."""
-  return labels_lib.REGIONS if is_region_output(loss) else labels_lib.CLASS_NAMES
+def channel_names(loss: str, label_set: str = labels_lib.DEFAULT_LABEL_SET) -> Tuple[str, ...]:
+  """Names of the probability channels a run of this loss and label set produces."""
+  chosen = labels_lib.label_set(label_set)
+  return chosen.region_names if is_region_output(loss) else chosen.classes
 
 
 def _plain(value: Any) -> Any:
@@ -117,8 +124,10 @@ def _plain(value: Any) -> Any:
 
 
 def _input_signature(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  signature = {f"data.{k}": _plain(config.data.get(k)) for k in INPUT_KEYS}
+  defaults = preprocess.defaults()  # For keys older runs' configs lack.
+  signature = {f"data.{k}": _plain(config.data.get(k, defaults[k])) for k in INPUT_KEYS}
   signature["output"] = "sigmoid regions" if is_region_output(config.loss) else "softmax classes"
+  signature["label set"] = losses.label_set_name(config)
   return signature
 
 
@@ -138,10 +147,12 @@ def _probabilities(logits: jax.Array, region_output: bool) -> jax.Array:
   return jax.nn.sigmoid(logits) if region_output else jax.nn.softmax(logits, axis=-1)
 
 
-def probabilities_to_labels(probs: jax.Array, loss: str) -> jax.Array:
+def probabilities_to_labels(probs: jax.Array, loss: str,
+                            label_set: str = labels_lib.DEFAULT_LABEL_SET) -> jax.Array:
   """Averaged probabilities (..., C) -> canonical uint8 labels (...), as losses.logits_to_labels
   maps logits (a region is present where its probability exceeds 1/2)."""
-  return losses.logits_to_labels(probs - 0.5 if is_region_output(loss) else probs, loss)
+  return losses.logits_to_labels(probs - 0.5 if is_region_output(loss) else probs, loss,
+                                 label_set)
 
 
 class Predictor:
@@ -153,9 +164,11 @@ class Predictor:
   """
 
   def __init__(self, members: Sequence[Tuple[Any, Dict[str, Any]]], loss: str, tta: bool,
-               data_config: Optional[ml_collections.ConfigDict] = None):
+               data_config: Optional[ml_collections.ConfigDict] = None,
+               label_set: str = labels_lib.DEFAULT_LABEL_SET):
     losses.check_loss(loss)
     self.loss = loss
+    self.label_set = labels_lib.label_set(label_set).name
     self.tta = bool(tta)
     self.data_config = data_config  # The members' preprocessing (the first run's config.data).
     models = [model for model, _ in members]
@@ -175,13 +188,13 @@ class Predictor:
           view = jnp.flip(probs[v], f) if f else probs[v]
           total = view if total is None else total + view
       mean = total / (len(flips) * len(models))
-      return probabilities_to_labels(mean, loss), mean
+      return probabilities_to_labels(mean, loss, self.label_set), mean
 
     self._predict = predict
 
   @property
   def channels(self) -> Tuple[str, ...]:
-    return channel_names(self.loss)
+    return channel_names(self.loss, self.label_set)
 
   def with_probabilities(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     labels, probs = self._predict(self._variables, jnp.asarray(images, jnp.float32))
@@ -200,13 +213,13 @@ def make_predictor(runs: Union[TrainedRun, Sequence[TrainedRun]], tta: bool = Tr
   runs = [runs] if isinstance(runs, TrainedRun) else list(runs)
   check_ensemble(runs)
   return Predictor([(r.model, r.variables) for r in runs], runs[0].config.loss, tta,
-                   runs[0].config.data)
+                   runs[0].config.data, runs[0].label_set)
 
 
 def make_predict_fn(model: Any, variables: Dict[str, Any], loss: str,
-                    tta: bool = False) -> Predictor:
+                    tta: bool = False, label_set: str = labels_lib.DEFAULT_LABEL_SET) -> Predictor:
   """(B,H,W,M) float32 slices -> (B,H,W) canonical uint8 labels of one model, jit-compiled."""
-  return Predictor([(model, variables)], loss, tta)
+  return Predictor([(model, variables)], loss, tta, label_set=label_set)
 
 
 @dataclasses.dataclass
@@ -248,10 +261,14 @@ def prepare_slices(image: np.ndarray, data_config: ml_collections.ConfigDict,
   """
   start, stop = slice_range or (data_config.slice_start, data_config.slice_stop)
   crop_center = data_config.crop_center
+  # Keys a run trained before they existed lacks take their defaults (its preprocessing).
+  defaults = preprocess.defaults()
+  get = lambda key: data_config.get(key, defaults[key])
   return preprocess.preprocess_case(
       image, None, slice_start=start, slice_stop=stop, crop_size=data_config.crop_size,
       crop_center=tuple(crop_center) if crop_center is not None else None,
-      normalize=data_config.normalize)
+      normalize=data_config.normalize, crop_around=get("crop_around"),
+      slice_range="fixed" if slice_range else get("slice_range"))
 
 
 def paste_back_probabilities(probs: np.ndarray, slices: preprocess.Slices,
@@ -262,7 +279,10 @@ def paste_back_probabilities(probs: np.ndarray, slices: preprocess.Slices,
   out = np.empty((len(channels), *(int(s) for s in volume_shape)), np.float16)
   out[:] = outside[:, None, None, None]
   (x0, y0), (_, height, width, _) = slices.offsets, probs.shape
-  out[:, x0:x0 + height, y0:y0 + width, slices.slice_indices] = probs.transpose(3, 1, 2, 0)
+  # The part of a (padded) window inside the volume.
+  (vx, wx) = preprocess.window_overlap(x0, height, out.shape[1])
+  (vy, wy) = preprocess.window_overlap(y0, width, out.shape[2])
+  out[:, vx, vy, slices.slice_indices] = probs.transpose(3, 1, 2, 0)[:, wx, wy]
   return out
 
 

@@ -270,29 +270,33 @@ def specificity(pred: np.ndarray, ref: np.ndarray) -> float:
 
 def region_scores(pred_labels: np.ndarray, ref_labels: np.ndarray,
                   spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                  hd95_mode: str = "official") -> Dict[str, float]:
-  """Dice, HD95 (`hd95_mode`), sensitivity and specificity of ET, TC and WT.
+                  hd95_mode: str = "official",
+                  label_set: str = labels.DEFAULT_LABEL_SET) -> Dict[str, float]:
+  """Dice, HD95 (`hd95_mode`), sensitivity and specificity of the label set's regions.
 
   From two canonical label volumes. Keys '<metric>_<region>' for the metrics dice, hd95,
-  sensitivity and specificity (in that order) and the regions ET, TC, WT.
+  sensitivity and specificity (in that order) and the regions (ET, TC, WT, then any others of
+  the label set, e.g. RC).
   """
   _check_hd95_mode(hd95_mode)
   pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
   if pred_labels.shape != ref_labels.shape:
     raise ValueError(f"Label volume shapes differ: prediction {pred_labels.shape}, "
                      f"reference {ref_labels.shape}.")
-  pred_regions = labels.region_masks(pred_labels)
-  ref_regions = labels.region_masks(ref_labels)
+  pred_regions = labels.region_masks(pred_labels, label_set)
+  ref_regions = labels.region_masks(ref_labels, label_set)
   metric_fns = {"dice": dice,
                 "hd95": lambda p, r: hd95(p, r, spacing, hd95_mode),
                 "sensitivity": sensitivity,
                 "specificity": specificity}
   return {f"{name}_{region}": fn(pred_regions[..., i], ref_regions[..., i])
-          for name, fn in metric_fns.items() for i, region in enumerate(labels.REGIONS)}
+          for name, fn in metric_fns.items()
+          for i, region in enumerate(labels.label_set(label_set).region_names)}
 
 
 def slice_dice(pred_labels: np.ndarray, ref_labels: np.ndarray, slice_start: int = 30,
-               slice_stop: int = 120) -> Dict[str, float]:
+               slice_stop: int = 120,
+               label_set: str = labels.DEFAULT_LABEL_SET) -> Dict[str, float]:
   """Per-region Dice on axial slices slice_start..slice_stop inclusive (last axis).
 
   A slice_stop past the volume is clipped to its last slice; a slice_start outside the volume
@@ -308,10 +312,10 @@ def slice_dice(pred_labels: np.ndarray, ref_labels: np.ndarray, slice_start: int
   if slice_stop < slice_start:
     raise ValueError(f"slice_stop={slice_stop} is before slice_start={slice_start}.")
   stop = min(slice_stop, depth - 1) + 1
-  pred_regions = labels.region_masks(pred_labels[..., slice_start:stop])
-  ref_regions = labels.region_masks(ref_labels[..., slice_start:stop])
+  pred_regions = labels.region_masks(pred_labels[..., slice_start:stop], label_set)
+  ref_regions = labels.region_masks(ref_labels[..., slice_start:stop], label_set)
   return {f"slice_dice_{region}": dice(pred_regions[..., i], ref_regions[..., i])
-          for i, region in enumerate(labels.REGIONS)}
+          for i, region in enumerate(labels.label_set(label_set).region_names)}
 
 
 def summarize(rows: List[Mapping[str, object]]) -> Dict[str, Dict[str, float]]:
@@ -521,7 +525,8 @@ def _lesion_summary(lesions: Sequence[Lesion]) -> Dict[str, float]:
 
 
 def lesion_scores(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: Sequence[float],
-                  rules: LesionRules, with_hd95: bool = True
+                  rules: LesionRules, with_hd95: bool = True,
+                  label_set: str = labels.DEFAULT_LABEL_SET
                   ) -> Tuple[Dict[str, float], List[Lesion]]:
   """Lesion-wise Dice and HD95 of two canonical label volumes under a rule set.
 
@@ -529,17 +534,19 @@ def lesion_scores(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: Sequ
   'lesions_fp_<R>'} for each region R of the rules, [every Lesion]). with_hd95=False skips
   the distances (HD95 NaN), for choices made on the Dice alone.
   """
-  check_lesion_rules(rules)
+  names = labels.label_set(label_set).region_names
+  check_lesion_rules(rules, names)
   pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
   if pred_labels.shape != ref_labels.shape or pred_labels.ndim != 3:
     raise ValueError(f"Label volumes must be 3-D of one shape: prediction {pred_labels.shape}, "
                      f"reference {ref_labels.shape}.")
   spacing = tuple(float(s) for s in _check_spacing(spacing, 3))
-  pred_regions, ref_regions = labels.region_masks(pred_labels), labels.region_masks(ref_labels)
+  pred_regions = labels.region_masks(pred_labels, label_set)
+  ref_regions = labels.region_masks(ref_labels, label_set)
   scores: Dict[str, float] = {}
   lesions: List[Lesion] = []
   for region in rules.regions:
-    i = labels.REGIONS.index(region)
+    i = names.index(region)
     found = _region_lesions(pred_regions[..., i], ref_regions[..., i], spacing, rules, region,
                             with_hd95)
     summary = _lesion_summary(found)

@@ -66,9 +66,9 @@ FORMAT_VERSION = 1
 COMPONENT_REGIONS = ("WT", "TC", "ET")
 # What a removed component's voxels become: the label of the region around it.
 REMOVED_TO = {"WT": 0, "TC": 2, "ET": 1}
-# Canonical labels of each region (labels.py: 1 NCR/NET, 2 ED, 3 ET).
-REGION_LABELS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
-ET_LABEL, NCR_LABEL = 3, 1
+# Classes 1 NCR/NET, 2 ED, 3 ET mean the same in every label set (labels.py), whose table says
+# which classes each region holds.
+ET_LABEL, NCR_LABEL = labels_lib.ENHANCING, labels_lib.NCR_NET
 # The grids tried; 0 is "no rule" (nothing is below 0 voxels).
 ET_THRESHOLDS = (0, 50, 100, 200, 300, 500, 750, 1000)
 COMPONENT_SIZES = (0, 10, 20, 50, 100, 200, 300, 500, 1000)
@@ -85,9 +85,10 @@ _RANKS = {6: 1, 18: 2, 26: 3}  # Neighbourhood -> generate_binary_structure's co
 _TIE = 1e-9
 
 
-def region_mask(labels: np.ndarray, region: str) -> np.ndarray:
-  """The boolean mask of ET, TC or WT in a canonical label volume."""
-  return np.isin(labels, REGION_LABELS[region])
+def region_mask(labels: np.ndarray, region: str,
+                label_set: str = labels_lib.DEFAULT_LABEL_SET) -> np.ndarray:
+  """The boolean mask of a region (ET, TC, WT, ...) of the label set in a canonical volume."""
+  return np.isin(labels, labels_lib.label_set(label_set).region_classes(region))
 
 
 @dataclasses.dataclass
@@ -100,9 +101,10 @@ class Components:
   sizes: np.ndarray  # (K + 1,) voxels per component; sizes[0] is outside.
 
   @classmethod
-  def of(cls, labels: np.ndarray, region: str, connectivity: int = CONNECTIVITY):
+  def of(cls, labels: np.ndarray, region: str, connectivity: int = CONNECTIVITY,
+         label_set: str = labels_lib.DEFAULT_LABEL_SET):
     structure = ndimage.generate_binary_structure(3, _RANKS[connectivity])
-    components, _ = ndimage.label(region_mask(labels, region), structure)
+    components, _ = ndimage.label(region_mask(labels, region, label_set), structure)
     return cls(labels, region, components, np.bincount(components.ravel()))
 
   def without_smaller_than(self, min_voxels: int) -> np.ndarray:
@@ -115,7 +117,8 @@ class Components:
 
 
 def remove_small_components(labels: np.ndarray, region: str, min_voxels: int,
-                            connectivity: int = CONNECTIVITY) -> np.ndarray:
+                            connectivity: int = CONNECTIVITY,
+                            label_set: str = labels_lib.DEFAULT_LABEL_SET) -> np.ndarray:
   """A copy of `labels` without the components of `region` smaller than min_voxels.
 
   The voxels of a removed component take the label of the region around it (REMOVED_TO):
@@ -125,7 +128,7 @@ def remove_small_components(labels: np.ndarray, region: str, min_voxels: int,
   labels = np.asarray(labels, np.uint8)
   if min_voxels <= 0:
     return labels.copy()
-  return Components.of(labels, region, connectivity).without_smaller_than(min_voxels)
+  return Components.of(labels, region, connectivity, label_set).without_smaller_than(min_voxels)
 
 
 def relabel_small_et(labels: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -145,11 +148,13 @@ class Rules:
       default_factory=lambda: {r: 0 for r in COMPONENT_REGIONS})
   et_min_voxels: int = 0
   source: Optional[str] = None  # The file they were read from, if any.
+  label_set: str = labels_lib.DEFAULT_LABEL_SET  # Whose regions the rules act on.
 
   def __call__(self, labels: np.ndarray) -> np.ndarray:
     out = np.asarray(labels, np.uint8)
     for region in COMPONENT_REGIONS:
-      out = remove_small_components(out, region, self.min_component_voxels.get(region, 0))
+      out = remove_small_components(out, region, self.min_component_voxels.get(region, 0),
+                                    label_set=self.label_set)
     return relabel_small_et(out, self.et_min_voxels)
 
   def to_json(self) -> Dict[str, Any]:
@@ -199,7 +204,9 @@ def load(path: str) -> Tuple[Rules, Dict[str, Any]]:
     raise ValueError(f"{path}: not a postprocessing file ({e}).") from None
   if not isinstance(record, dict) or "rules" not in record:
     raise ValueError(f"{path}: not a postprocessing file (no 'rules').")
-  return rules_from_json(record["rules"], path), record
+  rules = rules_from_json(record["rules"], path)
+  rules.label_set = labels_lib.label_set(record.get("label_set", rules.label_set)).name
+  return rules, record
 
 
 def resolve(postprocess: str, workdir: str) -> Tuple[Optional[Rules], Optional[Dict[str, Any]]]:
@@ -276,25 +283,30 @@ def crop_to_tumour(pred: np.ndarray, ref: np.ndarray) -> Tuple[np.ndarray, np.nd
   return np.ascontiguousarray(pred[box]), np.ascontiguousarray(ref[box])
 
 
-def case_dice(pred: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
-  """Dice of ET, TC and WT of one case (BraTS empty rules)."""
-  return {r: metrics.dice(region_mask(pred, r), region_mask(ref, r)) for r in labels_lib.REGIONS}
+def case_dice(pred: np.ndarray, ref: np.ndarray,
+              label_set: str = labels_lib.DEFAULT_LABEL_SET) -> Dict[str, float]:
+  """Dice of each region of the label set (ET, TC, WT, ...) of one case (BraTS empty rules)."""
+  return {r: metrics.dice(region_mask(pred, r, label_set), region_mask(ref, r, label_set))
+          for r in labels_lib.label_set(label_set).region_names}
 
 
-def dice_summary(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> Dict[str, float]:
+def dice_summary(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray],
+                 label_set: str = labels_lib.DEFAULT_LABEL_SET) -> Dict[str, float]:
   """Mean Dice per region over the cases, and 'mean', their mean (the selection criterion)."""
-  rows = [case_dice(p, r) for p, r in zip(preds, refs)]
-  out = {r: float(np.mean([row[r] for row in rows])) for r in labels_lib.REGIONS}
-  out["mean"] = float(np.mean([out[r] for r in labels_lib.REGIONS]))
+  regions = labels_lib.label_set(label_set).region_names
+  rows = [case_dice(p, r, label_set) for p, r in zip(preds, refs)]
+  out = {r: float(np.mean([row[r] for row in rows])) for r in regions}
+  out["mean"] = float(np.mean([out[r] for r in regions]))
   return out
 
 
 def lesion_dice_summary(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray],
                         spacings: Sequence[Sequence[float]],
-                        rules: Sequence[metrics.LesionRules]) -> Dict[str, float]:
+                        rules: Sequence[metrics.LesionRules],
+                        label_set: str = labels_lib.DEFAULT_LABEL_SET) -> Dict[str, float]:
   """Mean lesion-wise Dice per region over the cases, and 'mean', their mean (per-case rule
   sets; the regions of the first)."""
-  rows = [metrics.lesion_scores(p, r, s, rule, with_hd95=False)[0]
+  rows = [metrics.lesion_scores(p, r, s, rule, with_hd95=False, label_set=label_set)[0]
           for p, r, s, rule in zip(preds, refs, spacings, rules)]
   regions = rules[0].regions
   out = {g: float(np.mean([row[f"lesion_dice_{g}"] for row in rows])) for g in regions}
@@ -319,7 +331,8 @@ def choose_rules(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray],
                  component_sizes: Sequence[int] = COMPONENT_SIZES,
                  et_thresholds: Sequence[int] = ET_THRESHOLDS, objective: str = "voxel",
                  spacings: Optional[Sequence[Sequence[float]]] = None,
-                 lesion_rules: Optional[Sequence[metrics.LesionRules]] = None
+                 lesion_rules: Optional[Sequence[metrics.LesionRules]] = None,
+                 label_set: str = labels_lib.DEFAULT_LABEL_SET
                  ) -> Tuple[Rules, Dict[str, Any]]:
   """Greedy choice of the rules on predicted and reference canonical label volumes.
 
@@ -335,13 +348,13 @@ def choose_rules(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray],
     if spacings is None or lesion_rules is None or not (
         len(spacings) == len(lesion_rules) == len(preds)):
       raise ValueError("--objective=lesion needs each case's spacing and lesion rule set.")
-  summarize = dice_summary if objective == "voxel" else (
-      lambda ps, rs: lesion_dice_summary(ps, rs, spacings, lesion_rules))
+  summarize = (lambda ps, rs: dice_summary(ps, rs, label_set)) if objective == "voxel" else (
+      lambda ps, rs: lesion_dice_summary(ps, rs, spacings, lesion_rules, label_set))
   current = [np.asarray(p, np.uint8) for p in preds]
   before = summarize(current, refs)
-  score, rules, trials = before["mean"], Rules(), []
+  score, rules, trials = before["mean"], Rules(label_set=label_set), []
   for region in COMPONENT_REGIONS:
-    components = [Components.of(p, region) for p in current]
+    components = [Components.of(p, region, label_set=label_set) for p in current]
     candidate = lambda n: [c.without_smaller_than(n) for c in components]
     n, score, tried = _best(sorted(component_sizes),
                             lambda n: summarize(candidate(n), refs)["mean"], score)
@@ -431,10 +444,12 @@ def postprocess(workdir: Union[str, Sequence[str]], checkpoint: str = "best", tt
   per_case_rules = (validation_lesion_rules([c for c, _ in order], lesion_rules)
                     if objective == "lesion" else None)
   rules, report = choose_rules(preds, refs, objective=objective,
-                               spacings=[s for _, s in order], lesion_rules=per_case_rules)
+                               spacings=[s for _, s in order], lesion_rules=per_case_rules,
+                               label_set=runs[0].label_set)
   record = {
       "format_version": FORMAT_VERSION,
       "rules": rules.to_json(),
+      "label_set": rules.label_set,
       "description": rules.describe(),
       "validation": {"num_cases": len(case_ids), "cases": case_ids,
                      "predicted_by": predicted_by,

@@ -12,7 +12,10 @@ LGG/) or MSD 4D images (an `imagesTs`/`imagesTr` folder); every case is written 
 <output>/<case>.nii.gz with one restore and one compilation, cases already written are skipped
 (unless --overwrite), and a case that cannot be read is named, skipped, and makes the exit
 status non-zero once the others are written. Outputs have the input's shape, affine and header,
-in BraTS labels (0, 1, 2, 4) unless --labels=msd.
+and its label convention (--labels=auto): BraTS 2018-2021 names get ET 4, 2023+ names ET 3 (and RC
+4 from a model trained on GLI 2024, whose label set it outputs), MSD images the Decathlon's; or
+--labels names a convention of the model's label set. 2023+ case folders
+(BraTS-GLI-00000-000/BraTS-GLI-00000-000-{t2f,t1n,t1c,t2w}.nii.gz) are read as 2018-2021 ones.
 
 Mirroring test-time augmentation (--tta, the default) averages the probabilities over the four
 in-plane flips; several --workdir runs average theirs too (they must share the input
@@ -127,13 +130,16 @@ def _predictor(runs: Runs, tta: bool) -> inference.Predictor:
 def _check_request(label_convention: str, slices: str) -> None:
   if slices not in SLICE_MODES:
     raise ValueError(f"--slices must be one of {SLICE_MODES}, not {slices!r}.")
-  labels_lib.resolve_convention(label_convention, "brats")
+  if label_convention != "auto":
+    labels_lib.check_convention(label_convention)
 
 
 def _load(ref: layouts.CaseRef, data_config,
           slices: str) -> Tuple[layouts.Case, preprocess.Slices]:
   """Reads a case and prepares its slices (whole brain or the training range)."""
-  case = layouts.load_case(ref, modalities=tuple(data_config.modalities))
+  # The images alone: a segmentation beside them is not read (nor its convention needed).
+  case = layouts.load_case(dataclasses.replace(ref, label_path=None),
+                           modalities=tuple(data_config.modalities))
   slice_range = preprocess.brain_slice_range(case.image) if slices == "brain" else None
   return case, inference.prepare_slices(case.image, data_config, slice_range)
 
@@ -142,7 +148,8 @@ def _segment_and_write(predictor: inference.Predictor, case: layouts.Case,
                        prepared: preprocess.Slices, output_path: str, label_convention: str,
                        batch_size: int, save_probabilities: bool,
                        rules: Optional[inference.LabelRules]) -> np.ndarray:
-  """Segments prepared slices; writes the probabilities (if asked), then the segmentation."""
+  """Segments prepared slices; writes the probabilities (if asked), then the segmentation
+  (label_convention: resolved, layouts.output_convention)."""
   result = inference.segment_slices(predictor, prepared, case.image.shape[:3], batch_size,
                                     save_probabilities, rules)
   if save_probabilities:
@@ -154,7 +161,7 @@ def _segment_and_write(predictor: inference.Predictor, case: layouts.Case,
 
 
 def predict_case(runs: Runs, input_path: str, output_path: str,
-                 label_convention: str = "brats", slices: str = "brain",
+                 label_convention: str = "auto", slices: str = "brain",
                  batch_size: int = 16, tta: bool = True, save_probabilities: bool = False,
                  rules: Optional[inference.LabelRules] = None) -> np.ndarray:
   """Segments one case and writes it; returns the canonical label volume."""
@@ -163,8 +170,9 @@ def predict_case(runs: Runs, input_path: str, output_path: str,
   ref = layouts.case_ref_from_path(input_path)
   check_not_an_input(_outputs(output_path, save_probabilities), [ref])
   predictor = _predictor(runs, tta)
+  convention = layouts.output_convention(ref, label_convention, predictor.label_set)
   case, prepared = _load(ref, predictor.data_config, slices)
-  return _segment_and_write(predictor, case, prepared, output_path, label_convention,
+  return _segment_and_write(predictor, case, prepared, output_path, convention,
                             batch_size, save_probabilities, rules)
 
 
@@ -189,10 +197,9 @@ def find_input_cases(folder: str) -> List[layouts.CaseRef]:
   directly inside it (an `imagesTs`/`imagesTr` folder); sorted by case id."""
   if not os.path.isdir(folder):
     raise DataError(f"{folder}: is not a folder.")
-  try:
-    return layouts.find_cases(folder, "brats")
-  except DataError:
-    pass
+  namings = layouts.folder_namings(folder)  # BraTS case folders of one naming.
+  if namings:
+    return layouts.find_cases(folder, namings[0])
   names = sorted(n for n in os.listdir(folder) if not n.startswith(".")
                  and n.endswith(layouts.NIFTI_SUFFIXES)
                  and os.path.isfile(os.path.join(folder, n)))
@@ -243,7 +250,7 @@ def _duration(seconds: float) -> str:
   return f"{minutes}:{seconds:02d}"
 
 
-def predict_folder(runs: Runs, input_dir: str, output_dir: str, label_convention: str = "brats",
+def predict_folder(runs: Runs, input_dir: str, output_dir: str, label_convention: str = "auto",
                    slices: str = "brain", batch_size: int = 16, tta: bool = True,
                    overwrite: bool = False, save_probabilities: bool = False,
                    rules: Optional[inference.LabelRules] = None) -> FolderResult:
@@ -253,6 +260,11 @@ def predict_folder(runs: Runs, input_dir: str, output_dir: str, label_convention
   written, a DataError names every such case.
   """
   _check_request(label_convention, slices)
+  predictor = _predictor(runs, tta)
+  # Every case's output convention before anything is written (a model's class the input's
+  # names cannot hold stops the folder).
+  conventions = {r.case_id: layouts.output_convention(r, label_convention, predictor.label_set)
+                 for r in find_input_cases(input_dir)}
   refs, output = plan_folder(input_dir, output_dir, save_probabilities)
   done = lambda r: all(os.path.exists(p) for p in _outputs(output[r.case_id],
                                                            save_probabilities))
@@ -263,7 +275,6 @@ def predict_folder(runs: Runs, input_dir: str, output_dir: str, label_convention
                input_dir, output_dir,
                f" ({len(result.skipped)} already written; --overwrite redoes them)"
                if result.skipped else "")
-  predictor = _predictor(runs, tta)
   t0 = time.perf_counter()
   # The next case is read and prepared while this one runs through the model.
   with futures.ThreadPoolExecutor(max_workers=1) as reader:
@@ -278,8 +289,8 @@ def predict_folder(runs: Runs, input_dir: str, output_dir: str, label_convention
         logging.error("[%d/%d] %s: skipped, cannot be segmented: %s", i + 1, len(todo),
                       ref.case_id, result.failed[ref.case_id])
         continue
-      _segment_and_write(predictor, case, prepared, output[ref.case_id], label_convention,
-                         batch_size, save_probabilities, rules)
+      _segment_and_write(predictor, case, prepared, output[ref.case_id],
+                         conventions[ref.case_id], batch_size, save_probabilities, rules)
       result.written.append(ref.case_id)
       elapsed = time.perf_counter() - t0
       logging.info("[%d/%d] %s -> %s  (%s elapsed, ETA %s)", i + 1, len(todo), ref.case_id,
@@ -303,7 +314,10 @@ def define_flags() -> None:
   flags.DEFINE_string("output", None, "Output segmentation (.nii.gz); for a folder of cases, "
                       "the output folder (<case>.nii.gz each).")
   flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number (of every run).")
-  flags.DEFINE_enum("labels", "brats", ["brats", "msd"], "Label convention of the output.")
+  flags.DEFINE_enum("labels", "auto", ["auto", *labels_lib.CONVENTIONS], "Label convention of "
+                    "the output: auto = the input's own (2018-2021 names: ET 4; 2023+: ET 3; "
+                    "MSD: msd), in the model's label set (an RC model on GLI names: gli2024); "
+                    "or a convention of that label set.")
   flags.DEFINE_enum("slices", "brain", list(SLICE_MODES),
                     "'brain': every axial slice containing brain; 'train': the training range.")
   flags.DEFINE_integer("batch_size", 16, "Slices per forward pass (x4 images with --tta).")
@@ -343,7 +357,8 @@ def main(argv: Sequence[str]) -> Union[np.ndarray, FolderResult]:
   runs, rules = _restore()
   seg = predict_case(runs, FLAGS.input, FLAGS.output, FLAGS.labels, FLAGS.slices,
                      FLAGS.batch_size, FLAGS.tta, FLAGS.save_probabilities, rules)
-  counts = {name: int((seg == i).sum()) for i, name in enumerate(labels_lib.CLASS_NAMES)}
+  classes = labels_lib.label_set(runs[0].label_set).classes
+  counts = {name: int((seg == i).sum()) for i, name in enumerate(classes)}
   print(f"Wrote {FLAGS.output} (checkpoint step {', '.join(str(r.step) for r in runs)}; "
         f"postprocessing: {rules.describe() if rules else 'none'}); voxels per label: {counts}")
   return seg

@@ -28,8 +28,9 @@ def input_shape(config: ml_collections.ConfigDict) -> Tuple[int, int, int]:
 
 
 def create_model(config: ml_collections.ConfigDict, axis_name: Optional[str] = None):
-  return models.create_model(config.model, num_classes=losses.num_outputs(config.loss),
-                             dtype=config.dtype, axis_name=axis_name)
+  return models.create_model(
+      config.model, num_classes=losses.num_outputs(config.loss, losses.label_set_name(config)),
+      dtype=config.dtype, axis_name=axis_name)
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict,
@@ -63,8 +64,8 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
                learning_rate_fn: optax.Schedule, loss: str, ce_weight: float,
-               deep_supervision_weight: float,
-               axis_name: Optional[str] = None) -> Tuple[TrainState, Dict[str, jax.Array]]:
+               deep_supervision_weight: float, axis_name: Optional[str] = None,
+               label_set: str = "glioma") -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One Adam step; a non-finite loss or gradient leaves all but the step unchanged (counted)."""
   collections = ["batch_stats"] + (["intermediates"] if deep_supervision_weight else [])
 
@@ -72,11 +73,12 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
     logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                      batch["image"], train=True, mutable=collections)
     # Under pmap the batch-pooled Dice sums are pooled over the devices as well.
-    value = losses.segmentation_loss(logits, batch["label"], loss, ce_weight, axis_name)
+    value = losses.segmentation_loss(logits, batch["label"], loss, ce_weight, axis_name,
+                                     label_set)
     if deep_supervision_weight:
       scale_logits = updates["intermediates"]["scale_logits"]
       value += deep_supervision_weight * sum(
-          losses.segmentation_loss(s, batch["label"], loss, ce_weight, axis_name)
+          losses.segmentation_loss(s, batch["label"], loss, ce_weight, axis_name, label_set)
           for s in scale_logits)
     return value, updates["batch_stats"]
 
@@ -104,17 +106,19 @@ def make_train_step(config: ml_collections.ConfigDict, learning_rate_fn: optax.S
   parallel strategy binds `axis_name` where it needs one."""
   return functools.partial(train_step, learning_rate_fn=learning_rate_fn, loss=config.loss,
                            ce_weight=config.ce_weight,
-                           deep_supervision_weight=config.deep_supervision_weight)
+                           deep_supervision_weight=config.deep_supervision_weight,
+                           label_set=losses.label_set_name(config))
 
 
 def make_eval_step(config: ml_collections.ConfigDict):
   """`eval_step` with the config's loss bound."""
-  return functools.partial(eval_step, loss=config.loss)
+  return functools.partial(eval_step, loss=config.loss, label_set=losses.label_set_name(config))
 
 
-def eval_step(state: TrainState, batch: Dict[str, jax.Array], *, loss: str) -> Dict[str, Any]:
-  """Per-example ET/TC/WT counts and predicted labels of a validation batch."""
+def eval_step(state: TrainState, batch: Dict[str, jax.Array], *, loss: str,
+              label_set: str = "glioma") -> Dict[str, Any]:
+  """Per-example region counts (the label set's regions) and predicted labels of a batch."""
   logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                           batch["image"], train=False)
-  pred = losses.logits_to_labels(logits, loss)
-  return {"pred": pred, **losses.region_counts(pred, batch["label"])}
+  pred = losses.logits_to_labels(logits, loss, label_set)
+  return {"pred": pred, **losses.region_counts(pred, batch["label"], label_set)}

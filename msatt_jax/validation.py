@@ -4,7 +4,7 @@ Whole-volume evaluation with HD95 and the BraTS rules is `msatt_jax.evaluate`; t
 periodic check that picks the best checkpoint, computed from the eval step's per-slice counts.
 """
 
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -15,9 +15,14 @@ from msatt_jax import visualize
 
 
 def evaluate_slices(eval_step: Callable, state,
-                    batches: Iterable[Dict[str, np.ndarray]]
+                    batches: Iterable[Dict[str, np.ndarray]],
+                    regions: Optional[Sequence[str]] = None
                     ) -> Tuple[Dict[str, float], Optional[Dict[str, np.ndarray]]]:
-  """Dice per case (3D over the prepared slices) averaged over cases; also a sample batch."""
+  """Dice per case (3D over the prepared slices) averaged over cases; also a sample batch.
+
+  regions: the names of the eval step's region counts; default those of the label set with
+  that many regions (ET, TC, WT; + RC for glioma_rc; + NET, CC, ED for ped).
+  """
   counts: Dict[str, np.ndarray] = {}
   sample = None
   for batch in batches:
@@ -31,13 +36,14 @@ def evaluate_slices(eval_step: Callable, state,
       counts[key] = counts.get(key, 0) + row
   if not counts:
     raise ValueError("The validation split is empty.")
-  per_region = {region: [] for region in labels_lib.REGIONS}
+  if regions is None:
+    regions = labels_lib.label_set_with_regions(next(iter(counts.values())).shape[1]).region_names
+  per_region = {region: [] for region in regions}
   for row in counts.values():
-    for r, region in enumerate(labels_lib.REGIONS):
+    for r, region in enumerate(regions):
       per_region[region].append(metrics_lib.dice_from_counts(*row[:, r]))
   summary = {f"val_dice_{region}": float(np.mean(v)) for region, v in per_region.items()}
-  summary["val_dice_mean"] = float(np.mean([summary[f"val_dice_{r}"]
-                                            for r in labels_lib.REGIONS]))
+  summary["val_dice_mean"] = float(np.mean([summary[f"val_dice_{r}"] for r in regions]))
   return summary, sample
 
 

@@ -8,8 +8,10 @@ from PIL import Image, ImageDraw
 
 from data_pipelines import files
 
-# Canonical label -> RGB: NCR/NET red, ED green, ET yellow (the usual BraTS colours).
-LABEL_COLOURS = np.array([[0, 0, 0], [220, 40, 40], [40, 200, 60], [250, 220, 30]], np.uint8)
+# Canonical label -> RGB: NCR/NET red, ED green, ET yellow (the usual BraTS colours), and a 2024
+# label set's fifth class (RC or CC) blue.
+LABEL_COLOURS = np.array([[0, 0, 0], [220, 40, 40], [40, 200, 60], [250, 220, 30],
+                          [60, 120, 240]], np.uint8)
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:

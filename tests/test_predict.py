@@ -49,8 +49,8 @@ def predictor(run):
   return inference.make_predictor(run, tta=True)
 
 
-def _canonical(path):
-  return labels_lib.to_canonical(np.asarray(nib.load(path).dataobj), "brats")
+def _canonical(path, convention="brats"):
+  return labels_lib.to_canonical(np.asarray(nib.load(path).dataobj), convention)
 
 
 def test_a_brats_folder_is_segmented_with_one_compilation(run, synthetic_brats, tmp_path):
@@ -105,7 +105,7 @@ def test_probabilities_are_saved_in_the_input_geometry(predictor, synthetic_msd,
   assert probs.dtype == np.float16 and probs.shape == (4, *synthetic_shape)
   assert channels == list(labels_lib.CLASS_NAMES)
   np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1, atol=3e-3)
-  labels = _canonical(out / f"{case_id}.nii.gz")
+  labels = _canonical(out / f"{case_id}.nii.gz", "msd")  # MSD input: MSD labels by default.
   # The labels are the argmax, wherever float16 rounding (< 2.5e-4 here) cannot swap the top two.
   top = np.sort(probs.astype(np.float32), axis=0)
   clear = top[-1] - top[-2] > 1e-3

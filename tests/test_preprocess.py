@@ -29,8 +29,9 @@ def test_crop_offsets():
   assert preprocess.crop_offsets((240, 240), 190, center=(100, 130)) == (5, 35)
   # A centre near the border moves the window inward.
   assert preprocess.crop_offsets((240, 240), 190, center=(10, 239)) == (0, 50)
-  with pytest.raises(ValueError, match="crop_size 250 is larger than the 240x240"):
-    preprocess.crop_offsets((240, 240), 250)
+  # Larger than the volume: centred on it, starting before it (padded), centre or not.
+  assert preprocess.crop_offsets((182, 218), 190) == (-4, 14)
+  assert preprocess.crop_offsets((182, 218), 190, center=(10, 10)) == (-4, 0)
   with pytest.raises(ValueError, match="positive"):
     preprocess.crop_offsets((240, 240), 0)
 
@@ -99,8 +100,6 @@ def test_slice_range_is_clipped_or_refused():
     preprocess.preprocess_case(image, slice_start=50, slice_stop=120, crop_size=40)
   with pytest.raises(ValueError, match="after slice_stop"):
     preprocess.preprocess_case(image, slice_start=20, slice_stop=10, crop_size=40)
-  with pytest.raises(ValueError, match="larger than"):
-    preprocess.preprocess_case(image, crop_size=100)
   with pytest.raises(ValueError, match="normalize"):
     preprocess.preprocess_case(image, crop_size=40, normalize="minmax")
   with pytest.raises(ValueError, match="Label shape"):
@@ -125,8 +124,8 @@ def test_paste_back_refuses_mismatches():
   labels = np.zeros((4, 10, 10), np.uint8)
   with pytest.raises(ValueError, match="4 slices but 3"):
     preprocess.paste_back(labels, [1, 2, 3], (0, 0), (20, 20, 20))
-  with pytest.raises(ValueError, match="does not fit"):
-    preprocess.paste_back(labels, [1, 2, 3, 4], (15, 0), (20, 20, 20))
+  with pytest.raises(ValueError, match="misses the 20x20 volume"):
+    preprocess.paste_back(labels, [1, 2, 3, 4], (25, 0), (20, 20, 20))
   with pytest.raises(ValueError, match="outside the volume"):
     preprocess.paste_back(labels, [1, 2, 3, 20], (0, 0), (20, 20, 20))
 
@@ -153,3 +152,22 @@ def test_synthetic_case_through_reader_and_preprocessing(synthetic_brats, synthe
                             synthetic_shape), case.label)
   brain = slices.image != 0
   assert abs(slices.image[brain].mean()) < 0.2
+
+
+def test_a_crop_larger_than_the_volume_pads_and_pastes_back_exactly():
+  # MNI152-like: narrower than the crop along x, wider along y; brain off-centre.
+  rng = np.random.default_rng(0)
+  image = np.zeros((18, 30, 12, 2), np.float32)
+  image[2:12, 10:28, 3:9] = rng.uniform(1, 2, (10, 18, 6, 2))
+  label = np.zeros((18, 30, 12), np.uint8)
+  label[4:8, 20:26, 4:7] = 3
+  slices = preprocess.preprocess_case(image, label, crop_size=20, slice_range="brain",
+                                      crop_around="brain")
+  np.testing.assert_array_equal(slices.slice_indices, np.arange(3, 9))
+  # x: padded (20 > 18), centred on the volume; y: around the brain's box centre (10..27 -> 19).
+  assert slices.offsets == (-1, 9)
+  assert slices.image.shape == (6, 20, 20, 2) and not slices.image[:, 0].any()
+  pasted = preprocess.paste_back(slices.label, slices.slice_indices, slices.offsets, label.shape)
+  np.testing.assert_array_equal(pasted, label)
+  centred = preprocess.preprocess_case(image, label, crop_size=20, slice_start=0, slice_stop=11)
+  assert centred.offsets == (-1, 5)

@@ -2,13 +2,17 @@
 preprocessing. Skipped where that folder is absent, as on a user's machine."""
 
 from pathlib import Path
+import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from data_pipelines.brats import labels as labels_lib
 from data_pipelines.brats import layouts
 from data_pipelines.brats import preprocess
+from data_pipelines.errors import DataError
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 CASE_ID = "BraTS2021_00006"
@@ -72,3 +76,58 @@ def test_real_case_preprocessing(case):
   pasted = preprocess.paste_back(slices.label, slices.slice_indices, slices.offsets,
                                  case.label.shape)
   np.testing.assert_array_equal(pasted, case.label)
+
+
+@pytest.fixture(scope="module")
+def renamed(case, tmp_path_factory):
+  """The real case copied (outside the repository) into 2023 naming, ET relabelled 3."""
+  root = tmp_path_factory.mktemp("brats2023")
+  new_id = "BraTS-GLI-00006-000"
+  folder = root / new_id
+  folder.mkdir()
+  naming = layouts.NAMINGS["brats2023"]
+  for modality in layouts.MODALITIES:
+    shutil.copy(REALDATA / CASE_ID / f"{CASE_ID}_{modality}.nii.gz",
+                folder / f"{new_id}-{naming.suffix(modality)}.nii.gz")
+  seg = nib.load(str(REALDATA / CASE_ID / f"{CASE_ID}_seg.nii.gz"))
+  raw = np.asarray(seg.dataobj).copy()
+  raw[raw == 4] = 3
+  nib.save(nib.Nifti1Image(raw, seg.affine, seg.header), str(folder / f"{new_id}-seg.nii.gz"))
+  return root
+
+
+def test_real_case_in_2023_naming_matches_its_2021_twin(case, renamed):
+  refs = layouts.find_cases(renamed)
+  assert layouts.detect_layout(renamed) == "brats2023"
+  assert layouts.folder_convention(refs, "auto") == "brats2023"
+  twin = layouts.load_case(refs[0])
+  np.testing.assert_array_equal(twin.image, case.image)
+  np.testing.assert_array_equal(twin.label, case.label)
+  np.testing.assert_array_equal(twin.affine, case.affine)
+  a, b = preprocess.preprocess_case(case.image, case.label), preprocess.preprocess_case(
+      twin.image, twin.label)
+  np.testing.assert_array_equal(a.image, b.image)
+  np.testing.assert_array_equal(a.label, b.label)
+  # The swap the names now refuse: read as MSD, NCR and ED would trade places.
+  with pytest.raises(DataError, match="label convention 'msd' contradicts"):
+    layouts.load_case(refs[0], label_convention="msd")
+
+
+def test_real_case_scores_the_same_in_both_namings(case, renamed, tmp_path):
+  from msatt_jax import evaluate_folder  # pylint: disable=g-import-not-at-top
+  # A "prediction": the reference with its ET eroded, written in each naming's convention.
+  pred = case.label.copy()
+  pred[ndimage.binary_erosion(case.label == labels_lib.ENHANCING) ^
+       (case.label == labels_lib.ENHANCING)] = labels_lib.NCR_NET
+  scores = {}
+  for convention, case_id, ref_dir in (("brats", CASE_ID, REALDATA),
+                                       ("brats2023", "BraTS-GLI-00006-000", renamed)):
+    out = tmp_path / convention
+    out.mkdir()
+    nib.save(nib.Nifti1Image(labels_lib.from_canonical(pred, convention), case.affine),
+             str(out / f"{case_id}.nii.gz"))
+    rows, _ = evaluate_folder.evaluate_folders(str(out), str(ref_dir), "auto", None,
+                                               lesion_rules="off")
+    scores[convention] = {k: v for k, v in rows[0].items() if k != "case"}
+  assert scores["brats"] == scores["brats2023"]
+  assert scores["brats"]["dice_WT"] == 1.0 and scores["brats"]["dice_ET"] < 1.0

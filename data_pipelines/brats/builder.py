@@ -44,6 +44,7 @@ from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from data_pipelines import download as download_lib
 from data_pipelines import locks
+from data_pipelines.brats import labels as labels_lib
 from data_pipelines.brats import layouts
 from data_pipelines.brats import preprocess
 from data_pipelines.errors import DataError
@@ -285,8 +286,9 @@ class Brats(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *args, layout: str = "auto",
                download: Optional[download_lib.Request] = None, **kwargs):
     if layout not in ("auto",) + layouts.LAYOUTS:
-      raise ValueError(f"Unknown layout {layout!r}; choose 'auto', 'msd' or 'brats'.")
-    self.layout = layout  # How the manual folder is laid out: 'auto' | 'msd' | 'brats'.
+      raise ValueError(f"Unknown layout {layout!r}; choose 'auto' or one of "
+                       f"{', '.join(layouts.LAYOUTS)}.")
+    self.layout = layout  # How the manual folder is laid out: 'auto' or a layouts.LAYOUTS one.
     # The archive to download instead of reading a manual folder; None: the manual folder, or,
     # when none was given (`tfds build` without --manual_dir), the Decathlon's archive.
     self.download = download
@@ -361,17 +363,26 @@ class Brats(tfds.core.GeneratorBasedBuilder):
     splits = split_case_ids(case_ids, cfg.split_seed, cfg.num_validation_cases,
                             cfg.num_test_cases, cfg.num_folds, cfg.fold)
     layout = refs[0].layout
-    self.report = {"num_cases": len(refs), "cases_done": 0, "seconds": 0.0, "warnings": []}
+    convention = layouts.folder_convention(refs, cfg.label_convention)
+    self.report = {"num_cases": len(refs), "cases_done": 0, "seconds": 0.0, "warnings": [],
+                   "spacings": {}}
     metadata = self.info.metadata
     metadata.clear()
     metadata.update({
         "source_dir": str(source.resolve()),
         "download": downloaded,
         "layout": layout,
+        # The labels' meaning: the convention read and the label set a model trained on
+        # these data outputs (labels.py).
+        "label_convention": convention,
+        "label_set": labels_lib.label_set(convention).name,
         "preprocessing": _content_params(cfg),
         "splits": splits,
         "case_ids": sorted(case_ids),
         "label_warnings": self.report["warnings"],
+        # Cases whose voxels are not 1 mm (the model sees voxels, not millimetres): case ->
+        # spacing (mm); scores in mm use each case's own.
+        "non_1mm_spacing": self.report["spacings"],
     })
     by_id = {r.case_id: r for r in refs}
     return {split: self._generate_examples([by_id[c] for c in splits[split]])
@@ -411,10 +422,14 @@ class Brats(tfds.core.GeneratorBasedBuilder):
       raise DataError(f"case {ref.case_id}: no label file (labelsTr/ or <case>_seg.nii.gz); "
                       "training data needs labels.")
     warning = layouts.check_label_convention(case)
+    if not np.allclose(case.spacing, 1.0, atol=1e-3):
+      self.report["spacings"][ref.case_id] = list(case.spacing)
+      logging.warning("case %s: voxel spacing %s mm, not 1 mm.", ref.case_id, case.spacing)
     try:
       slices = preprocess.preprocess_case(
           case.image, case.label, slice_start=cfg.slice_start, slice_stop=cfg.slice_stop,
-          crop_size=cfg.crop_size, crop_center=cfg.crop_center, normalize=cfg.normalize)
+          crop_size=cfg.crop_size, crop_center=cfg.crop_center, normalize=cfg.normalize,
+          crop_around=cfg.crop_around, slice_range=cfg.slice_range)
     except ValueError as e:
       source = next(iter(ref.image_paths.values()))
       raise DataError(f"{source} (case {ref.case_id}): {e}") from None

@@ -1,19 +1,27 @@
-"""Finding and reading BraTS cases in the two download layouts (MSD Task01 and the challenge's).
+"""Finding and reading BraTS cases in the download layouts: MSD Task01 and the challenge's namings.
 
 MSD `Task01_BrainTumour`:
   dataset.json, imagesTr/BRATS_###.nii.gz (4D, channel last, order given by dataset.json),
   labelsTr/BRATS_###.nii.gz (3D; 1 edema, 2 non-enhancing, 3 enhancing).
-BraTS challenge:
+BraTS 2018-2021 ('brats'):
   [HGG/|LGG/]<case>/<case>_{flair,t1,t1ce,t2,seg}.nii[.gz] (seg: 1 NCR/NET, 2 ED, 4 ET).
+BraTS 2023-2025 ('brats2023'), every challenge (GLI, SSA, MEN, MET, PED, ...):
+  BraTS-<CHALLENGE>-NNNNN-NNN/BraTS-<CHALLENGE>-NNNNN-NNN-{t2f,t1n,t1c,t2w,seg}.nii[.gz]
+  (t2f FLAIR, t1n T1, t1c T1-Gd, t2w T2; seg values by challenge and year: labels.py).
 
-Everything returned is in the project's terms: canonical modality names (MODALITIES) and
-canonical labels (labels.py). Bad input raises DataError naming the file and the problem.
+The namings are rows of NAMINGS and the modality names one table, MODALITY_ALIASES, so a model
+trained on one naming reads the other. Everything returned is in the project's terms: canonical
+modality names (MODALITIES) and canonical labels (labels.py). A label convention is never
+guessed: where the naming does not decide it (BraTS-PED: 2023 and 2024 give the values other
+meanings) an explicit one is required, and one that contradicts the naming is refused. Bad input
+raises DataError naming the file and the problem.
 """
 
 import dataclasses
 import json
 import os
 from pathlib import Path
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import nibabel as nib
@@ -22,20 +30,70 @@ import numpy as np
 from data_pipelines.brats import labels as labels_lib
 from data_pipelines.errors import DataError
 
-MODALITIES = ("flair", "t1", "t1ce", "t2")
-LAYOUTS = ("msd", "brats")
-# MSD dataset.json modality names (and common spellings, lower-cased) -> canonical names.
-MSD_MODALITY_NAMES = {
-    "flair": "flair",
-    "t1w": "t1", "t1": "t1",
-    "t1gd": "t1ce", "t1ce": "t1ce", "t1c": "t1ce",
-    "t2w": "t2", "t2": "t2",
+# The one table of modality names: canonical name -> its spellings, in the order
+# (BraTS 2018-2021 file suffix, BraTS 2023+ file suffix, other spellings of MSD's dataset.json).
+MODALITY_ALIASES = {
+    "flair": ("flair", "t2f"),
+    "t1": ("t1", "t1n", "t1w"),
+    "t1ce": ("t1ce", "t1c", "t1gd"),
+    "t2": ("t2", "t2w"),
 }
+MODALITIES = tuple(MODALITY_ALIASES)
+# Any spelling (lower-cased) -> canonical name.
+MSD_MODALITY_NAMES = {alias: name for name, aliases in MODALITY_ALIASES.items()
+                      for alias in aliases}
 # The Decathlon's own dataset.json 'modality' entry: channel -> name.
 MSD_DATASET_MODALITIES = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
 # Its channel order in canonical names, used when no dataset.json is at hand.
 MSD_DEFAULT_ORDER = tuple(MSD_MODALITY_NAMES[MSD_DATASET_MODALITIES[str(c)].lower()]
                           for c in range(len(MSD_DATASET_MODALITIES)))
+
+
+def canonical_modality(name: str) -> str:
+  """Any spelling of a modality (t2f, T1w, t1c, ...) -> its canonical name; ValueError else."""
+  canonical = MSD_MODALITY_NAMES.get(str(name).lower())
+  if canonical is None:
+    raise ValueError(f"Unknown modality {name!r}; known: {', '.join(sorted(MSD_MODALITY_NAMES))}.")
+  return canonical
+
+
+@dataclasses.dataclass(frozen=True)
+class Naming:
+  """One challenge naming of case folders: `<case>/<case><separator><suffix>.nii[.gz]`."""
+  layout: str
+  years: str
+  separator: str
+  spelling: int  # Which spelling of MODALITY_ALIASES the files use.
+  case_pattern: str  # Regular expression of the case folder names.
+  # Label conventions files of this naming may hold (labels.CONVENTION_TABLE).
+  conventions: Tuple[str, ...]
+
+  def suffix(self, modality: str) -> str:
+    return MODALITY_ALIASES[modality][self.spelling]
+
+
+NAMINGS: Dict[str, Naming] = {n.layout: n for n in (
+    Naming("brats", "2018-2021", "_", 0, r".+", ("brats", "msd", "brats2023")),
+    Naming("brats2023", "2023-2025", "-", 1, r"^BraTS-(?P<challenge>[A-Za-z]+)-\d{5}-\d{3}$",
+           ("brats2023", "gli2024", "ped2024")),
+)}
+LAYOUTS = ("msd",) + tuple(NAMINGS)
+SEG = "seg"
+# The convention 'auto' means for a layout.
+LAYOUT_CONVENTION = {"msd": "msd", "brats": "brats"}
+# 2023+ names, per challenge: (what 'auto' means, or None where the names do not decide; the
+# conventions its files may hold). GLI 2024 keeps 2023's values 1-3 and adds 4 (RC), which
+# 'brats2023' refuses with a hint; BraTS-PED 2023 (1 NCR, 2 ED, 3 ET) and 2024 (1 ET, 2 NET,
+# 3 CC, 4 ED) give 1-3 other meanings, so PED needs the choice. A challenge not listed needs it.
+CHALLENGE_CONVENTIONS = {
+    "GLI": ("brats2023", ("brats2023", "gli2024")),
+    "SSA": ("brats2023", ("brats2023",)),
+    "MEN": ("brats2023", ("brats2023",)),
+    "MET": ("brats2023", ("brats2023",)),
+    "PED": (None, ("brats2023", "ped2024")),
+}
+# Conventions of the MSD layout's labelsTr files.
+MSD_CONVENTIONS = ("msd", "brats")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 BRATS_GROUPS = ("HGG", "LGG")
 
@@ -44,9 +102,9 @@ BRATS_GROUPS = ("HGG", "LGG")
 class CaseRef:
   """Where one case's files are; nothing is read yet."""
   case_id: str
-  layout: str  # 'msd' | 'brats'
+  layout: str  # 'msd' | 'brats' | 'brats2023'
   image_paths: Dict[str, str]  # modality -> file (MSD: the same 4D file for every modality).
-  channel: Dict[str, int]  # MSD: modality -> channel of the 4D file; empty for 'brats'.
+  channel: Dict[str, int]  # MSD: modality -> channel of the 4D file; empty otherwise.
   label_path: Optional[str]
 
 
@@ -84,11 +142,14 @@ def _require_folder(folder) -> Path:
   return path
 
 
-def _brats_case_files(case_dir: Path) -> Dict[str, Path]:
-  """`<case>_<kind>.nii[.gz]` files of a case folder, kind in MODALITIES + ('seg',)."""
+def _naming_files(case_dir: Path, naming: Naming) -> Dict[str, Path]:
+  """`<case><sep><suffix>.nii[.gz]` files of a case folder in one naming, by modality/'seg'."""
   files: Dict[str, Path] = {}
-  for kind in MODALITIES + ("seg",):
-    found = [case_dir / f"{case_dir.name}_{kind}{suffix}" for suffix in NIFTI_SUFFIXES]
+  kinds = {m: naming.suffix(m) for m in MODALITIES}
+  kinds[SEG] = SEG
+  for kind, suffix in kinds.items():
+    found = [case_dir / f"{case_dir.name}{naming.separator}{suffix}{ext}"
+             for ext in NIFTI_SUFFIXES]
     found = [p for p in found if p.is_file()]
     if len(found) > 1:
       raise DataError(f"{case_dir}: both {found[0].name} and {found[1].name} exist; "
@@ -98,6 +159,23 @@ def _brats_case_files(case_dir: Path) -> Dict[str, Path]:
   return files
 
 
+def _case_naming(case_dir: Path) -> Tuple[Optional[Naming], Dict[str, Path]]:
+  """(the naming, its files) of a case folder; (None, {}) without any; files of two namings
+  in one folder are refused."""
+  found = [(n, f) for n in NAMINGS.values() for f in [_naming_files(case_dir, n)]
+           if any(m in f for m in MODALITIES)]
+  if len(found) > 1:
+    raise DataError(f"{case_dir}: holds files of two namings ({found[0][0].layout}: "
+                    f"{sorted(p.name for p in found[0][1].values())[0]}, {found[1][0].layout}: "
+                    f"{sorted(p.name for p in found[1][1].values())[0]}); keep one.")
+  return found[0] if found else (None, {})
+
+
+def _brats_case_files(case_dir: Path) -> Dict[str, Path]:
+  """The modality and 'seg' files of a case folder in whichever naming it uses."""
+  return _case_naming(case_dir)[1]
+
+
 def _brats_case_dirs(root: Path) -> List[Path]:
   """Case folders directly under root and under root/HGG, root/LGG."""
   parents = [root] + [root / g for g in BRATS_GROUPS if (root / g).is_dir()]
@@ -105,20 +183,36 @@ def _brats_case_dirs(root: Path) -> List[Path]:
   for parent in parents:
     for child in sorted(parent.iterdir()):
       if child.is_dir() and not _is_hidden(child.name) and child.name not in BRATS_GROUPS:
-        if _brats_case_files(child):
+        if _case_naming(child)[0] is not None:
           dirs.append(child)
   return dirs
 
 
 def detect_layout(folder) -> str:
-  """'msd' (dataset.json or imagesTr present) or 'brats' (case folders with a FLAIR file)."""
+  """'msd' (dataset.json or imagesTr present), else the naming of its case folders."""
   root = _require_folder(folder)
   if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir():
     return "msd"
-  if any("flair" in _brats_case_files(d) for d in _brats_case_dirs(root)):
-    return "brats"
+  namings = folder_namings(root)
+  if namings:
+    return namings[0]
   raise DataError(f"{root}: neither an MSD folder (dataset.json, imagesTr/) nor a BraTS folder "
-                  "(<case>/<case>_flair.nii.gz, optionally under HGG/ and LGG/).")
+                  "(<case>/<case>_flair.nii.gz, optionally under HGG/ and LGG/; or 2023+ "
+                  "BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz).")
+
+
+def folder_namings(root) -> List[str]:
+  """The one naming of a folder's cases (empty without cases); a folder mixing them raises."""
+  root = Path(root)
+  seen: Dict[str, Path] = {}
+  for case_dir in _brats_case_dirs(root):
+    naming, _ = _case_naming(case_dir)
+    seen.setdefault(naming.layout, case_dir)
+  if len(seen) > 1:
+    (a, da), (b, db) = list(seen.items())[:2]
+    raise DataError(f"{root}: mixes namings: {da.name} ({NAMINGS[a].years}, {a}) and {db.name} "
+                    f"({NAMINGS[b].years}, {b}); keep one naming per folder.")
+  return list(seen)
 
 
 def _msd_modality_channels(modality: dict, source: Path) -> Dict[str, int]:
@@ -240,22 +334,37 @@ def _find_msd(root: Path) -> List[CaseRef]:
 
 
 def _brats_ref(case_dir: Path) -> CaseRef:
-  files = _brats_case_files(case_dir)
-  seg = files.pop("seg", None)
-  return CaseRef(case_id=case_dir.name, layout="brats",
+  naming, files = _case_naming(case_dir)
+  if naming is None:
+    raise DataError(f"{case_dir}: no modality files of any naming ({_naming_examples(case_dir)}).")
+  if not re.match(naming.case_pattern, case_dir.name):
+    raise DataError(f"{case_dir}: a {naming.years} case folder must be named like "
+                    "BraTS-GLI-00000-000.")
+  seg = files.pop(SEG, None)
+  return CaseRef(case_id=case_dir.name, layout=naming.layout,
                  image_paths={m: str(p) for m, p in files.items()}, channel={},
                  label_path=str(seg) if seg is not None else None)
 
 
-def _find_brats(root: Path) -> List[CaseRef]:
+def _naming_examples(case_dir: Path) -> str:
+  return " or ".join(f"{case_dir.name}{n.separator}{{{','.join(n.suffix(m) for m in MODALITIES)}}}"
+                     ".nii.gz" for n in NAMINGS.values())
+
+
+def _find_brats(root: Path, layout: str) -> List[CaseRef]:
   refs, seen = [], {}
+  namings = folder_namings(root)
+  if namings and namings[0] != layout:
+    raise DataError(f"{root}: layout '{layout}' ({NAMINGS[layout].years} names) was asked for, "
+                    f"but its cases use the {NAMINGS[namings[0]].years} names ('{namings[0]}').")
   for case_dir in _brats_case_dirs(root):
     if case_dir.name in seen:
       raise DataError(f"{case_dir}: case id also used by {seen[case_dir.name]}.")
     seen[case_dir.name] = case_dir
     refs.append(_brats_ref(case_dir))
   if not refs:
-    raise DataError(f"{root}: no BraTS case folders (<case>/<case>_flair.nii.gz) found.")
+    raise DataError(f"{root}: no BraTS case folders (<case>/<case>_flair.nii.gz or "
+                    "BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz) found.")
   return sorted(refs, key=lambda r: r.case_id)
 
 
@@ -266,9 +375,88 @@ def find_cases(folder, layout: str = "auto") -> List[CaseRef]:
     layout = detect_layout(root)
   if layout == "msd":
     return _find_msd(root)
-  if layout == "brats":
-    return _find_brats(root)
-  raise ValueError(f"Unknown layout {layout!r}; choose 'auto', 'msd' or 'brats'.")
+  if layout in NAMINGS:
+    return _find_brats(root, layout)
+  raise ValueError(f"Unknown layout {layout!r}; choose 'auto' or one of {', '.join(LAYOUTS)}.")
+
+
+def challenge(case_id: str) -> Optional[str]:
+  """'GLI' for BraTS-GLI-00000-000 (a 2023+ case name), else None."""
+  match = re.match(NAMINGS["brats2023"].case_pattern, case_id)
+  return match.group("challenge").upper() if match else None
+
+
+def layout_conventions(layout: str, case_id: Optional[str] = None) -> Tuple[str, ...]:
+  """The label conventions files of a layout (and of a 2023+ case's challenge) may hold."""
+  if layout == "msd":
+    return MSD_CONVENTIONS
+  if case_id is not None and challenge(case_id) in CHALLENGE_CONVENTIONS:
+    return CHALLENGE_CONVENTIONS[challenge(case_id)][1]
+  return NAMINGS[layout].conventions
+
+
+def resolve_convention(requested: str, ref: CaseRef) -> str:
+  """The label convention of a case's files: 'auto' -> the one its naming decides (DataError
+  when it decides none); an explicit one is checked against the names (DataError naming the
+  case when they contradict it, e.g. msd on 2023 files, which would swap NCR and ED)."""
+  where = ref.label_path or next(iter(ref.image_paths.values()), ref.case_id)
+  allowed = layout_conventions(ref.layout, ref.case_id)
+  if requested == "auto":
+    if ref.layout in LAYOUT_CONVENTION:
+      return LAYOUT_CONVENTION[ref.layout]
+    name = challenge(ref.case_id)
+    convention = CHALLENGE_CONVENTIONS.get(name, (None,))[0]
+    if convention is None:
+      raise DataError(f"{where} (case {ref.case_id}): the names do not decide the label "
+                      f"convention of BraTS-{name} files (its years give the values other "
+                      f"meanings); set it: one of {', '.join(allowed)}.")
+    return convention
+  labels_lib.check_convention(requested)
+  if requested not in allowed:
+    raise DataError(f"{where} (case {ref.case_id}): label convention '{requested}' contradicts "
+                    f"the {ref.layout} names of this case, whose files hold one of "
+                    f"{', '.join(allowed)}; reading them as '{requested}' would misread the "
+                    "classes.")
+  return requested
+
+
+def output_convention(ref: CaseRef, requested: str, label_set: str) -> str:
+  """The convention a model's labels of this case are written in: 'auto' -> the one the case's
+  names decide if it holds the model's label set, else the names' convention that does (a 2023
+  input gets ET 3, a 2021 input ET 4, a GLI input of an RC model gli2024). DataError naming the
+  case when none does, or when an explicit one lacks classes the model outputs."""
+  where = next(iter(ref.image_paths.values()), ref.case_id)
+  fits = lambda c: labels_lib.label_set(c).name == label_set
+  if requested != "auto":
+    labels_lib.check_convention(requested)
+    if not fits(requested):
+      raise DataError(f"{where} (case {ref.case_id}): the model outputs the {label_set!r} label "
+                      f"set ({', '.join(labels_lib.label_set(label_set).classes[1:])}), which "
+                      f"the '{requested}' convention does not hold; choose one of that set.")
+    return requested
+  try:
+    own = resolve_convention("auto", ref)
+  except DataError:
+    own = None
+  candidates = ([own] if own else []) + list(layout_conventions(ref.layout, ref.case_id))
+  for convention in candidates:
+    if fits(convention):
+      return convention
+  raise DataError(f"{where} (case {ref.case_id}): the model outputs the {label_set!r} label set "
+                  f"({', '.join(labels_lib.label_set(label_set).classes[1:])}), which no "
+                  f"convention of these names ({', '.join(candidates)}) holds.")
+
+
+def folder_convention(refs: Sequence[CaseRef], requested: str) -> str:
+  """The one label convention of a folder's cases; a folder mixing conventions raises."""
+  found: Dict[str, str] = {}
+  for ref in refs:
+    found.setdefault(resolve_convention(requested, ref), ref.case_id)
+  if len(found) > 1:
+    (a, ca), (b, cb) = list(found.items())[:2]
+    raise DataError(f"cases {ca} ('{a}') and {cb} ('{b}') use different label conventions; "
+                    "keep one convention per folder.")
+  return next(iter(found))
 
 
 def read_nifti(path: str) -> Tuple[nib.Nifti1Image, np.ndarray]:
@@ -344,23 +532,21 @@ def load_case(ref: CaseRef, modalities: Sequence[str] = MODALITIES,
   modalities = tuple(modalities)
   if not modalities:
     raise ValueError("At least one modality must be requested.")
-  unknown = [m for m in modalities if m not in MODALITIES]
-  if unknown:
-    raise ValueError(f"Unknown modalities {unknown}; choose from {', '.join(MODALITIES)}.")
+  modalities = tuple(canonical_modality(m) for m in modalities)
   missing = [m for m in modalities if m not in ref.image_paths]
   if missing:
     raise DataError(f"case {ref.case_id}: missing modality {', '.join(missing)} (has "
                     f"{', '.join(sorted(ref.image_paths)) or 'none'}).")
   if ref.layout == "msd":
     ref_img, image = _load_msd_image(ref, modalities)
-  elif ref.layout == "brats":
+  elif ref.layout in NAMINGS:
     ref_img, image = _load_brats_image(ref, modalities)
   else:
     raise ValueError(f"Unknown layout {ref.layout!r}.")
 
   label = None
   if ref.label_path is not None:
-    convention = labels_lib.resolve_convention(label_convention, ref.layout)
+    convention = resolve_convention(label_convention, ref)
     _, raw = read_nifti(ref.label_path)
     raw = squeeze_to_ndim(raw, 3, ref.label_path)
     if raw.shape != image.shape[:3]:
@@ -381,7 +567,7 @@ def case_ref_from_path(path) -> CaseRef:
   if p.is_dir():
     files = _brats_case_files(p)
     if not any(m in files for m in MODALITIES):
-      raise DataError(f"{p}: no {p.name}_{{flair,t1,t1ce,t2}}.nii[.gz] files in this case folder.")
+      raise DataError(f"{p}: no {_naming_examples(p)} files in this case folder.")
     return _brats_ref(p)
   if p.is_file():
     case_id = _strip_nifti_suffix(p.name)

@@ -3,6 +3,9 @@ the one list of the parameters of a prepared data set (what is kept and how it i
 
 Axial slices 30..120 inclusive, a 190x190 in-plane crop (offsets kept so predictions can be
 pasted back), z-score per modality per volume over brain (non-zero) voxels with background 0.
+Other geometries (MNI152's 182x218x182, any shape a challenge ships): a crop larger than the
+volume pads it with zeros (a negative offset), `crop_around='brain'` centres the crop on the
+brain's bounding box, and `slice_range='brain'` keeps the axial slices where the brain is.
 
 Axis convention: volumes are (X, Y, Z, M); an axial slice is volume[:, :, z], so a slice's
 height is X and its width Y. Slices come out as (S, H, W, M).
@@ -18,6 +21,8 @@ from data_pipelines.brats import labels as labels_lib
 from data_pipelines.brats import layouts
 
 NORMALIZATIONS = ("zscore", "none")
+CROP_AROUND = ("volume", "brain")
+SLICE_RANGES = ("fixed", "brain")
 LABEL_CONVENTIONS = ("auto",) + tuple(labels_lib.CONVENTIONS)
 STORAGE_DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "zlib")
@@ -51,18 +56,29 @@ class Preprocessing:
   converted and checked here too.
   """
   label_convention: str = _param(
-      "auto", "Label values on disk: 'auto' (the layout's own), 'msd' or 'brats'.",
+      "auto", "Label values on disk: 'auto' (the one the file names decide), or brats, msd, "
+      "brats2023, gli2024 (adds RC), ped2024 (labels.py).",
       LABEL_CONVENTIONS)
   modalities: Tuple[str, ...] = _param(
-      layouts.MODALITIES, "Image channels: any subset and order of flair, t1, t1ce, t2.")
+      layouts.MODALITIES, "Image channels: any subset and order of flair, t1, t1ce, t2 (or their "
+      "2023 names t2f, t1n, t1c, t2w).")
   slice_start: int = _param(30, "First axial slice kept (inclusive).")
   slice_stop: int = _param(120, "Last axial slice kept (inclusive).")
-  crop_size: int = _param(190, "Square in-plane crop of the 240x240 slices.")
+  crop_size: int = _param(190, "Square in-plane crop of the 240x240 slices; larger than a "
+                          "volume, it pads it with zeros.")
   crop_center: Optional[Tuple[int, int]] = _param(
-      None, "(x, y) centre of the crop; unset: the centre of the volume.")
+      None, "(x, y) centre of the crop; unset: the centre of the volume (or of the brain).")
   normalize: str = _param(
       "zscore", "'zscore': per modality per volume over brain (non-zero) voxels, 0 stays 0; "
       "or 'none'.", NORMALIZATIONS)
+  crop_around: str = _param(
+      "volume", "Unset crop_center: centre the crop on the 'volume' (the paper) or on the "
+      "'brain' (its in-plane bounding box, for volumes not centred like BraTS's).", CROP_AROUND,
+      named_at_default=False)
+  slice_range: str = _param(
+      "fixed", "Axial slices kept: 'fixed', slice_start..slice_stop (the paper's 30..120), or "
+      "'brain', every slice holding brain (any depth, e.g. MNI152's 182).", SLICE_RANGES,
+      named_at_default=False)
   split_seed: int = _param(0, "Seed of the patient-level train/validation/test split.")
   num_validation_cases: int = _param(
       -1, "-1: 30 of 285 (the paper), proportional to the case count; ignored with num_folds.")
@@ -95,8 +111,9 @@ class Preprocessing:
         raise ValueError(f"Unknown {field.name} {value!r}; choose one of "
                          f"{', '.join(choices)}.")
       setattr(self, field.name, value)
-    self.modalities = tuple(str(m) for m in self.modalities)
-    unknown = [m for m in self.modalities if m not in layouts.MODALITIES]
+    names = tuple(str(m) for m in self.modalities)
+    unknown = [m for m in names if m.lower() not in layouts.MSD_MODALITY_NAMES]
+    self.modalities = tuple(layouts.MSD_MODALITY_NAMES.get(m.lower(), m) for m in names)
     if not self.modalities or unknown or len(set(self.modalities)) != len(self.modalities):
       raise ValueError(f"modalities must be distinct names from "
                        f"{', '.join(layouts.MODALITIES)}; got {list(self.modalities)}.")
@@ -155,19 +172,46 @@ class Slices:
 
 def crop_offsets(in_plane_shape: Sequence[int], crop_size: int,
                  center: Optional[Sequence[int]] = None) -> Tuple[int, int]:
-  """(x0, y0) of a crop_size x crop_size window: centred, or around `center` kept inside."""
-  size_x, size_y = int(in_plane_shape[0]), int(in_plane_shape[1])
+  """(x0, y0) of a crop_size x crop_size window: centred, or around `center` kept inside.
+
+  Along an axis shorter than crop_size the window is centred on the volume and starts before
+  it (a negative offset): the volume is padded with zeros there.
+  """
   if crop_size <= 0:
     raise ValueError(f"crop_size must be positive, got {crop_size}.")
-  if crop_size > size_x or crop_size > size_y:
-    raise ValueError(f"crop_size {crop_size} is larger than the {size_x}x{size_y} slices.")
-  if center is None:
-    return (size_x - crop_size) // 2, (size_y - crop_size) // 2
-  cx, cy = int(center[0]), int(center[1])
-  # A centre near the border moves the window inward rather than padding it.
-  x0 = min(max(cx - crop_size // 2, 0), size_x - crop_size)
-  y0 = min(max(cy - crop_size // 2, 0), size_y - crop_size)
-  return x0, y0
+  offsets = []
+  for axis, size in enumerate(int(n) for n in in_plane_shape[:2]):
+    if center is None or crop_size >= size:
+      offsets.append((size - crop_size) // 2)
+    else:
+      # A centre near the border moves the window inward rather than padding it.
+      offsets.append(min(max(int(center[axis]) - crop_size // 2, 0), size - crop_size))
+  return offsets[0], offsets[1]
+
+
+def brain_center(image: np.ndarray) -> Tuple[int, int]:
+  """(x, y) centre of the in-plane bounding box of the non-zero voxels of (X, Y, Z[, M])."""
+  axes = (2,) if image.ndim == 3 else (2, 3)
+  plane = np.any(image != 0, axis=axes)
+  xs, ys = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+  if xs.size == 0:
+    raise ValueError("The volume has no non-zero voxels (no brain).")
+  return (int(xs[0]) + int(xs[-1]) + 1) // 2, (int(ys[0]) + int(ys[-1]) + 1) // 2
+
+
+def window_overlap(offset: int, size: int, extent: int) -> Tuple[slice, slice]:
+  """(slice of the volume, slice of the window) where a window at `offset` meets the volume."""
+  lo, hi = max(offset, 0), min(offset + size, extent)
+  return slice(lo, hi), slice(lo - offset, hi - offset)
+
+
+def _window(volume: np.ndarray, x0: int, y0: int, size: int, z: slice) -> np.ndarray:
+  """volume[x0:x0+size, y0:y0+size, z], zeros where the window leaves the volume."""
+  (vx, wx), (vy, wy) = window_overlap(x0, size, volume.shape[0]), window_overlap(y0, size, volume.shape[1])
+  depth = len(range(*z.indices(volume.shape[2])))
+  out = np.zeros((size, size, depth) + volume.shape[3:], volume.dtype)
+  out[wx, wy] = volume[vx, vy, z]
+  return out
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -223,29 +267,40 @@ def preprocess_case(image: np.ndarray, label: Optional[np.ndarray] = None, *,
                     slice_stop: Optional[int] = Preprocessing.slice_stop,
                     crop_size: int = Preprocessing.crop_size,
                     crop_center: Optional[Sequence[int]] = Preprocessing.crop_center,
-                    normalize: str = Preprocessing.normalize) -> Slices:
+                    normalize: str = Preprocessing.normalize,
+                    crop_around: str = Preprocessing.crop_around,
+                    slice_range: str = Preprocessing.slice_range) -> Slices:
   """Normalise (whole-brain statistics), keep slices start..stop inclusive, crop in-plane.
 
-  slice_start/slice_stop of None mean the first/last slice of the volume.
+  slice_start/slice_stop of None mean the first/last slice of the volume; slice_range='brain'
+  keeps the slices holding brain instead, crop_around='brain' centres an unset crop_center on
+  the brain's bounding box.
   """
   _check_image(image)
   if normalize not in NORMALIZATIONS:
     raise ValueError(f"Unknown normalize {normalize!r}; choose one of {NORMALIZATIONS}.")
   if label is not None and label.shape != image.shape[:3]:
     raise ValueError(f"Label shape {label.shape} differs from image shape {image.shape[:3]}.")
-  lo, hi = _slice_range(image.shape[2], slice_start, slice_stop)
+  if crop_around not in CROP_AROUND or slice_range not in SLICE_RANGES:
+    raise ValueError(f"crop_around must be one of {CROP_AROUND} and slice_range one of "
+                     f"{SLICE_RANGES}; got {crop_around!r}, {slice_range!r}.")
+  lo, hi = (brain_slice_range(image) if slice_range == "brain"
+            else _slice_range(image.shape[2], slice_start, slice_stop))
+  if crop_center is None and crop_around == "brain":
+    crop_center = brain_center(image)
   x0, y0 = crop_offsets(image.shape[:2], crop_size, crop_center)
-  window = (slice(x0, x0 + crop_size), slice(y0, y0 + crop_size), slice(lo, hi + 1))
+  z = slice(lo, hi + 1)
 
   # Statistics come from the whole brain; only the kept window is normalised (same result as
-  # normalising the whole volume first, without a second full-size copy).
-  sub = image[window]
+  # normalising the whole volume first, without a second full-size copy; padding stays 0).
+  sub = _window(image, x0, y0, crop_size, z)
   if normalize == "zscore":
     sub = apply_zscore(sub, *zscore_stats(image))
   out_image = np.ascontiguousarray(sub.transpose(2, 0, 1, 3), dtype=np.float32)
   out_label = None
   if label is not None:
-    out_label = np.ascontiguousarray(label[window].transpose(2, 0, 1), dtype=np.uint8)
+    out_label = np.ascontiguousarray(_window(label, x0, y0, crop_size, z).transpose(2, 0, 1),
+                                     dtype=np.uint8)
   return Slices(image=out_image, label=out_label, slice_indices=np.arange(lo, hi + 1),
                 offsets=(x0, y0))
 
@@ -263,7 +318,8 @@ def brain_slice_range(image: np.ndarray) -> Tuple[int, int]:
 
 def paste_back(slice_labels: np.ndarray, slice_indices: Sequence[int],
                offsets: Tuple[int, int], volume_shape: Sequence[int]) -> np.ndarray:
-  """Inverse of the slice selection and crop: (S,H,W) -> (X,Y,Z) uint8, zeros elsewhere."""
+  """Inverse of the slice selection and crop: (S,H,W) -> (X,Y,Z) uint8, zeros elsewhere (a
+  window padded beyond the volume gives back only its part inside)."""
   slice_labels = np.asarray(slice_labels)
   slice_indices = np.asarray(slice_indices, dtype=np.int64)
   if slice_labels.ndim != 3:
@@ -275,8 +331,10 @@ def paste_back(slice_labels: np.ndarray, slice_indices: Sequence[int],
     raise ValueError(f"{num} slices but {slice_indices.size} slice indices.")
   if num and (slice_indices.min() < 0 or slice_indices.max() >= depth):
     raise ValueError(f"Slice indices outside the volume's 0..{depth - 1}.")
-  if x0 < 0 or y0 < 0 or x0 + height > size_x or y0 + width > size_y:
-    raise ValueError(f"A {height}x{width} crop at {(x0, y0)} does not fit {size_x}x{size_y}.")
+  (vx, wx), (vy, wy) = window_overlap(x0, height, size_x), window_overlap(y0, width, size_y)
+  if vx.start >= vx.stop or vy.start >= vy.stop:
+    raise ValueError(f"A {height}x{width} crop at {(x0, y0)} misses the {size_x}x{size_y} "
+                     "volume.")
   out = np.zeros((size_x, size_y, depth), np.uint8)
-  out[x0:x0 + height, y0:y0 + width, slice_indices] = slice_labels.transpose(1, 2, 0)
+  out[vx, vy, slice_indices] = slice_labels.transpose(1, 2, 0)[wx, wy]
   return out
