@@ -57,7 +57,15 @@ class _QuietLibraries(py_logging.Filter):
   _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}",
             f"{os.sep}tensorflow_datasets{os.sep}")
 
+  # Library warnings that report the project's normal operation, not something to act on:
+  # Orbax on every read-only restore (evaluate, predict), TFDS on a folder being prepared.
+  _EXPECTED_WARNINGS = ("CheckpointManagerOptions.read_only=True",
+                        "Given directory is read only",
+                        "Variant folder %s has no %s")
+
   def filter(self, record: py_logging.LogRecord) -> bool:
+    if any(str(record.msg).startswith(w) for w in self._EXPECTED_WARNINGS):
+      return False
     return record.levelno >= py_logging.WARNING or not any(
         part in record.pathname for part in self._NOISY)
 

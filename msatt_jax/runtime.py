@@ -1,20 +1,19 @@
-"""Fast-by-default process settings for the command-line entry points.
+"""Process settings for the command-line entry points: on by default only what costs no memory.
 
-Three settings measurably speed up training and inference on CPU (figures: BENCHMARKS.md):
-
-- XLA flags: convolutions are routed away from XLA:CPU's YNNPACK path
-  (`--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`), which is slower than the
-  default convolution kernels for this project's layer shapes. XLA reads XLA_FLAGS once, when
-  JAX initialises its backends, so they must be in the environment before that.
-- glibc malloc tuning: XLA allocates its large temporary buffers anew in every step; with the
-  default thresholds glibc serves them with fresh mmap()s and returns them with munmap(), so
-  every step page-faults its whole working set in again. A high mmap threshold, no trimming, a
-  large top pad and a single arena keep that memory in the heap for reuse. glibc reads these
-  variables only at process start, so `configure` re-executes the process once with them set.
-- Transparent huge pages for that heap (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, glibc >= 2.35):
-  malloc asks the kernel to back its memory with 2 MiB pages instead of 4 KiB ones: fewer TLB
-  misses over the large activations (the gain is in BENCHMARKS.md). Kernels set to 'madvise' (a
-  common default) give huge pages only to memory that asks for them; older glibc ignores it.
+- XLA flags (group `xla`, on by default): convolutions are routed away from XLA:CPU's YNNPACK
+  path (`--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`), which is slower than
+  the default convolution kernels for this project's layer shapes. XLA reads XLA_FLAGS once,
+  when JAX initialises its backends, so they must be in the environment before that.
+- glibc malloc tuning (group `malloc`, opt-in): a high mmap threshold, no trimming, a large top
+  pad and a single arena keep XLA's per-step buffers in the heap for reuse instead of faulting
+  them in anew every step. Faster by the figure in BENCHMARKS.md ("Memory"), but the heap never
+  shrinks and fragments: a half-width run held 2-3x the memory of the default and kept growing
+  between validations, so it is no default. glibc reads these only at process start, so
+  `configure` re-executes the process once with them set.
+- Transparent huge pages for the heap (group `hugepages`, opt-in: `glibc.malloc.hugetlb=1`,
+  glibc >= 2.35): 2 MiB pages instead of 4 KiB ones; with the never-trimmed heap it took a
+  half-width run past 24 GB, and without it it makes every step's fresh buffers slower to
+  fault in (BENCHMARKS.md, "Memory").
 
 Call `configure()` first thing in a command's entry point, before anything imports JAX:
 
@@ -23,8 +22,8 @@ Call `configure()` first thing in a command's entry point, before anything impor
       runtime.configure()
       ...
 
-Variables already set by the user are kept as they are. Opt out with MSATT_RUNTIME_DEFAULTS=none,
-or keep some groups only, e.g. MSATT_RUNTIME_DEFAULTS=xla,malloc.
+Variables already set by the user are kept as they are. MSATT_RUNTIME_DEFAULTS chooses the
+groups: unset or 'default' (xla), 'all', 'none', or a comma list such as 'xla,malloc'.
 """
 
 import os
@@ -32,8 +31,9 @@ import sys
 import warnings
 from typing import Dict, Mapping, MutableMapping, Optional, Sequence, Tuple
 
-OPT_ENV = "MSATT_RUNTIME_DEFAULTS"  # 'all' (default) | 'none' | comma list of GROUPS.
+OPT_ENV = "MSATT_RUNTIME_DEFAULTS"  # 'default' | 'all' | 'none' | comma list of GROUPS.
 GROUPS = ("xla", "malloc", "hugepages")
+DEFAULT_GROUPS = ("xla",)  # The groups that cost no memory (BENCHMARKS.md, "Memory").
 # Set in the re-executed process so it never re-executes again.
 REEXEC_MARK = "MSATT_RUNTIME_REEXECUTED"
 
@@ -62,10 +62,12 @@ HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
 def enabled_groups(environ: Optional[Mapping[str, str]] = None) -> Tuple[str, ...]:
-  """The setting groups MSATT_RUNTIME_DEFAULTS asks for (all by default)."""
+  """The setting groups MSATT_RUNTIME_DEFAULTS asks for (DEFAULT_GROUPS when unset)."""
   environ = os.environ if environ is None else environ
-  value = environ.get(OPT_ENV, "all").strip().lower()
-  if value in ("", "all", "1", "true", "yes"):
+  value = environ.get(OPT_ENV, "default").strip().lower()
+  if value in ("", "default"):
+    return DEFAULT_GROUPS
+  if value in ("all", "1", "true", "yes"):
     return GROUPS
   if value in ("none", "0", "false", "no"):
     return ()

@@ -37,6 +37,7 @@ import numpy as np
 from data_pipelines import input_pipeline
 from data_pipelines import prepare as prepare_lib
 from data_pipelines.brats import builder as builder_lib
+from data_pipelines.brats import labels as labels_lib
 from msatt_jax import checkpointing
 from msatt_jax import losses
 from msatt_jax import memory
@@ -89,7 +90,8 @@ def is_due(step: int, every: int, last_step: int) -> bool:
 
 
 def model_fingerprint(config: ml_collections.ConfigDict, params: Any) -> Dict[str, Any]:
-  return {"model": config.model.name, "num_classes": losses.num_outputs(config.loss),
+  return {"model": config.model.name,
+          "num_classes": losses.num_outputs(config.loss, losses.label_set_name(config)),
           "input_shape": list(steps.input_shape(config)),
           "param_shapes": checkpointing.param_shapes(params)}
 
@@ -141,7 +143,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                                                            checkpointer.directory))
     logging.info("Resumed from the checkpoint at step %d.", latest)
   start_step = int(state.step)
-  best_dice = checkpointer.best_metric()
 
   # The step functions take host batches (this process's rows for training, a whole global
   # batch for evaluation) and the state in the strategy's layout; the train step donates it.
@@ -150,25 +151,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   p_eval_step = par.eval_step_fn(steps.make_eval_step(config))
   # One copy of the logs; checkpoints are written by every process together.
   writer = writers.MetricWriter(workdir, start_step) if par.is_primary else writers.Discard()
-  meta_base = {"config": json.loads(config.to_json_best_effort()), "model": fingerprint,
-               "data": {"source_dir": data_config.source_dir, "data_dir": data_config.data_dir},
-               "steps_per_epoch": steps_per_epoch}
-  saved_step = start_step if latest is not None else None  # Step of the newest save started.
-
-  def save(step: int, val: Optional[Dict[str, float]] = None) -> None:
-    nonlocal saved_step
-    checkpointer.save(step, par.to_canonical(state),
-                      {**meta_base, "step": step, "metrics": val or {}}, val)
-    saved_step = step
-
-  pending: List[Dict[str, Any]] = []  # Device-side metrics of recent steps, fetched together.
-
-  def fetch_checked(step: int) -> List[Dict[str, Any]]:
-    """The pending steps' metrics on the host, after the non-finite-loss policy ran on them."""
-    fetched = jax.device_get(pending)
-    pending.clear()
-    _check_finite(fetched, step - len(fetched), config.nan_policy, checkpointer)
-    return fetched
+  meta = {"config": json.loads(config.to_json_best_effort()), "model": fingerprint,
+          "data": {"source_dir": data_config.source_dir, "data_dir": data_config.data_dir},
+          "steps_per_epoch": steps_per_epoch}
+  saves = _Saves(checkpointer, par, meta, saved_step=start_step if latest is not None else None)
+  pending = _PendingMetrics(config.nan_policy, checkpointer)
 
   logging.info("Training %s for %d steps (%d per epoch, batch %d) from step %d in %s (%s).",
                config.model.name, num_steps, steps_per_epoch, config.batch_size, start_step,
@@ -192,37 +179,88 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       validate = is_due(done, eval_every, num_steps)
       periodic_save = is_due(done, checkpoint_every, num_steps)
       if is_due(done, config.log_every_steps, num_steps) or validate or periodic_save:
-        progress.log(done, fetch_checked(done))
+        progress.log(done, pending.fetch_checked(done))
       val = None
       if validate:
-        val, sample = validation.evaluate_slices(p_eval_step, state, input_pipeline.eval_batches(
-            data_config, "validation", config.batch_size))
-        writer.write_scalars(done, val)
-        writer.write_images(done, validation.sample_overlays(sample))
+        val = _validate(config, data_config, p_eval_step, state, done, writer)
         progress.pause()  # Validation time is not training throughput.
-        logging.info("step %d validation Dice  ET %.4f  TC %.4f  WT %.4f  mean %.4f  %s",
-                     done, val["val_dice_ET"], val["val_dice_TC"], val["val_dice_WT"],
-                     val["val_dice_mean"], memory.usage_text())
-      # Validation updates the best checkpoint; the periodic save keeps the latest N.
-      new_best = val is not None and (best_dice is None or
-                                      val[checkpointing.BEST_METRIC] > best_dice)
-      if periodic_save or new_best:
-        save(done, val)
-      if new_best:
-        best_dice = val[checkpointing.BEST_METRIC]
+      saves.after_step(done, state, val, periodic_save)
       signum = preemption.agreed_signal(guard)
       if signum is not None and done < num_steps:  # At the last step the run is complete.
-        fetch_checked(done)  # Never saves past a non-finite loss under policy 'stop'.
-        if saved_step != done:
-          save(done)
-        checkpointer.wait()  # The checkpoint is committed before the process exits.
+        pending.fetch_checked(done)  # Never saves past a non-finite loss under policy 'stop'.
+        saves.before_exit(done, state)
         logging.warning("%s received: saved the checkpoint of step %d.",
                         preemption.signal_name(signum), done)
         raise preemption.Preempted(signum, done, checkpointer.directory)
-  fetch_checked(num_steps)
+  pending.fetch_checked(num_steps)
   checkpointer.close()
   writer.close()
   return par.to_canonical(state)
+
+
+class _Saves:
+  """Which steps are saved: the periodic ones (the latest N kept), each new best validation
+  Dice, and the step reached when a signal stops the run."""
+
+  def __init__(self, checkpointer: checkpointing.Checkpointer, par: parallel.Parallel,
+               meta: Dict[str, Any], saved_step: Optional[int]):
+    self._checkpointer, self._par, self._meta = checkpointer, par, meta
+    self._best = checkpointer.best_metric()
+    self._saved_step = saved_step  # Step of the newest save started.
+
+  def _save(self, step: int, state: Any, val: Optional[Dict[str, float]] = None) -> None:
+    self._checkpointer.save(step, self._par.to_canonical(state),
+                            {**self._meta, "step": step, "metrics": val or {}}, val)
+    self._saved_step = step
+
+  def after_step(self, step: int, state: Any, val: Optional[Dict[str, float]],
+                 periodic: bool) -> None:
+    new_best = val is not None and (self._best is None or
+                                    val[checkpointing.BEST_METRIC] > self._best)
+    if periodic or new_best:
+      self._save(step, state, val)
+    if new_best:
+      self._best = val[checkpointing.BEST_METRIC]
+
+  def before_exit(self, step: int, state: Any) -> None:
+    """Saves `step` unless it is saved already, and waits until the save is committed."""
+    if self._saved_step != step:
+      self._save(step, state)
+    self._checkpointer.wait()
+
+
+class _PendingMetrics:
+  """Device-side metrics of recent steps, fetched to the host together (one transfer per log
+  line, not per step) and checked against the non-finite-loss policy when fetched."""
+
+  def __init__(self, nan_policy: str, checkpointer: checkpointing.Checkpointer):
+    self._nan_policy, self._checkpointer = nan_policy, checkpointer
+    self._pending: List[Dict[str, Any]] = []
+
+  def append(self, step_metrics: Dict[str, Any]) -> None:
+    self._pending.append(step_metrics)
+
+  def fetch_checked(self, step: int) -> List[Dict[str, Any]]:
+    fetched = jax.device_get(self._pending)
+    self._pending = []
+    _check_finite(fetched, step - len(fetched), self._nan_policy, self._checkpointer)
+    return fetched
+
+
+def _validate(config: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
+              eval_step: parallel.CompiledStep, state: Any, step: int,
+              writer: Any) -> Dict[str, float]:
+  """Validation Dice of the label set's regions: logged, summarised and returned."""
+  regions = labels_lib.label_set(losses.label_set_name(config)).region_names
+  val, sample = validation.evaluate_slices(
+      eval_step, state, input_pipeline.eval_batches(data_config, "validation", config.batch_size),
+      regions)
+  writer.write_scalars(step, val)
+  writer.write_images(step, validation.sample_overlays(sample))
+  scores = "  ".join(f"{region} {val[f'val_dice_{region}']:.4f}" for region in regions)
+  logging.info("step %d validation Dice  %s  mean %.4f  %s", step, scores,
+               val["val_dice_mean"], memory.usage_text())
+  return val
 
 
 def check_working_set(config: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,

@@ -34,7 +34,9 @@ def _clean_env(**extra: str) -> dict:
 
 # ------------------------------------------------------------------------------- runtime
 def test_enabled_groups():
-  assert runtime.enabled_groups({}) == runtime.GROUPS
+  assert runtime.enabled_groups({}) == runtime.DEFAULT_GROUPS == ("xla",)
+  assert runtime.enabled_groups({runtime.OPT_ENV: "default"}) == ("xla",)
+  assert runtime.enabled_groups({runtime.OPT_ENV: "all"}) == runtime.GROUPS
   assert runtime.enabled_groups({runtime.OPT_ENV: "none"}) == ()
   assert runtime.enabled_groups({runtime.OPT_ENV: "malloc"}) == ("malloc",)
   assert runtime.enabled_groups({runtime.OPT_ENV: "xla, hugepages"}) == ("xla", "hugepages")
@@ -78,12 +80,21 @@ _PROBE = ("import os, sys; from msatt_jax import runtime; "
           "os.environ.get('GLIBC_TUNABLES'))")
 
 
-def test_configure_reexecutes_once(tmp_path):
+def test_configure_reexecutes_once_for_the_allocator_groups(tmp_path):
+  starts = tmp_path / "starts"
+  out = subprocess.run([sys.executable, "-c", _PROBE, str(starts)],
+                       env=_clean_env(**{runtime.OPT_ENV: "all"}), capture_output=True,
+                       text=True, check=True, cwd=ROOT)
+  assert starts.read_text().count("start") == 2  # The original process and its re-execution.
+  assert out.stdout.split() == ["1", *runtime.XLA_FLAGS, runtime.HUGEPAGE_TUNABLE]
+
+
+def test_configure_defaults_set_only_the_xla_flags_without_reexecuting(tmp_path):
   starts = tmp_path / "starts"
   out = subprocess.run([sys.executable, "-c", _PROBE, str(starts)], env=_clean_env(),
                        capture_output=True, text=True, check=True, cwd=ROOT)
-  assert starts.read_text().count("start") == 2  # The original process and its re-execution.
-  assert out.stdout.split() == ["1", *runtime.XLA_FLAGS, runtime.HUGEPAGE_TUNABLE]
+  assert starts.read_text().count("start") == 1
+  assert out.stdout.split() == ["None", *runtime.XLA_FLAGS, "None"]
 
 
 def test_configure_opt_out(tmp_path):
@@ -282,8 +293,9 @@ def test_benchmark_command(tmp_path):
   assert {(r["framework"], r["mode"]) for r in rows} == {("jax", "inference"), ("jax", "train")}
   for r in rows:
     assert r["flops_per_step"] > 0 and r["peak_mem_mb"] > 0 and r["compile_s"] > 0
-    assert r["runtime"]["MALLOC_ARENA_MAX"] == "1"  # The driver applied the defaults.
-    assert runtime.HUGEPAGE_TUNABLE in r["runtime"][runtime.TUNABLES_ENV]
+    # The driver applied the defaults: the XLA flags, not the allocator groups.
+    assert r["runtime"]["XLA_FLAGS"] == " ".join(runtime.XLA_FLAGS)
+    assert "MALLOC_ARENA_MAX" not in r["runtime"] and runtime.TUNABLES_ENV not in r["runtime"]
     assert r["breakdown"] and abs(sum(b["share"] for b in r["breakdown"]) - 1) < 1e-6
     assert r["breakdown_traced_ms"] > 0
     kinds = {k["part"]: k["ms_per_step"] for k in r["breakdown_kinds"]}

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 def _env() -> dict:
   env = dict(os.environ)
-  env.pop(runtime._REEXEC_MARK, None)  # The driver applies the runtime defaults itself.
+  env.pop(runtime.REEXEC_MARK, None)  # The driver applies the runtime defaults itself.
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
   return env
 

@@ -283,6 +283,14 @@ class Brats(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [make_config()]
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
+  # TFDS prints its own "Downloading and preparing dataset Unknown size ..." and "Subsequent
+  # calls will reuse this data." lines; `prepare` reports the cases, sizes and folder itself.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def __init__(self, *args, layout: str = "auto",
                download: Optional[download_lib.Request] = None, **kwargs):
     if layout not in ("auto",) + layouts.LAYOUTS:
