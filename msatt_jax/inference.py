@@ -1,16 +1,23 @@
-"""Trained runs applied to whole volumes: restore, slice, segment, paste back.
+"""Trained models applied to whole volumes: the one way in is `Predictor`.
 
-The one path shared by `evaluate` and `predict`; it reuses the data pipeline's preprocessing so a
-volume is prepared exactly as the training slices were. A `Predictor` is one jit-compiled
-function of a batch of slices: the probabilities of every member of an ensemble (several runs
-of the same input and output) under mirroring test-time augmentation (the identity and the
-flips of each in-plane axis and of both, each flipped back), averaged, then turned into labels.
-Softmax runs average the K class probabilities (argmax); 'region_dice' runs average the three
-sigmoid region probabilities (ET/TC/WT > 0.5, i.e. a logit > 0 for one model without TTA).
+  runs = inference.restore_runs(["runs/f0", "runs/f1"])          # one run or an ensemble
+  predictor = inference.Predictor.from_runs(runs, inference.Options(tta=True), rules)
+  seg = predictor.segment(image)   # (X,Y,Z,M) raw intensities -> Segmentation in that geometry
 
-Between the labels and the output sits one hook, `rules`: a function of the whole canonical
-label volume (rules chosen on validation data, such as small-ET relabelling or removal of small
-connected components, need the whole case), applied by `segment_slices`.
+`evaluate`, `predict` and `postprocess` all segment through it; a model package
+(`msatt_jax.package`) builds the same Predictor from exported forward passes. It reuses the data
+pipeline's preprocessing so a volume is prepared exactly as the training slices were. The
+slices go through one jit-compiled function of a batch: the probabilities of every member of an
+ensemble (several runs of the same input and output) under mirroring test-time augmentation
+(the identity and the flips of each in-plane axis and of both, each flipped back), averaged,
+then turned into labels. Softmax runs average the K class probabilities (argmax); 'region_dice'
+runs average the three sigmoid region probabilities (ET/TC/WT > 0.5, i.e. a logit > 0 for one
+model without TTA).
+
+Every inference option travels in one frozen `Options`. Between the labels and the output sits
+one hook, `rules`: a function of the whole canonical label volume (rules chosen on validation
+data, such as small-ET relabelling or removal of small connected components, need the whole
+case).
 
 `run_data_config` and `labelled_cases` give a run's data and the labelled cases of a split, as
 evaluate and postprocess read them.
@@ -27,7 +34,6 @@ import numpy as np
 from data_pipelines.brats import labels as labels_lib
 from data_pipelines.brats import layouts
 from data_pipelines.brats import preprocess
-from msatt_jax import checkpointing
 from msatt_jax import losses
 from msatt_jax import steps
 
@@ -38,6 +44,19 @@ TTA_FLIPS = ((), (1,), (2,), (1, 2))
 INPUT_KEYS = ("modalities", "crop_size", "crop_center", "slice_start", "slice_stop", "normalize")
 # Canonical label volume -> canonical label volume (postprocessing rules).
 LabelRules = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How volumes are segmented: every inference option, in one place."""
+  tta: bool = True  # Mirroring TTA: average over the four in-plane flips.
+  batch_size: int = 16  # Slices per forward pass (x4 images with TTA); one compilation.
+  postprocess: str = "auto"  # 'auto' (the run's postprocessing.json), 'none' or a file's path.
+  checkpoint: str = "best"  # 'best', 'latest' or a step number, of every run.
+
+  def __post_init__(self):
+    if int(self.batch_size) < 1:
+      raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}.")
 
 
 @dataclasses.dataclass
@@ -52,6 +71,8 @@ class TrainedRun:
 
 def restore_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
   """Restores a run's config and the variables of its 'best' / 'latest' / numbered checkpoint."""
+  # Imported here: a model package predicts through this module without Orbax.
+  from msatt_jax import checkpointing  # pylint: disable=g-import-not-at-top
   checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
   step = checkpointer.resolve(checkpoint)
   try:
@@ -77,9 +98,9 @@ def restore_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRu
                     workdir=workdir)
 
 
-def _damaged(checkpointer: checkpointing.Checkpointer, step: int,
-             error: Exception) -> checkpointing.CheckpointRestoreError:
+def _damaged(checkpointer: Any, step: int, error: Exception) -> Exception:
   """The error for a checkpoint that does not read back: which step, and how to pick another."""
+  from msatt_jax import checkpointing  # pylint: disable=g-import-not-at-top
   if isinstance(error, checkpointing.CheckpointRestoreError) and error.__cause__ is not None:
     error = error.__cause__  # The reader's own reason, not our wrapper's sentence.
   others = [s for s in checkpointer.all_steps() if s != step]
@@ -145,19 +166,25 @@ def probabilities_to_labels(probs: jax.Array, loss: str) -> jax.Array:
 
 
 class Predictor:
-  """One jit-compiled prediction of (B,H,W,M) slices by an ensemble, with or without TTA.
+  """An ensemble (or one model) applied to slices and whole volumes, with or without TTA.
 
-  Calling it returns (B,H,W) canonical uint8 labels; `with_probabilities` also returns the
-  averaged (B,H,W,C) float32 probabilities. Both come from the same compiled function, which is
-  compiled once per batch shape (callers keep the batch size fixed).
+  members: (model, variables) pairs, `model.apply(variables, images, train=False)` giving
+  (B,H,W,C) logits; data_config: the members' preprocessing (INPUT_KEYS as attributes);
+  rules: the postprocessing applied to each segmented volume. Calling it on (B,H,W,M) slices
+  returns (B,H,W) canonical uint8 labels; `with_probabilities` also returns the averaged
+  (B,H,W,C) float32 probabilities. Both come from one jit-compiled function, compiled once per
+  batch shape (`segment` keeps the batch size fixed).
   """
 
-  def __init__(self, members: Sequence[Tuple[Any, Dict[str, Any]]], loss: str, tta: bool,
-               data_config: Optional[ml_collections.ConfigDict] = None):
+  def __init__(self, members: Sequence[Tuple[Any, Dict[str, Any]]], loss: str,
+               tta: bool = True, data_config: Any = None, *, batch_size: int = 16,
+               rules: Optional[LabelRules] = None):
     losses.check_loss(loss)
     self.loss = loss
     self.tta = bool(tta)
-    self.data_config = data_config  # The members' preprocessing (the first run's config.data).
+    self.data_config = data_config
+    self.batch_size = int(batch_size)
+    self.rules = rules
     models = [model for model, _ in members]
     self._variables = tuple(variables for _, variables in members)
     flips = TTA_FLIPS if self.tta else ((),)
@@ -179,6 +206,15 @@ class Predictor:
 
     self._predict = predict
 
+  @classmethod
+  def from_runs(cls, runs: Union[TrainedRun, Sequence[TrainedRun]], options: Options = Options(),
+                rules: Optional[LabelRules] = None) -> "Predictor":
+    """The predictor of one restored run or of an ensemble (checked to share input and output)."""
+    runs = [runs] if isinstance(runs, TrainedRun) else list(runs)
+    check_ensemble(runs)
+    return cls([(r.model, r.variables) for r in runs], runs[0].config.loss, options.tta,
+               runs[0].config.data, batch_size=options.batch_size, rules=rules)
+
   @property
   def channels(self) -> Tuple[str, ...]:
     return channel_names(self.loss)
@@ -191,22 +227,33 @@ class Predictor:
     labels, _ = self._predict(self._variables, jnp.asarray(images, jnp.float32))
     return np.asarray(labels)  # The probabilities stay on the device.
 
+  def prepare(self, image: np.ndarray,
+              slice_range: Optional[Tuple[int, int]] = None) -> preprocess.Slices:
+    """(X,Y,Z,M) raw intensities -> the model's slices, preprocessed as the training slices were.
 
-PredictFn = Union[Predictor, Callable[[np.ndarray], np.ndarray]]
+    slice_range: inclusive axial range to segment; default the training range.
+    """
+    return prepare_slices(image, self.data_config, slice_range)
 
+  def segment(self, image: np.ndarray, slice_range: Optional[Tuple[int, int]] = None,
+              with_probabilities: bool = False,
+              slices: Optional[preprocess.Slices] = None) -> "Segmentation":
+    """(X,Y,Z,M) raw intensities -> Segmentation (labels pasted back, then the rules); zero
+    labels outside the segmented slices and crop.
 
-def make_predictor(runs: Union[TrainedRun, Sequence[TrainedRun]], tta: bool = True) -> Predictor:
-  """The predictor of one run or of an ensemble (checked to share input and output)."""
-  runs = [runs] if isinstance(runs, TrainedRun) else list(runs)
-  check_ensemble(runs)
-  return Predictor([(r.model, r.variables) for r in runs], runs[0].config.loss, tta,
-                   runs[0].config.data)
-
-
-def make_predict_fn(model: Any, variables: Dict[str, Any], loss: str,
-                    tta: bool = False) -> Predictor:
-  """(B,H,W,M) float32 slices -> (B,H,W) canonical uint8 labels of one model, jit-compiled."""
-  return Predictor([(model, variables)], loss, tta)
+    slices: `prepare(image, slice_range)` when the caller prepared it already (predict reads
+    and prepares the next case while this one runs).
+    """
+    slices = slices if slices is not None else self.prepare(image, slice_range)
+    volume_shape = image.shape[:3]
+    labels, slice_probs = _predict_slices(self, slices.image, self.batch_size,
+                                          with_probabilities)
+    probs = (paste_back_probabilities(slice_probs, slices, volume_shape, self.channels)
+             if with_probabilities else None)
+    unprocessed = preprocess.paste_back(labels, slices.slice_indices, slices.offsets,
+                                        volume_shape)
+    processed = self.rules(unprocessed) if self.rules is not None else unprocessed
+    return Segmentation(labels=processed, unprocessed=unprocessed, probabilities=probs)
 
 
 @dataclasses.dataclass
@@ -217,11 +264,11 @@ class Segmentation:
   probabilities: Optional[np.ndarray] = None  # (C, X, Y, Z) float16, when asked for.
 
 
-def predict_slices(predict: PredictFn, slices: np.ndarray, batch_size: int,
-                   with_probabilities: bool = False):
+def _predict_slices(predict: Predictor, slices: np.ndarray, batch_size: int,
+                    with_probabilities: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
   """Runs (S,H,W,M) slices through the model in fixed-size batches (one compilation).
 
-  Returns (S,H,W) uint8 labels, or (labels, (S,H,W,C) float16 probabilities).
+  Returns (S,H,W) uint8 labels and, when asked for, (S,H,W,C) float16 probabilities.
   """
   labels = np.zeros(slices.shape[:3], np.uint8)
   probs = None
@@ -237,10 +284,10 @@ def predict_slices(predict: PredictFn, slices: np.ndarray, batch_size: int,
     else:
       batch_labels = predict(padded)
     labels[start:start + len(chunk)] = batch_labels[:len(chunk)]
-  return (labels, probs) if with_probabilities else labels
+  return labels, probs
 
 
-def prepare_slices(image: np.ndarray, data_config: ml_collections.ConfigDict,
+def prepare_slices(image: np.ndarray, data_config: Any,
                    slice_range: Optional[Tuple[int, int]] = None) -> preprocess.Slices:
   """(X,Y,Z,M) raw intensities -> the model's slices, preprocessed as the training slices were.
 
@@ -266,46 +313,11 @@ def paste_back_probabilities(probs: np.ndarray, slices: preprocess.Slices,
   return out
 
 
-def segment_slices(predict: PredictFn, slices: preprocess.Slices, volume_shape: Sequence[int],
-                   batch_size: int = 16, with_probabilities: bool = False,
-                   rules: Optional[LabelRules] = None) -> Segmentation:
-  """Prepared slices -> a Segmentation of the volume (labels pasted back, then the rules)."""
-  probs = None
-  if with_probabilities:
-    labels, slice_probs = predict_slices(predict, slices.image, batch_size, True)
-    probs = paste_back_probabilities(slice_probs, slices, volume_shape, predict.channels)
-  else:
-    labels = predict_slices(predict, slices.image, batch_size)
-  unprocessed = preprocess.paste_back(labels, slices.slice_indices, slices.offsets,
-                                      volume_shape)
-  processed = rules(unprocessed) if rules is not None else unprocessed
-  return Segmentation(labels=processed, unprocessed=unprocessed, probabilities=probs)
-
-
-def segment(predict: PredictFn, image: np.ndarray, data_config: ml_collections.ConfigDict,
-            slice_range: Optional[Tuple[int, int]] = None, batch_size: int = 16,
-            with_probabilities: bool = False,
-            rules: Optional[LabelRules] = None) -> Segmentation:
-  """(X,Y,Z,M) raw intensities -> Segmentation; zero labels outside the segmented slices."""
-  slices = prepare_slices(image, data_config, slice_range)
-  return segment_slices(predict, slices, image.shape[:3], batch_size, with_probabilities, rules)
-
-
-def segment_volume(predict: PredictFn, image: np.ndarray, data_config: ml_collections.ConfigDict,
-                   slice_range: Optional[Tuple[int, int]] = None,
-                   batch_size: int = 16) -> np.ndarray:
-  """(X,Y,Z,M) raw intensities -> (X,Y,Z) canonical labels; zero outside the segmented slices.
-
-  slice_range: inclusive axial range to segment; default the config's (the training range).
-  """
-  return segment(predict, image, data_config, slice_range, batch_size).labels
-
-
 def run_data_config(run: TrainedRun,
                     source_dir: Optional[str] = None) -> ml_collections.ConfigDict:
-  """The run's data config pointing at its raw and prepared data as recorded at training
-  (source_dir: the raw folder, if it moved since)."""
-  data_config = run.config.data
+  """A copy of the run's data config pointing at its raw and prepared data as recorded at
+  training (source_dir: the raw folder, if it moved since); the run's own is left as it is."""
+  data_config = run.config.data.copy_and_resolve_references()
   data_config.source_dir = source_dir or run.meta["data"]["source_dir"]
   data_config.data_dir = run.meta["data"]["data_dir"]
   return data_config

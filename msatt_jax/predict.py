@@ -38,7 +38,7 @@ from concurrent import futures
 import dataclasses
 import os
 import time
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 from absl import flags
 from absl import logging
@@ -57,6 +57,7 @@ from msatt_jax import reporting
 
 SLICE_MODES = ("brain", "train")
 PROBABILITIES_SUFFIX = ".npz"
+# What segments: restored runs (an ensemble), or a Predictor built from them or from a package.
 Runs = Union[inference.TrainedRun, Sequence[inference.TrainedRun], inference.Predictor]
 
 
@@ -118,10 +119,10 @@ def write_probabilities(probabilities: np.ndarray, channels: Sequence[str], path
                           channels=np.asarray(channels))
 
 
-def _predictor(runs: Runs, tta: bool) -> inference.Predictor:
+def _predictor(runs: Runs, options: inference.Options) -> inference.Predictor:
   if isinstance(runs, inference.Predictor):
     return runs
-  return inference.make_predictor(runs, tta)
+  return inference.Predictor.from_runs(runs, options)
 
 
 def _check_request(label_convention: str, slices: str) -> None:
@@ -130,21 +131,19 @@ def _check_request(label_convention: str, slices: str) -> None:
   labels_lib.resolve_convention(label_convention, "brats")
 
 
-def _load(ref: layouts.CaseRef, data_config,
+def _load(ref: layouts.CaseRef, predictor: inference.Predictor,
           slices: str) -> Tuple[layouts.Case, preprocess.Slices]:
   """Reads a case and prepares its slices (whole brain or the training range)."""
-  case = layouts.load_case(ref, modalities=tuple(data_config.modalities))
+  case = layouts.load_case(ref, modalities=tuple(predictor.data_config.modalities))
   slice_range = preprocess.brain_slice_range(case.image) if slices == "brain" else None
-  return case, inference.prepare_slices(case.image, data_config, slice_range)
+  return case, predictor.prepare(case.image, slice_range)
 
 
 def _segment_and_write(predictor: inference.Predictor, case: layouts.Case,
                        prepared: preprocess.Slices, output_path: str, label_convention: str,
-                       batch_size: int, save_probabilities: bool,
-                       rules: Optional[inference.LabelRules]) -> np.ndarray:
+                       save_probabilities: bool) -> np.ndarray:
   """Segments prepared slices; writes the probabilities (if asked), then the segmentation."""
-  result = inference.segment_slices(predictor, prepared, case.image.shape[:3], batch_size,
-                                    save_probabilities, rules)
+  result = predictor.segment(case.image, with_probabilities=save_probabilities, slices=prepared)
   if save_probabilities:
     write_probabilities(result.probabilities, predictor.channels,
                         probabilities_path(output_path))
@@ -154,18 +153,21 @@ def _segment_and_write(predictor: inference.Predictor, case: layouts.Case,
 
 
 def predict_case(runs: Runs, input_path: str, output_path: str,
+                 options: inference.Options = inference.Options(), *,
                  label_convention: str = "brats", slices: str = "brain",
-                 batch_size: int = 16, tta: bool = True, save_probabilities: bool = False,
-                 rules: Optional[inference.LabelRules] = None) -> np.ndarray:
-  """Segments one case and writes it; returns the canonical label volume."""
+                 save_probabilities: bool = False) -> np.ndarray:
+  """Segments one case and writes it; returns the canonical label volume.
+
+  options: used to build the predictor from runs (a Predictor carries its own).
+  """
   _check_request(label_convention, slices)
   check_output_path(output_path)
   ref = layouts.case_ref_from_path(input_path)
   check_not_an_input(_outputs(output_path, save_probabilities), [ref])
-  predictor = _predictor(runs, tta)
-  case, prepared = _load(ref, predictor.data_config, slices)
+  predictor = _predictor(runs, options)
+  case, prepared = _load(ref, predictor, slices)
   return _segment_and_write(predictor, case, prepared, output_path, label_convention,
-                            batch_size, save_probabilities, rules)
+                            save_probabilities)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +245,10 @@ def _duration(seconds: float) -> str:
   return f"{minutes}:{seconds:02d}"
 
 
-def predict_folder(runs: Runs, input_dir: str, output_dir: str, label_convention: str = "brats",
-                   slices: str = "brain", batch_size: int = 16, tta: bool = True,
-                   overwrite: bool = False, save_probabilities: bool = False,
-                   rules: Optional[inference.LabelRules] = None) -> FolderResult:
+def predict_folder(runs: Runs, input_dir: str, output_dir: str,
+                   options: inference.Options = inference.Options(), *,
+                   label_convention: str = "brats", slices: str = "brain",
+                   overwrite: bool = False, save_probabilities: bool = False) -> FolderResult:
   """Segments every case of input_dir into output_dir/<case>.nii.gz (one compilation).
 
   A case that cannot be read or prepared is logged by name and skipped; once the others are
@@ -263,11 +265,11 @@ def predict_folder(runs: Runs, input_dir: str, output_dir: str, label_convention
                input_dir, output_dir,
                f" ({len(result.skipped)} already written; --overwrite redoes them)"
                if result.skipped else "")
-  predictor = _predictor(runs, tta)
+  predictor = _predictor(runs, options)
   t0 = time.perf_counter()
   # The next case is read and prepared while this one runs through the model.
   with futures.ThreadPoolExecutor(max_workers=1) as reader:
-    load = lambda i: reader.submit(_load, todo[i], predictor.data_config, slices)
+    load = lambda i: reader.submit(_load, todo[i], predictor, slices)
     pending = load(0) if todo else None
     for i, ref in enumerate(todo):
       current, pending = pending, load(i + 1) if i + 1 < len(todo) else None
@@ -279,7 +281,7 @@ def predict_folder(runs: Runs, input_dir: str, output_dir: str, label_convention
                       ref.case_id, result.failed[ref.case_id])
         continue
       _segment_and_write(predictor, case, prepared, output[ref.case_id], label_convention,
-                         batch_size, save_probabilities, rules)
+                         save_probabilities)
       result.written.append(ref.case_id)
       elapsed = time.perf_counter() - t0
       logging.info("[%d/%d] %s -> %s  (%s elapsed, ETA %s)", i + 1, len(todo), ref.case_id,
@@ -316,36 +318,43 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
-def _restore() -> Tuple[List[inference.TrainedRun], Optional[postprocess_lib.Rules]]:
-  """The runs of --workdir and the rules of --postprocess, named on the console."""
-  rules, record = postprocess_lib.resolve(FLAGS.postprocess, FLAGS.workdir[0])
-  runs = inference.restore_runs(FLAGS.workdir, FLAGS.checkpoint)
-  postprocess_lib.warn_if_mismatched(rules, record, runs, FLAGS.tta)
+def _options() -> inference.Options:
+  return inference.Options(tta=FLAGS.tta, batch_size=FLAGS.batch_size,
+                           postprocess=FLAGS.postprocess, checkpoint=FLAGS.checkpoint)
+
+
+def _restore() -> Tuple[inference.Predictor, str]:
+  """The predictor of --workdir with the rules of --postprocess (named on the console), and
+  what it is in words."""
+  options = _options()
+  rules, record = postprocess_lib.resolve(options.postprocess, FLAGS.workdir[0])
+  runs = inference.restore_runs(FLAGS.workdir, options.checkpoint)
+  postprocess_lib.warn_if_mismatched(rules, record, runs, options.tta)
   logging.info("Postprocessing: %s.", rules.describe() if rules else "none")
-  return runs, rules
+  what = (f"checkpoint step {', '.join(str(r.step) for r in runs)}; postprocessing: "
+          f"{rules.describe() if rules else 'none'}")
+  return inference.Predictor.from_runs(runs, options, rules), what
 
 
 def main(argv: Sequence[str]) -> Union[np.ndarray, FolderResult]:
   del argv
   if not is_case_input(FLAGS.input):
     plan_folder(FLAGS.input, FLAGS.output, FLAGS.save_probabilities)  # Before the restore.
-    runs, rules = _restore()
-    result = predict_folder(runs, FLAGS.input, FLAGS.output, FLAGS.labels, FLAGS.slices,
-                            FLAGS.batch_size, FLAGS.tta, FLAGS.overwrite,
-                            FLAGS.save_probabilities, rules)
-    print(f"Wrote {len(result.written)} case(s) to {FLAGS.output} (checkpoint step "
-          f"{', '.join(str(r.step) for r in runs)}; postprocessing: "
-          f"{rules.describe() if rules else 'none'}); {len(result.skipped)} already there.")
+    predictor, what = _restore()
+    result = predict_folder(predictor, FLAGS.input, FLAGS.output, label_convention=FLAGS.labels,
+                            slices=FLAGS.slices, overwrite=FLAGS.overwrite,
+                            save_probabilities=FLAGS.save_probabilities)
+    print(f"Wrote {len(result.written)} case(s) to {FLAGS.output} ({what}); "
+          f"{len(result.skipped)} already there.")
     return result
   check_output_path(FLAGS.output)
   check_not_an_input(_outputs(FLAGS.output, FLAGS.save_probabilities),
                      [layouts.case_ref_from_path(FLAGS.input)])
-  runs, rules = _restore()
-  seg = predict_case(runs, FLAGS.input, FLAGS.output, FLAGS.labels, FLAGS.slices,
-                     FLAGS.batch_size, FLAGS.tta, FLAGS.save_probabilities, rules)
+  predictor, what = _restore()
+  seg = predict_case(predictor, FLAGS.input, FLAGS.output, label_convention=FLAGS.labels,
+                     slices=FLAGS.slices, save_probabilities=FLAGS.save_probabilities)
   counts = {name: int((seg == i).sum()) for i, name in enumerate(labels_lib.CLASS_NAMES)}
-  print(f"Wrote {FLAGS.output} (checkpoint step {', '.join(str(r.step) for r in runs)}; "
-        f"postprocessing: {rules.describe() if rules else 'none'}); voxels per label: {counts}")
+  print(f"Wrote {FLAGS.output} ({what}); voxels per label: {counts}")
   return seg
 
 

@@ -46,7 +46,7 @@ def run():
 
 @pytest.fixture(scope="module")
 def predictor(run):
-  return inference.make_predictor(run, tta=True)
+  return inference.Predictor.from_runs(run)
 
 
 def _canonical(path):
@@ -56,9 +56,9 @@ def _canonical(path):
 def test_a_brats_folder_is_segmented_with_one_compilation(run, synthetic_brats, tmp_path):
   counting = Counting(run.model)
   predictor = inference.Predictor([(counting, run.variables)], run.config.loss, True,
-                                  run.config.data)
+                                  run.config.data, batch_size=4)
   out = tmp_path / "preds"
-  result = predict.predict_folder(predictor, str(synthetic_brats), str(out), batch_size=4)
+  result = predict.predict_folder(predictor, str(synthetic_brats), str(out))
   refs = layouts.find_cases(synthetic_brats)
   assert result.written == [r.case_id for r in refs] and not result.skipped
   assert sorted(os.listdir(out)) == sorted(f"{r.case_id}.nii.gz" for r in refs)
@@ -70,27 +70,28 @@ def test_a_brats_folder_is_segmented_with_one_compilation(run, synthetic_brats, 
   assert written.shape == flair.shape
   np.testing.assert_allclose(written.affine, flair.affine)
   single = predict.predict_case(predictor, os.path.dirname(ref.image_paths["flair"]),
-                                str(tmp_path / "one.nii.gz"), batch_size=4)
+                                str(tmp_path / "one.nii.gz"))
   np.testing.assert_array_equal(_canonical(out / f"{ref.case_id}.nii.gz"), single)
 
 
 def test_existing_outputs_are_skipped_unless_overwrite(predictor, synthetic_msd, tmp_path):
   images, out = synthetic_msd / "imagesTr", tmp_path / "preds"
-  first = predict.predict_folder(predictor, str(images), str(out), "msd")
+  first = predict.predict_folder(predictor, str(images), str(out), label_convention="msd")
   assert len(first.written) == 4
   target = out / f"{first.written[0]}.nii.gz"
   original = nib.load(target)
   nib.save(nib.Nifti1Image(np.zeros(original.shape, np.uint8), original.affine), target)
-  again = predict.predict_folder(predictor, str(images), str(out), "msd")
+  again = predict.predict_folder(predictor, str(images), str(out), label_convention="msd")
   assert again.skipped == first.written and not again.written
   assert not np.asarray(nib.load(target).dataobj).any()  # Left as it was.
-  redone = predict.predict_folder(predictor, str(images), str(out), "msd", overwrite=True)
+  redone = predict.predict_folder(predictor, str(images), str(out), label_convention="msd",
+                                    overwrite=True)
   assert redone.written == first.written
   np.testing.assert_array_equal(np.asarray(nib.load(target).dataobj),
                                 np.asarray(original.dataobj))
   # Asking for probabilities redoes the cases that lack them.
-  with_probs = predict.predict_folder(predictor, str(images), str(out), "msd",
-                                      save_probabilities=True)
+  with_probs = predict.predict_folder(predictor, str(images), str(out),
+                                      label_convention="msd", save_probabilities=True)
   assert with_probs.written == first.written
 
 
