@@ -219,6 +219,12 @@ class Predictor:
   def channels(self) -> Tuple[str, ...]:
     return channel_names(self.loss)
 
+  @property
+  def function(self) -> Tuple[Callable[..., Any], Tuple[Dict[str, Any], ...]]:
+    """(the jit-compiled (variables, images) -> (labels, probabilities), the members'
+    variables): the whole prediction of a batch, for export."""
+    return self._predict, self._variables
+
   def with_probabilities(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     labels, probs = self._predict(self._variables, jnp.asarray(images, jnp.float32))
     return np.asarray(labels), np.asarray(probs)

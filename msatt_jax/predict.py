@@ -5,6 +5,12 @@
       --output=BRATS_485.nii.gz --labels=msd
   python -m msatt_jax.predict --workdir=runs/f0,runs/f1 --input=imagesTs --output=preds \
       [--save_probabilities] [--overwrite] [--notta] [--postprocess=auto|none|PATH]
+  python -m msatt_jax.predict --model=packages/paper --input=imagesTs --output=preds
+
+--model runs a model package (`python -m msatt_jax.export`) instead of --workdir runs: the
+JAX runtime alone, no checkpoint restore, config file or TensorFlow; its TTA and
+postprocessing rules are the package's unless --tta/--notta or --postprocess=none|PATH say
+otherwise, and the labels are those of the runs it was exported from.
 
 One case: --input is a BraTS case folder (<case>_{flair,t1,t1ce,t2}.nii.gz) or an MSD 4D image,
 --output a .nii.gz/.nii file. A folder: --input holds BraTS case folders (also under HGG/ and
@@ -52,6 +58,7 @@ from data_pipelines.brats import preprocess
 from data_pipelines.errors import DataError
 from msatt_jax import cli
 from msatt_jax import inference
+from msatt_jax import package as package_lib
 from msatt_jax import postprocess as postprocess_lib
 from msatt_jax import reporting
 
@@ -301,6 +308,8 @@ def define_flags() -> None:
   """The command's flags; defined by `run` only, so importing this module defines none."""
   flags.DEFINE_list("workdir", None, "Run directory holding the checkpoints; several "
                     "(comma-separated) average their probabilities (an ensemble).")
+  flags.DEFINE_string("model", None, "A model package folder (python -m msatt_jax.export), "
+                      "instead of --workdir.")
   flags.DEFINE_string("input", None, "BraTS case folder or MSD 4D image; or a folder of them.")
   flags.DEFINE_string("output", None, "Output segmentation (.nii.gz); for a folder of cases, "
                       "the output folder (<case>.nii.gz each).")
@@ -315,7 +324,7 @@ def define_flags() -> None:
                     "(C, X, Y, Z) in the input's geometry.")
   flags.DEFINE_bool("overwrite", False, "Folder input: redo cases whose outputs exist.")
   postprocess_lib.define_postprocess_flag()
-  flags.mark_flags_as_required(["workdir", "input", "output"])
+  flags.mark_flags_as_required(["input", "output"])
 
 
 def _options() -> inference.Options:
@@ -336,11 +345,36 @@ def _restore() -> Tuple[inference.Predictor, str]:
   return inference.Predictor.from_runs(runs, options, rules), what
 
 
+def _load_package() -> Tuple[inference.Predictor, str]:
+  """The predictor of --model: the package's TTA and rules unless the flags say otherwise."""
+  tta = FLAGS.tta if FLAGS["tta"].present else None
+  rules = {"auto": package_lib.OWN_RULES, "none": None}.get(FLAGS.postprocess)
+  if FLAGS.postprocess not in ("auto", "none"):
+    rules, _ = postprocess_lib.resolve(FLAGS.postprocess, FLAGS.model)
+  loaded = package_lib.load(FLAGS.model, FLAGS.batch_size, tta, rules)
+  rules = loaded.predictor.rules
+  logging.info("Loaded %s; postprocessing: %s.", loaded.description,
+               rules.describe() if rules else "none")
+  return loaded.predictor, (f"{loaded.description}; postprocessing: "
+                            f"{rules.describe() if rules else 'none'}")
+
+
+def _check_source() -> None:
+  if FLAGS.model is not None and FLAGS.workdir:
+    raise ValueError("--model and --workdir: pass one of them, not both (a package holds the "
+                     "runs it was exported from).")
+  if FLAGS.model is None and not FLAGS.workdir:
+    raise ValueError("--workdir or --model: name the runs or the model package to predict "
+                     "with.")
+
+
 def main(argv: Sequence[str]) -> Union[np.ndarray, FolderResult]:
   del argv
+  _check_source()
+  source = _load_package if FLAGS.model is not None else _restore
   if not is_case_input(FLAGS.input):
     plan_folder(FLAGS.input, FLAGS.output, FLAGS.save_probabilities)  # Before the restore.
-    predictor, what = _restore()
+    predictor, what = source()
     result = predict_folder(predictor, FLAGS.input, FLAGS.output, label_convention=FLAGS.labels,
                             slices=FLAGS.slices, overwrite=FLAGS.overwrite,
                             save_probabilities=FLAGS.save_probabilities)
@@ -350,7 +384,7 @@ def main(argv: Sequence[str]) -> Union[np.ndarray, FolderResult]:
   check_output_path(FLAGS.output)
   check_not_an_input(_outputs(FLAGS.output, FLAGS.save_probabilities),
                      [layouts.case_ref_from_path(FLAGS.input)])
-  predictor, what = _restore()
+  predictor, what = source()
   seg = predict_case(predictor, FLAGS.input, FLAGS.output, label_convention=FLAGS.labels,
                      slices=FLAGS.slices, save_probabilities=FLAGS.save_probabilities)
   counts = {name: int((seg == i).sum()) for i, name in enumerate(labels_lib.CLASS_NAMES)}
