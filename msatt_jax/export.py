@@ -118,7 +118,8 @@ def export(workdirs: Sequence[str], output: str,
         with open(os.path.join(tmp, package_lib.forward_name(i, platform)), "wb") as f:
           f.write(program)
     if fmt == "savedmodel":
-      predictor = inference.Predictor.from_runs(runs, options)
+      # One device: jax2tf converts the plain program, not its split over devices.
+      predictor = inference.Predictor.from_runs(runs, options, devices=jax.local_devices()[:1])
       data = runs[0].config.data
       shape = (data.crop_size, data.crop_size, len(data.modalities))
       write_savedmodel(predictor, os.path.join(tmp, package_lib.SAVEDMODEL_DIR),

@@ -24,6 +24,7 @@ evaluate and postprocess read them.
 """
 
 import dataclasses
+import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import jax
@@ -178,19 +179,24 @@ class Predictor:
 
   def __init__(self, members: Sequence[Tuple[Any, Dict[str, Any]]], loss: str,
                tta: bool = True, data_config: Any = None, *, batch_size: int = 16,
-               rules: Optional[LabelRules] = None):
+               rules: Optional[LabelRules] = None, source: Optional[Dict[str, Any]] = None,
+               devices: Optional[Sequence[jax.Device]] = None):
     losses.check_loss(loss)
     self.loss = loss
     self.tta = bool(tta)
     self.data_config = data_config
-    self.batch_size = int(batch_size)
     self.rules = rules
+    self.source = source or {}  # What predicts (runs and steps, or a package), for records.
+    # The slices of a batch are split over this process's devices (never another process's:
+    # processes share work by cases, not by slices); the batch is rounded up to divide evenly.
+    self.devices = tuple(devices or jax.local_devices())
+    n = len(self.devices)
+    self.batch_size = -(-int(batch_size) // n) * n
     models = [model for model, _ in members]
     self._variables = tuple(variables for _, variables in members)
     flips = TTA_FLIPS if self.tta else ((),)
     region_output = is_region_output(loss)
 
-    @jax.jit
     def predict(variables, images):
       # The views are batched together: one forward pass per member over V x B images.
       views = jnp.concatenate([jnp.flip(images, f) if f else images for f in flips])
@@ -204,16 +210,31 @@ class Predictor:
       mean = total / (len(flips) * len(models))
       return probabilities_to_labels(mean, loss), mean
 
-    self._predict = predict
+    if n == 1:
+      self._images = jax.sharding.SingleDeviceSharding(self.devices[0])
+      self._predict = jax.jit(predict)
+    else:
+      # Each device runs the one-device program on its share of the slices: one compilation,
+      # no communication, and the one-device arithmetic per slice.
+      mesh = jax.sharding.Mesh(np.asarray(self.devices), ("slices",))
+      self._images = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("slices"))
+      self._predict = jax.jit(jax.shard_map(
+          predict, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), self._images.spec),
+          out_specs=self._images.spec, check_vma=False))
 
   @classmethod
   def from_runs(cls, runs: Union[TrainedRun, Sequence[TrainedRun]], options: Options = Options(),
-                rules: Optional[LabelRules] = None) -> "Predictor":
-    """The predictor of one restored run or of an ensemble (checked to share input and output)."""
+                rules: Optional[LabelRules] = None,
+                devices: Optional[Sequence[jax.Device]] = None) -> "Predictor":
+    """The predictor of one restored run or of an ensemble (checked to share input and output);
+    devices: where the slices go (default this process's devices)."""
     runs = [runs] if isinstance(runs, TrainedRun) else list(runs)
     check_ensemble(runs)
+    source = {"runs": [{"workdir": os.path.abspath(r.workdir) if r.workdir else None,
+                        "checkpoint_step": int(r.step)} for r in runs]}
     return cls([(r.model, r.variables) for r in runs], runs[0].config.loss, options.tta,
-               runs[0].config.data, batch_size=options.batch_size, rules=rules)
+               runs[0].config.data, batch_size=options.batch_size, rules=rules, source=source,
+               devices=devices)
 
   @property
   def channels(self) -> Tuple[str, ...]:
@@ -225,12 +246,16 @@ class Predictor:
     variables): the whole prediction of a batch, for export."""
     return self._predict, self._variables
 
+  def _run(self, images: np.ndarray) -> Tuple[jax.Array, jax.Array]:
+    return self._predict(self._variables,
+                         jax.device_put(np.asarray(images, np.float32), self._images))
+
   def with_probabilities(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    labels, probs = self._predict(self._variables, jnp.asarray(images, jnp.float32))
+    labels, probs = self._run(images)
     return np.asarray(labels), np.asarray(probs)
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    labels, _ = self._predict(self._variables, jnp.asarray(images, jnp.float32))
+    labels, _ = self._run(images)
     return np.asarray(labels)  # The probabilities stay on the device.
 
   def prepare(self, image: np.ndarray,

@@ -261,5 +261,6 @@ def load(folder: str, batch_size: int = 16, tta: Optional[bool] = None,
           **manifest["preprocessing"]}
   predictor = inference.Predictor(members, manifest["labels"]["loss"], tta,
                                   ml_collections.ConfigDict(data), batch_size=batch_size,
-                                  rules=rules)
+                                  rules=rules, source={"package": sha256(
+                                      os.path.join(folder, MANIFEST))})
   return Package(path=folder, manifest=manifest, predictor=predictor)

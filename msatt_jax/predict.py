@@ -12,6 +12,14 @@ JAX runtime alone, no checkpoint restore, config file or TensorFlow; its TTA and
 postprocessing rules are the package's unless --tta/--notta or --postprocess=none|PATH say
 otherwise, and the labels are those of the runs it was exported from.
 
+A folder's slices are split over this process's devices (one compilation), and its cases over
+processes: --num_parts=N --part_id=I takes every N-th case from the I-th (nnU-Net's split);
+under jax.distributed (--distributed, or --coordinator_address with --num_processes and
+--process_id) each process takes its own share by itself. A rerun of any part, or of the whole
+folder, skips the cases written, so it completes a folder a lost process left unfinished.
+<output>/predict.json records what writes the folder (the runs or package, TTA, rules, labels);
+a prediction by anything else into the same folder is refused (--overwrite takes it over).
+
 One case: --input is a BraTS case folder (<case>_{flair,t1,t1ce,t2}.nii.gz) or an MSD 4D image,
 --output a .nii.gz/.nii file. A folder: --input holds BraTS case folders (also under HGG/ and
 LGG/) or MSD 4D images (an `imagesTs`/`imagesTr` folder); every case is written to
@@ -42,12 +50,15 @@ if __name__ == "__main__":
 
 from concurrent import futures
 import dataclasses
+import json
 import os
 import time
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 from absl import flags
 from absl import logging
+import jax
+import ml_collections
 import nibabel as nib
 import numpy as np
 
@@ -59,10 +70,12 @@ from data_pipelines.errors import DataError
 from msatt_jax import cli
 from msatt_jax import inference
 from msatt_jax import package as package_lib
+from msatt_jax import parallel
 from msatt_jax import postprocess as postprocess_lib
 from msatt_jax import reporting
 
 SLICE_MODES = ("brain", "train")
+RECORD = "predict.json"  # In an output folder: what writes its segmentations.
 PROBABILITIES_SUFFIX = ".npz"
 # What segments: restored runs (an ensemble), or a Predictor built from them or from a package.
 Runs = Union[inference.TrainedRun, Sequence[inference.TrainedRun], inference.Predictor]
@@ -240,6 +253,64 @@ def plan_folder(input_dir: str, output_dir: str,
   return refs, output
 
 
+def check_part(num_parts: int, part_id: int) -> None:
+  if num_parts < 1:
+    raise ValueError(f"--num_parts must be at least 1, got {num_parts}.")
+  if not 0 <= part_id < num_parts:
+    raise ValueError(f"--part_id={part_id} must be in 0..{num_parts - 1} "
+                     f"(--num_parts={num_parts}).")
+
+
+def folder_record(predictor: inference.Predictor, label_convention: str,
+                  slices: str) -> Dict[str, Any]:
+  """What makes a folder's segmentations one prediction's: the processes of one share it."""
+  rules = predictor.rules
+  return {"source": predictor.source, "tta": predictor.tta,
+          "rules": None if rules is None else getattr(rules, "to_json", lambda: repr(rules))(),
+          "labels": label_convention, "slices": slices}
+
+
+def _describe_record(record: Dict[str, Any]) -> str:
+  source = record.get("source", {})
+  what = (f"package sha256 {source['package'][:12]}" if "package" in source else
+          "runs " + ", ".join(f"{r['workdir']}@{r['checkpoint_step']}"
+                              for r in source.get("runs", [])))
+  return (f"{what}, TTA {'on' if record.get('tta') else 'off'}, rules {record.get('rules')}, "
+          f"labels {record.get('labels')}, slices {record.get('slices')}")
+
+
+def claim_output_folder(output_dir: str, record: Dict[str, Any], overwrite: bool) -> None:
+  """Records what writes into output_dir, or refuses a folder another prediction writes into.
+
+  Several processes of one prediction race here harmlessly: the record is created once, whole
+  (a hard link of a complete file), and the others find it equal to theirs.
+  """
+  path = os.path.join(output_dir, RECORD)
+  text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+  if overwrite:
+    files.atomic_write_text(path, text)
+    return
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  try:
+    os.link(tmp, path)
+  except FileExistsError:
+    pass
+  finally:
+    os.remove(tmp)
+  try:
+    with open(path, encoding="utf-8") as f:
+      theirs = json.load(f)
+  except ValueError:
+    theirs = None
+  if theirs != json.loads(text):
+    raise DataError(f"{path}: {output_dir} holds the segmentations of another prediction "
+                    f"({_describe_record(theirs) if isinstance(theirs, dict) else 'unreadable'})"
+                    f", not of this one ({_describe_record(record)}); use another --output, or "
+                    "--overwrite to redo every case with this one.")
+
+
 @dataclasses.dataclass
 class FolderResult:
   written: List[str]  # Case ids segmented and written by this call.
@@ -255,24 +326,31 @@ def _duration(seconds: float) -> str:
 def predict_folder(runs: Runs, input_dir: str, output_dir: str,
                    options: inference.Options = inference.Options(), *,
                    label_convention: str = "brats", slices: str = "brain",
-                   overwrite: bool = False, save_probabilities: bool = False) -> FolderResult:
+                   overwrite: bool = False, save_probabilities: bool = False,
+                   num_parts: int = 1, part_id: int = 0) -> FolderResult:
   """Segments every case of input_dir into output_dir/<case>.nii.gz (one compilation).
+
+  num_parts, part_id: this call segments the sorted cases part_id, part_id + num_parts, ...
 
   A case that cannot be read or prepared is logged by name and skipped; once the others are
   written, a DataError names every such case.
   """
   _check_request(label_convention, slices)
-  refs, output = plan_folder(input_dir, output_dir, save_probabilities)
+  check_part(num_parts, part_id)
+  all_refs, output = plan_folder(input_dir, output_dir, save_probabilities)
+  refs = all_refs[part_id::num_parts]
+  predictor = _predictor(runs, options)
+  claim_output_folder(output_dir, folder_record(predictor, label_convention, slices), overwrite)
   done = lambda r: all(os.path.exists(p) for p in _outputs(output[r.case_id],
                                                            save_probabilities))
   todo = [r for r in refs if overwrite or not done(r)]
   result = FolderResult(written=[], skipped=[r.case_id for r in refs if r not in todo],
                         failed={})
-  logging.info("Segmenting %d of the %d case(s) of %s into %s%s.", len(todo), len(refs),
-               input_dir, output_dir,
-               f" ({len(result.skipped)} already written; --overwrite redoes them)"
+  logging.info("Segmenting %d of the %d case(s) of %s%s into %s on %d device(s)%s.", len(todo),
+               len(refs), input_dir,
+               f" (part {part_id} of {num_parts})" if num_parts > 1 else "", output_dir,
+               len(predictor.devices), f" ({len(result.skipped)} already written; --overwrite redoes them)"
                if result.skipped else "")
-  predictor = _predictor(runs, options)
   t0 = time.perf_counter()
   # The next case is read and prepared while this one runs through the model.
   with futures.ThreadPoolExecutor(max_workers=1) as reader:
@@ -323,6 +401,16 @@ def define_flags() -> None:
   flags.DEFINE_bool("save_probabilities", False, "Also write <case>.npz: float16 probabilities "
                     "(C, X, Y, Z) in the input's geometry.")
   flags.DEFINE_bool("overwrite", False, "Folder input: redo cases whose outputs exist.")
+  flags.DEFINE_integer("num_parts", 1, "Folder input: split the cases into this many parts "
+                       "(default: the jax.distributed process count).")
+  flags.DEFINE_integer("part_id", 0, "Folder input: the part this process segments, "
+                       "0..num_parts-1 (default: the jax.distributed process index).")
+  flags.DEFINE_bool("distributed", False, "Join a jax.distributed group (cluster environment, "
+                    "or the three flags below); each process then takes its share of the cases.")
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implies "
+                      "--distributed).")
+  flags.DEFINE_integer("num_processes", None, "Processes of the group.")
+  flags.DEFINE_integer("process_id", None, "This process's index in the group.")
   postprocess_lib.define_postprocess_flag()
   flags.mark_flags_as_required(["input", "output"])
 
@@ -368,16 +456,32 @@ def _check_source() -> None:
                      "with.")
 
 
+def _join_processes() -> Tuple[int, int]:
+  """Joins jax.distributed when asked; (num_parts, part_id): the flags', else the group's."""
+  if FLAGS.distributed or FLAGS.coordinator_address is not None:
+    parallel.initialize_distributed(ml_collections.ConfigDict({
+        "enabled": True, "coordinator_address": FLAGS.coordinator_address,
+        "num_processes": FLAGS.num_processes, "process_id": FLAGS.process_id,
+        "initialization_timeout": 300}))
+  if FLAGS["num_parts"].present or FLAGS["part_id"].present:
+    return FLAGS.num_parts, FLAGS.part_id
+  return jax.process_count(), jax.process_index()
+
+
 def main(argv: Sequence[str]) -> Union[np.ndarray, FolderResult]:
   del argv
   _check_source()
+  if FLAGS["num_parts"].present or FLAGS["part_id"].present:
+    check_part(FLAGS.num_parts, FLAGS.part_id)  # Before joining or restoring anything.
   source = _load_package if FLAGS.model is not None else _restore
   if not is_case_input(FLAGS.input):
     plan_folder(FLAGS.input, FLAGS.output, FLAGS.save_probabilities)  # Before the restore.
+    num_parts, part_id = _join_processes()
     predictor, what = source()
     result = predict_folder(predictor, FLAGS.input, FLAGS.output, label_convention=FLAGS.labels,
                             slices=FLAGS.slices, overwrite=FLAGS.overwrite,
-                            save_probabilities=FLAGS.save_probabilities)
+                            save_probabilities=FLAGS.save_probabilities, num_parts=num_parts,
+                            part_id=part_id)
     print(f"Wrote {len(result.written)} case(s) to {FLAGS.output} ({what}); "
           f"{len(result.skipped)} already there.")
     return result

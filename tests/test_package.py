@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import save_untrained_run
+from data_pipelines.errors import DataError
 from msatt_jax import export
 from msatt_jax import inference
 from msatt_jax import package
@@ -165,3 +166,94 @@ def test_the_savedmodel_gives_the_predictors_labels(runs, tmp_path):
   result = loaded.signatures["serving_default"](images=tf.constant(images))
   np.testing.assert_array_equal(result["labels"].numpy(), labels)
   np.testing.assert_allclose(result["probabilities"].numpy(), probs, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# A folder over devices and processes.
+
+
+@pytest.fixture(scope="module")
+def reference(exported, synthetic_msd, tmp_path_factory):
+  """The package's labels of the MSD fixture on one device, in this process."""
+  out = tmp_path_factory.mktemp("reference") / "preds"
+  predict.predict_folder(package.load(exported[0]).predictor, str(synthetic_msd / "imagesTr"),
+                         str(out))
+  return _labels(out)
+
+
+def _env(num_devices=1):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _predict_command(package_dir, images, out, *flags):
+  return [sys.executable, "-m", "msatt_jax.predict", f"--model={package_dir}",
+          f"--input={images}", f"--output={out}", *flags]
+
+
+def test_two_devices_split_the_slices_with_the_one_device_labels(exported, reference,
+                                                                 synthetic_msd, tmp_path):
+  out = tmp_path / "preds"
+  proc = subprocess.run(_predict_command(exported[0], synthetic_msd / "imagesTr", out,
+                                         "--batch_size=3"),
+                        cwd=ROOT, env=_env(2), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "on 2 device(s)" in proc.stderr
+  got = _labels(out)
+  assert sorted(got) == sorted(reference)
+  for name in reference:
+    np.testing.assert_array_equal(got[name], reference[name])
+
+
+def test_parts_split_the_cases_and_a_rerun_completes_the_folder(exported, reference,
+                                                                synthetic_msd, tmp_path):
+  predictor = package.load(exported[0]).predictor
+  images, out = str(synthetic_msd / "imagesTr"), str(tmp_path / "preds")
+  part = predict.predict_folder(predictor, images, out, num_parts=2, part_id=1)
+  cases = sorted(n[:-len(".nii.gz")] for n in reference)
+  assert part.written == cases[1::2] and not part.skipped  # nnU-Net's split: every 2nd case.
+  # The process of part 0 was lost: a rerun of the whole folder does only what is missing.
+  rest = predict.predict_folder(predictor, images, out)
+  assert rest.written == cases[0::2] and rest.skipped == cases[1::2]
+  got = _labels(out)
+  for name in reference:
+    np.testing.assert_array_equal(got[name], reference[name])
+  with pytest.raises(ValueError, match=r"^--part_id=2 must be in 0\.\.1 \(--num_parts=2\)"):
+    predict.predict_folder(predictor, images, out, num_parts=2, part_id=2)
+  # Another prediction (here without TTA) may not write into this folder.
+  other = package.load(exported[0], tta=False).predictor
+  before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
+  with pytest.raises(DataError, match=f"^{out}/predict.json: {out} holds the segmentations of "
+                     "another prediction .*TTA on.*, not of this one .*TTA off"):
+    predict.predict_folder(other, images, out)
+  assert {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)} == before
+
+
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_take_their_share_under_jax_distributed(exported, reference,
+                                                              synthetic_msd, tmp_path):
+  out = tmp_path / "preds"
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _predict_command(exported[0], synthetic_msd / "imagesTr", out,
+                       f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                       f"--process_id={i}"),
+      cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  results = [p.communicate(timeout=300) for p in procs]
+  for proc, (_, err) in zip(procs, results):
+    assert proc.returncode == 0, err[-3000:]
+  for i, (_, err) in enumerate(results):
+    assert f"Segmenting 2 of the 2 case(s) of {synthetic_msd / 'imagesTr'} (part {i} of 2)" in err
+  got = _labels(out)
+  assert sorted(got) == sorted(reference)
+  for name in reference:
+    np.testing.assert_array_equal(got[name], reference[name])

@@ -61,7 +61,8 @@ def test_a_brats_folder_is_segmented_with_one_compilation(run, synthetic_brats, 
   result = predict.predict_folder(predictor, str(synthetic_brats), str(out))
   refs = layouts.find_cases(synthetic_brats)
   assert result.written == [r.case_id for r in refs] and not result.skipped
-  assert sorted(os.listdir(out)) == sorted(f"{r.case_id}.nii.gz" for r in refs)
+  assert sorted(os.listdir(out)) == sorted([f"{r.case_id}.nii.gz" for r in refs] +
+                                           [predict.RECORD])
   # Whole-brain slice ranges differ per case; the jitted function saw one shape.
   assert counting.traces == [(4 * 4, 32, 32, 4)]
   ref = refs[0]
@@ -112,8 +113,8 @@ def test_probabilities_are_saved_in_the_input_geometry(predictor, synthetic_msd,
   clear = top[-1] - top[-2] > 1e-3
   assert clear.mean() > 0.5
   np.testing.assert_array_equal(probs.argmax(0)[clear], labels[clear])
-  assert sorted(os.listdir(out)) == sorted(f"{c}{s}" for c in result.written
-                                           for s in (".nii.gz", ".npz"))
+  assert sorted(os.listdir(out)) == sorted([f"{c}{s}" for c in result.written
+                                            for s in (".nii.gz", ".npz")] + [predict.RECORD])
 
 
 def test_unreadable_cases_are_named_and_skipped(predictor, make_synthetic, tmp_path):
@@ -129,7 +130,8 @@ def test_unreadable_cases_are_named_and_skipped(predictor, make_synthetic, tmp_p
   message = str(info.value)
   assert message.startswith(f"2 of 3 case(s) of {folder} could not be segmented: "
                             f"{refs[0].case_id}, {refs[1].case_id}")
-  assert os.listdir(out) == [f"{refs[2].case_id}.nii.gz"]  # The other case, and nothing else.
+  # The other case, and nothing else but the folder's record.
+  assert sorted(os.listdir(out)) == [f"{refs[2].case_id}.nii.gz", predict.RECORD]
 
 
 def test_bad_folder_requests_fail_before_any_work(predictor, synthetic_msd, tmp_path):
