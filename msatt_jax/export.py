@@ -64,7 +64,7 @@ def write_savedmodel(predictor: inference.Predictor, folder: str, batch: int,
   """The predictor's whole prediction of `batch` slices as a TF SavedModel (jax2tf)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  fn, variables = predictor.function
+  fn, variables = predictor.function  # -> labels, probabilities, entropy, disagreement.
   module = tf.Module()
   # Variables, not constants: the graph stays small and the weights are stored once.
   module.weights = tf.nest.map_structure(tf.Variable, jax.device_get(variables))
@@ -73,7 +73,7 @@ def write_savedmodel(predictor: inference.Predictor, folder: str, batch: int,
   @tf.function(input_signature=[tf.TensorSpec((batch, *input_shape), tf.float32,
                                               name="images")], autograph=False)
   def serve(images):
-    labels, probabilities = converted(module.weights, images)
+    labels, probabilities, _, _ = converted(module.weights, images)
     return {"labels": labels, "probabilities": probabilities}
 
   module.serve = serve

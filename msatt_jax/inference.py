@@ -43,6 +43,8 @@ TTA_FLIPS = ((), (1,), (2,), (1, 2))
 # The preprocessing keys (config.data) that define a model's input: an ensemble's members share
 # them, so that one prepared batch of slices means the same to each.
 INPUT_KEYS = ("modalities", "crop_size", "crop_center", "slice_start", "slice_stop", "normalize")
+# The uncertainty maps segment(with_uncertainty=True) gives (disagreement: ensembles only).
+UNCERTAINTY_MAPS = ("entropy", "disagreement")
 # Canonical label volume -> canonical label volume (postprocessing rules).
 LabelRules = Callable[[np.ndarray], np.ndarray]
 
@@ -160,6 +162,16 @@ def _probabilities(logits: jax.Array, region_output: bool) -> jax.Array:
   return jax.nn.sigmoid(logits) if region_output else jax.nn.softmax(logits, axis=-1)
 
 
+def voxel_entropy(probs: jax.Array, region_output: bool) -> jax.Array:
+  """(..., C) averaged probabilities -> (...) entropy in nats: of the class distribution
+  (softmax classes, at most log C), or the summed entropies of the three region
+  probabilities (sigmoid regions, each at most log 2)."""
+  entropy = jax.scipy.special.entr(probs)
+  if region_output:
+    entropy = entropy + jax.scipy.special.entr(1 - probs)
+  return entropy.sum(-1)
+
+
 def probabilities_to_labels(probs: jax.Array, loss: str) -> jax.Array:
   """Averaged probabilities (..., C) -> canonical uint8 labels (...), as losses.logits_to_labels
   maps logits (a region is present where its probability exceeds 1/2)."""
@@ -200,15 +212,22 @@ class Predictor:
     def predict(variables, images):
       # The views are batched together: one forward pass per member over V x B images.
       views = jnp.concatenate([jnp.flip(images, f) if f else images for f in flips])
-      total = None
+      total, totals = None, []
       for model, member_variables in zip(models, variables):
         probs = _probabilities(model.apply(member_variables, views, train=False), region_output)
         probs = probs.reshape(len(flips), *images.shape[:3], probs.shape[-1])
+        member = None
         for v, f in enumerate(flips):
           view = jnp.flip(probs[v], f) if f else probs[v]
           total = view if total is None else total + view
+          member = view if member is None else member + view
+        totals.append(member)
       mean = total / (len(flips) * len(models))
-      return probabilities_to_labels(mean, loss), mean
+      labels = probabilities_to_labels(mean, loss)
+      # Fetched only when asked for (segment(with_uncertainty=True)); cheap beside the models.
+      disagreement = sum((probabilities_to_labels(m / len(flips), loss) != labels)
+                         .astype(jnp.float32) for m in totals) / len(models)
+      return labels, mean, voxel_entropy(mean, region_output), disagreement
 
     if n == 1:
       self._images = jax.sharding.SingleDeviceSharding(self.devices[0])
@@ -242,21 +261,32 @@ class Predictor:
 
   @property
   def function(self) -> Tuple[Callable[..., Any], Tuple[Dict[str, Any], ...]]:
-    """(the jit-compiled (variables, images) -> (labels, probabilities), the members'
-    variables): the whole prediction of a batch, for export."""
+    """(the jit-compiled (variables, images) -> (labels, probabilities, entropy,
+    disagreement), the members' variables): the whole prediction of a batch, for export."""
     return self._predict, self._variables
 
-  def _run(self, images: np.ndarray) -> Tuple[jax.Array, jax.Array]:
+  @property
+  def num_members(self) -> int:
+    return len(self._variables)
+
+  def _run(self, images: np.ndarray) -> Tuple[jax.Array, ...]:
     return self._predict(self._variables,
                          jax.device_put(np.asarray(images, np.float32), self._images))
 
   def with_probabilities(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    labels, probs = self._run(images)
+    labels, probs, _, _ = self._run(images)
     return np.asarray(labels), np.asarray(probs)
 
+  def with_uncertainty(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+    """{'labels', 'probabilities', 'entropy' (B,H,W) nats of the averaged probabilities,
+    'disagreement' (B,H,W) the fraction of members whose own labels differ from the
+    ensemble's}."""
+    outputs = self._run(images)
+    return dict(zip(("labels", "probabilities", "entropy", "disagreement"),
+                    (np.asarray(x) for x in outputs)))
+
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    labels, _ = self._run(images)
-    return np.asarray(labels)  # The probabilities stay on the device.
+    return np.asarray(self._run(images)[0])  # The rest stays on the device.
 
   def prepare(self, image: np.ndarray,
               slice_range: Optional[Tuple[int, int]] = None) -> preprocess.Slices:
@@ -268,23 +298,30 @@ class Predictor:
 
   def segment(self, image: np.ndarray, slice_range: Optional[Tuple[int, int]] = None,
               with_probabilities: bool = False,
-              slices: Optional[preprocess.Slices] = None) -> "Segmentation":
+              slices: Optional[preprocess.Slices] = None,
+              with_uncertainty: bool = False) -> "Segmentation":
     """(X,Y,Z,M) raw intensities -> Segmentation (labels pasted back, then the rules); zero
     labels outside the segmented slices and crop.
 
     slices: `prepare(image, slice_range)` when the caller prepared it already (predict reads
-    and prepares the next case while this one runs).
+    and prepares the next case while this one runs). with_uncertainty: also the voxel-wise
+    entropy and (ensembles) the members' disagreement, 0 outside the segmented slices and crop.
     """
     slices = slices if slices is not None else self.prepare(image, slice_range)
     volume_shape = image.shape[:3]
-    labels, slice_probs = _predict_slices(self, slices.image, self.batch_size,
-                                          with_probabilities)
-    probs = (paste_back_probabilities(slice_probs, slices, volume_shape, self.channels)
+    out = _predict_slices(self, slices.image, self.batch_size, with_probabilities,
+                          with_uncertainty)
+    probs = (paste_back_probabilities(out["probabilities"], slices, volume_shape, self.channels)
              if with_probabilities else None)
-    unprocessed = preprocess.paste_back(labels, slices.slice_indices, slices.offsets,
+    unprocessed = preprocess.paste_back(out["labels"], slices.slice_indices, slices.offsets,
                                         volume_shape)
     processed = self.rules(unprocessed) if self.rules is not None else unprocessed
-    return Segmentation(labels=processed, unprocessed=unprocessed, probabilities=probs)
+    uncertainty = {name: paste_back_map(out[name], slices, volume_shape)
+                   for name in UNCERTAINTY_MAPS
+                   if with_uncertainty and (name == "entropy" or self.num_members > 1)}
+    return Segmentation(labels=processed, unprocessed=unprocessed, probabilities=probs,
+                        entropy=uncertainty.get("entropy"),
+                        disagreement=uncertainty.get("disagreement"))
 
 
 @dataclasses.dataclass
@@ -293,29 +330,36 @@ class Segmentation:
   labels: np.ndarray  # (X, Y, Z) uint8 canonical labels, after the rules.
   unprocessed: np.ndarray  # The same before the rules (the same array when there are none).
   probabilities: Optional[np.ndarray] = None  # (C, X, Y, Z) float16, when asked for.
+  entropy: Optional[np.ndarray] = None  # (X, Y, Z) float32 nats, when asked for.
+  disagreement: Optional[np.ndarray] = None  # (X, Y, Z) float32, ensembles, when asked for.
 
 
 def _predict_slices(predict: Predictor, slices: np.ndarray, batch_size: int,
-                    with_probabilities: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+                    with_probabilities: bool,
+                    with_uncertainty: bool = False) -> Dict[str, np.ndarray]:
   """Runs (S,H,W,M) slices through the model in fixed-size batches (one compilation).
 
-  Returns (S,H,W) uint8 labels and, when asked for, (S,H,W,C) float16 probabilities.
+  Returns {'labels': (S,H,W) uint8} and, when asked for, 'probabilities' (S,H,W,C) float16,
+  'entropy' and 'disagreement' (S,H,W) float32.
   """
-  labels = np.zeros(slices.shape[:3], np.uint8)
-  probs = None
+  dtypes = {"labels": np.uint8, "probabilities": np.float16, "entropy": np.float32,
+            "disagreement": np.float32}
+  wanted = ["labels"] + (["probabilities"] if with_probabilities else []) + (
+      list(UNCERTAINTY_MAPS) if with_uncertainty else [])
+  out: Dict[str, np.ndarray] = {}
   for start in range(0, len(slices), batch_size):
     chunk = slices[start:start + batch_size]
     padded = np.zeros((batch_size, *slices.shape[1:]), np.float32)
     padded[:len(chunk)] = chunk
-    if with_probabilities:
-      batch_labels, batch_probs = predict.with_probabilities(padded)
-      if probs is None:
-        probs = np.zeros((*slices.shape[:3], batch_probs.shape[-1]), np.float16)
-      probs[start:start + len(chunk)] = batch_probs[:len(chunk)]
+    if len(wanted) == 1:
+      batch = {"labels": predict(padded)}
     else:
-      batch_labels = predict(padded)
-    labels[start:start + len(chunk)] = batch_labels[:len(chunk)]
-  return labels, probs
+      batch = predict.with_uncertainty(padded)
+    for name in wanted:
+      if name not in out:
+        out[name] = np.zeros((len(slices), *batch[name].shape[1:]), dtypes[name])
+      out[name][start:start + len(chunk)] = batch[name][:len(chunk)]
+  return out
 
 
 def prepare_slices(image: np.ndarray, data_config: Any,
@@ -330,6 +374,16 @@ def prepare_slices(image: np.ndarray, data_config: Any,
       image, None, slice_start=start, slice_stop=stop, crop_size=data_config.crop_size,
       crop_center=tuple(crop_center) if crop_center is not None else None,
       normalize=data_config.normalize)
+
+
+def paste_back_map(values: np.ndarray, slices: preprocess.Slices,
+                   volume_shape: Sequence[int]) -> np.ndarray:
+  """(S,H,W) float slice values -> (X,Y,Z) float32 in the volume, 0 outside the segmented
+  slices and crop."""
+  out = np.zeros(tuple(int(s) for s in volume_shape), np.float32)
+  (x0, y0), (_, height, width) = slices.offsets, values.shape
+  out[x0:x0 + height, y0:y0 + width, slices.slice_indices] = values.transpose(1, 2, 0)
+  return out
 
 
 def paste_back_probabilities(probs: np.ndarray, slices: preprocess.Slices,

@@ -4,7 +4,8 @@
   python -m msatt_jax.predict --workdir=runs/paper --input=imagesTs/BRATS_485.nii.gz \
       --output=BRATS_485.nii.gz --labels=msd
   python -m msatt_jax.predict --workdir=runs/f0,runs/f1 --input=imagesTs --output=preds \
-      [--save_probabilities] [--overwrite] [--notta] [--postprocess=auto|none|PATH]
+      [--save_probabilities] [--save_uncertainty] [--overwrite] [--notta] \
+      [--postprocess=auto|none|PATH] [--num_parts=N --part_id=I]
   python -m msatt_jax.predict --model=packages/paper --input=imagesTs --output=preds
 
 --model runs a model package (`python -m msatt_jax.export`) instead of --workdir runs: the
@@ -35,6 +36,14 @@ segmentation: 'probabilities', float16 of shape (C, X, Y, Z) in the input's geom
 'channels', their names (the 4 canonical classes background, NCR/NET, ED, ET of softmax runs,
 or the 3 sigmoid regions ET, TC, WT of 'region_dice' runs). Averaging several such files and
 taking the argmax (classes) or thresholding at 0.5 (nested regions) gives an ensemble's labels.
+
+--save_uncertainty writes, beside each segmentation in uncertainty/, <case>_entropy.nii.gz: the
+voxel-wise entropy (nats, float32, the input's geometry) of the probabilities averaged over the
+TTA flips and the members (of the class distribution for softmax runs, summed over the three
+regions for 'region_dice' runs), and for an ensemble <case>_disagreement.nii.gz: the fraction
+of members whose own labels differ from the ensemble's; 0 outside the segmented slices and
+crop. The console and, for a folder, <output>/uncertainty.csv give each case's predicted
+tumour voxels and the maps' means inside them.
 
 The postprocessing rules chosen on validation data (`python -m msatt_jax.postprocess`) apply
 to the labels by default: --postprocess=auto reads the first workdir's postprocessing.json when
@@ -75,6 +84,8 @@ from msatt_jax import postprocess as postprocess_lib
 from msatt_jax import reporting
 
 SLICE_MODES = ("brain", "train")
+UNCERTAINTY_DIR = "uncertainty"  # --save_uncertainty's maps, beside the segmentations.
+UNCERTAINTY_REPORT = "uncertainty.csv"  # A folder's per-case uncertainty, in the output.
 RECORD = "predict.json"  # In an output folder: what writes its segmentations.
 PROBABILITIES_SUFFIX = ".npz"
 # What segments: restored runs (an ensemble), or a Predictor built from them or from a package.
@@ -103,9 +114,27 @@ def probabilities_path(segmentation_path: str) -> str:
   raise ValueError(f"{segmentation_path}: not a .nii.gz or .nii file name.")
 
 
-def _outputs(segmentation_path: str, save_probabilities: bool) -> List[str]:
+def uncertainty_paths(segmentation_path: str,
+                      maps: Sequence[str] = inference.UNCERTAINTY_MAPS) -> Dict[str, str]:
+  """Where --save_uncertainty writes a segmentation's maps: uncertainty/<name>_<map>.nii.gz
+  beside it (a subfolder, so that a folder of segmentations holds segmentations only)."""
+  stem = os.path.basename(probabilities_path(segmentation_path))[:-len(PROBABILITIES_SUFFIX)]
+  folder = os.path.join(os.path.dirname(segmentation_path), UNCERTAINTY_DIR)
+  return {m: os.path.join(folder, f"{stem}_{m}.nii.gz") for m in maps}
+
+
+def _maps(predictor: inference.Predictor, save_uncertainty: bool) -> Tuple[str, ...]:
+  """The uncertainty maps written: the entropy, and the disagreement of an ensemble."""
+  if not save_uncertainty:
+    return ()
+  return inference.UNCERTAINTY_MAPS if predictor.num_members > 1 else ("entropy",)
+
+
+def _outputs(segmentation_path: str, save_probabilities: bool,
+             maps: Sequence[str] = ()) -> List[str]:
   return [segmentation_path] + ([probabilities_path(segmentation_path)]
-                                if save_probabilities else [])
+                                if save_probabilities else []) + list(
+                                    uncertainty_paths(segmentation_path, maps).values())
 
 
 def check_not_an_input(outputs: Sequence[str], refs: Sequence[layouts.CaseRef]) -> None:
@@ -129,6 +158,44 @@ def write_segmentation(seg: np.ndarray, reference: layouts.Case, path: str) -> N
   image = nib.Nifti1Image(seg.astype(np.uint8), reference.affine, header=header)
   with files.atomic_output(path) as tmp:
     nib.save(image, tmp)
+
+
+def write_map(values: np.ndarray, reference: layouts.Case, path: str) -> None:
+  """A float32 voxel map in the reference's geometry, atomically (its folder is created)."""
+  header = reference.header.copy()
+  header.set_data_dtype(np.float32)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with files.atomic_output(path) as tmp:
+    nib.save(nib.Nifti1Image(values.astype(np.float32), reference.affine, header=header), tmp)
+
+
+def tumour_uncertainty(labels: np.ndarray, maps: Dict[str, np.ndarray]) -> Dict[str, Any]:
+  """A case's report row: predicted tumour voxels and each map's mean inside them (None
+  without tumour)."""
+  tumour = labels > 0
+  row: Dict[str, Any] = {"tumour_voxels": int(tumour.sum())}
+  for name in inference.UNCERTAINTY_MAPS:
+    if name in maps:
+      row[f"mean_{name}_in_tumour"] = float(maps[name][tumour].mean()) if tumour.any() else None
+  return row
+
+
+def write_uncertainty_report(output_dir: str, output: Dict[str, str],
+                             label_convention: str) -> List[Dict[str, Any]]:
+  """<output>/uncertainty.csv: every case whose maps are in the folder (whichever process or
+  run wrote them), read back from the files, so a completed folder has a complete report."""
+  rows = []
+  for case_id, seg_path in sorted(output.items()):
+    paths = {m: p for m, p in uncertainty_paths(seg_path).items() if os.path.exists(p)}
+    if "entropy" not in paths or not os.path.exists(seg_path):
+      continue
+    labels = labels_lib.to_canonical(np.asarray(nib.load(seg_path).dataobj), label_convention,
+                                     seg_path)
+    maps = {m: np.asarray(nib.load(p).dataobj, np.float32) for m, p in paths.items()}
+    rows.append({"case": case_id, **tumour_uncertainty(labels, maps)})
+  if rows:
+    reporting.write_csv(os.path.join(output_dir, UNCERTAINTY_REPORT), rows)
+  return rows
 
 
 def write_probabilities(probabilities: np.ndarray, channels: Sequence[str], path: str) -> None:
@@ -161,21 +228,34 @@ def _load(ref: layouts.CaseRef, predictor: inference.Predictor,
 
 def _segment_and_write(predictor: inference.Predictor, case: layouts.Case,
                        prepared: preprocess.Slices, output_path: str, label_convention: str,
-                       save_probabilities: bool) -> np.ndarray:
-  """Segments prepared slices; writes the probabilities (if asked), then the segmentation."""
-  result = predictor.segment(case.image, with_probabilities=save_probabilities, slices=prepared)
+                       save_probabilities: bool,
+                       save_uncertainty: bool = False) -> inference.Segmentation:
+  """Segments prepared slices; writes the probabilities and uncertainty maps (if asked), then
+  the segmentation (last: a case is done once it exists)."""
+  result = predictor.segment(case.image, with_probabilities=save_probabilities, slices=prepared,
+                             with_uncertainty=save_uncertainty)
   if save_probabilities:
     write_probabilities(result.probabilities, predictor.channels,
                         probabilities_path(output_path))
+  for name, path in uncertainty_paths(output_path, _maps(predictor, save_uncertainty)).items():
+    write_map(getattr(result, name), case, path)
   write_segmentation(labels_lib.from_canonical(result.labels, label_convention), case,
                      output_path)
-  return result.labels
+  return result
+
+
+def _uncertainty_text(result: inference.Segmentation) -> str:
+  row = tumour_uncertainty(result.labels, {m: getattr(result, m)
+                                           for m in inference.UNCERTAINTY_MAPS
+                                           if getattr(result, m) is not None})
+  return ", ".join(f"{k.replace('_', ' ')} {v:.4f}" if isinstance(v, float) else
+                   f"{k.replace('_', ' ')} {v}" for k, v in row.items())
 
 
 def predict_case(runs: Runs, input_path: str, output_path: str,
                  options: inference.Options = inference.Options(), *,
                  label_convention: str = "brats", slices: str = "brain",
-                 save_probabilities: bool = False) -> np.ndarray:
+                 save_probabilities: bool = False, save_uncertainty: bool = False) -> np.ndarray:
   """Segments one case and writes it; returns the canonical label volume.
 
   options: used to build the predictor from runs (a Predictor carries its own).
@@ -183,11 +263,15 @@ def predict_case(runs: Runs, input_path: str, output_path: str,
   _check_request(label_convention, slices)
   check_output_path(output_path)
   ref = layouts.case_ref_from_path(input_path)
-  check_not_an_input(_outputs(output_path, save_probabilities), [ref])
+  check_not_an_input(_outputs(output_path, save_probabilities,
+                              inference.UNCERTAINTY_MAPS if save_uncertainty else ()), [ref])
   predictor = _predictor(runs, options)
   case, prepared = _load(ref, predictor, slices)
-  return _segment_and_write(predictor, case, prepared, output_path, label_convention,
-                            save_probabilities)
+  result = _segment_and_write(predictor, case, prepared, output_path, label_convention,
+                              save_probabilities, save_uncertainty)
+  if save_uncertainty:
+    logging.info("%s: %s.", ref.case_id, _uncertainty_text(result))
+  return result.labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,14 +326,15 @@ def check_output_folder(path: str) -> None:
   reporting.check_writable_folder(path)
 
 
-def plan_folder(input_dir: str, output_dir: str,
-                save_probabilities: bool) -> Tuple[List[layouts.CaseRef], Dict[str, str]]:
+def plan_folder(input_dir: str, output_dir: str, save_probabilities: bool,
+                save_uncertainty: bool = False) -> Tuple[List[layouts.CaseRef], Dict[str, str]]:
   """(the input cases, case id -> its segmentation's path), once the request is checked."""
   refs = find_input_cases(input_dir)
   check_output_folder(output_dir)
   output = {r.case_id: os.path.join(output_dir, f"{r.case_id}.nii.gz") for r in refs}
-  check_not_an_input([p for r in refs for p in _outputs(output[r.case_id], save_probabilities)],
-                     refs)
+  maps = inference.UNCERTAINTY_MAPS if save_uncertainty else ()
+  check_not_an_input([p for r in refs for p in _outputs(output[r.case_id], save_probabilities,
+                                                         maps)], refs)
   return refs, output
 
 
@@ -327,7 +412,8 @@ def predict_folder(runs: Runs, input_dir: str, output_dir: str,
                    options: inference.Options = inference.Options(), *,
                    label_convention: str = "brats", slices: str = "brain",
                    overwrite: bool = False, save_probabilities: bool = False,
-                   num_parts: int = 1, part_id: int = 0) -> FolderResult:
+                   save_uncertainty: bool = False, num_parts: int = 1,
+                   part_id: int = 0) -> FolderResult:
   """Segments every case of input_dir into output_dir/<case>.nii.gz (one compilation).
 
   num_parts, part_id: this call segments the sorted cases part_id, part_id + num_parts, ...
@@ -337,20 +423,21 @@ def predict_folder(runs: Runs, input_dir: str, output_dir: str,
   """
   _check_request(label_convention, slices)
   check_part(num_parts, part_id)
-  all_refs, output = plan_folder(input_dir, output_dir, save_probabilities)
+  all_refs, output = plan_folder(input_dir, output_dir, save_probabilities, save_uncertainty)
   refs = all_refs[part_id::num_parts]
   predictor = _predictor(runs, options)
   claim_output_folder(output_dir, folder_record(predictor, label_convention, slices), overwrite)
+  maps = _maps(predictor, save_uncertainty)
   done = lambda r: all(os.path.exists(p) for p in _outputs(output[r.case_id],
-                                                           save_probabilities))
+                                                           save_probabilities, maps))
   todo = [r for r in refs if overwrite or not done(r)]
   result = FolderResult(written=[], skipped=[r.case_id for r in refs if r not in todo],
                         failed={})
   logging.info("Segmenting %d of the %d case(s) of %s%s into %s on %d device(s)%s.", len(todo),
                len(refs), input_dir,
                f" (part {part_id} of {num_parts})" if num_parts > 1 else "", output_dir,
-               len(predictor.devices), f" ({len(result.skipped)} already written; --overwrite redoes them)"
-               if result.skipped else "")
+               len(predictor.devices), f" ({len(result.skipped)} already written; "
+               "--overwrite redoes them)" if result.skipped else "")
   t0 = time.perf_counter()
   # The next case is read and prepared while this one runs through the model.
   with futures.ThreadPoolExecutor(max_workers=1) as reader:
@@ -365,13 +452,16 @@ def predict_folder(runs: Runs, input_dir: str, output_dir: str,
         logging.error("[%d/%d] %s: skipped, cannot be segmented: %s", i + 1, len(todo),
                       ref.case_id, result.failed[ref.case_id])
         continue
-      _segment_and_write(predictor, case, prepared, output[ref.case_id], label_convention,
-                         save_probabilities)
+      segmentation = _segment_and_write(predictor, case, prepared, output[ref.case_id],
+                                        label_convention, save_probabilities, save_uncertainty)
       result.written.append(ref.case_id)
       elapsed = time.perf_counter() - t0
-      logging.info("[%d/%d] %s -> %s  (%s elapsed, ETA %s)", i + 1, len(todo), ref.case_id,
+      logging.info("[%d/%d] %s -> %s  (%s elapsed, ETA %s)%s", i + 1, len(todo), ref.case_id,
                    output[ref.case_id], _duration(elapsed),
-                   _duration(elapsed / (i + 1) * (len(todo) - i - 1)))
+                   _duration(elapsed / (i + 1) * (len(todo) - i - 1)),
+                   f"; {_uncertainty_text(segmentation)}" if save_uncertainty else "")
+  if save_uncertainty:
+    write_uncertainty_report(output_dir, output, label_convention)
   if result.failed:
     raise DataError(f"{len(result.failed)} of {len(refs)} case(s) of {input_dir} could not be "
                     f"segmented: {', '.join(result.failed)} (named above); the other "
@@ -400,6 +490,11 @@ def define_flags() -> None:
                     "in-plane flips (--notta: the plain forward pass).")
   flags.DEFINE_bool("save_probabilities", False, "Also write <case>.npz: float16 probabilities "
                     "(C, X, Y, Z) in the input's geometry.")
+  flags.DEFINE_bool("save_uncertainty", False, "Also write uncertainty/<case>_entropy.nii.gz "
+                    "(voxel-wise entropy of the averaged probabilities, nats) and, for an "
+                    "ensemble, <case>_disagreement.nii.gz (the fraction of members whose "
+                    "labels differ from the ensemble's); a folder's uncertainty.csv gives each "
+                    "case's means inside the predicted tumour.")
   flags.DEFINE_bool("overwrite", False, "Folder input: redo cases whose outputs exist.")
   flags.DEFINE_integer("num_parts", 1, "Folder input: split the cases into this many parts "
                        "(default: the jax.distributed process count).")
@@ -475,22 +570,26 @@ def main(argv: Sequence[str]) -> Union[np.ndarray, FolderResult]:
     check_part(FLAGS.num_parts, FLAGS.part_id)  # Before joining or restoring anything.
   source = _load_package if FLAGS.model is not None else _restore
   if not is_case_input(FLAGS.input):
-    plan_folder(FLAGS.input, FLAGS.output, FLAGS.save_probabilities)  # Before the restore.
+    plan_folder(FLAGS.input, FLAGS.output, FLAGS.save_probabilities,
+                FLAGS.save_uncertainty)  # Before the restore.
     num_parts, part_id = _join_processes()
     predictor, what = source()
     result = predict_folder(predictor, FLAGS.input, FLAGS.output, label_convention=FLAGS.labels,
                             slices=FLAGS.slices, overwrite=FLAGS.overwrite,
-                            save_probabilities=FLAGS.save_probabilities, num_parts=num_parts,
+                            save_probabilities=FLAGS.save_probabilities,
+                            save_uncertainty=FLAGS.save_uncertainty, num_parts=num_parts,
                             part_id=part_id)
     print(f"Wrote {len(result.written)} case(s) to {FLAGS.output} ({what}); "
           f"{len(result.skipped)} already there.")
     return result
   check_output_path(FLAGS.output)
-  check_not_an_input(_outputs(FLAGS.output, FLAGS.save_probabilities),
+  check_not_an_input(_outputs(FLAGS.output, FLAGS.save_probabilities,
+                              inference.UNCERTAINTY_MAPS if FLAGS.save_uncertainty else ()),
                      [layouts.case_ref_from_path(FLAGS.input)])
   predictor, what = source()
   seg = predict_case(predictor, FLAGS.input, FLAGS.output, label_convention=FLAGS.labels,
-                     slices=FLAGS.slices, save_probabilities=FLAGS.save_probabilities)
+                     slices=FLAGS.slices, save_probabilities=FLAGS.save_probabilities,
+                     save_uncertainty=FLAGS.save_uncertainty)
   counts = {name: int((seg == i).sum()) for i, name in enumerate(labels_lib.CLASS_NAMES)}
   print(f"Wrote {FLAGS.output} ({what}); voxels per label: {counts}")
   return seg

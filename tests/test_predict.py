@@ -2,10 +2,12 @@
 bad requests. The model is a tiny U-Net at its initial weights (nothing is trained here; the
 trained run's command-line paths are in tests/test_train.py)."""
 
+import csv
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
@@ -183,3 +185,66 @@ def test_folder_or_case_inputs(synthetic_brats, synthetic_msd, tmp_path):
   assert not predict.is_case_input(str(synthetic_brats))
   assert not predict.is_case_input(str(synthetic_msd / "imagesTr"))
   assert predict.probabilities_path("out/BraTS_1.nii.gz") == "out/BraTS_1.npz"
+
+
+class ByIntensity:
+  """A hand-made member with one-hot logits: the class is set by the FLAIR z-score
+  (clip(floor(z) + 2, 0, 3)), moved one class up where `shift` is set and the T1 z-score is
+  positive. Members that agree give an entropy of 0; where two disagree, log 2 nats."""
+
+  def apply(self, variables, images, train=False):
+    del train
+    classes = jnp.clip(jnp.floor(images[..., 0]) + 2, 0, 3).astype(jnp.int32)
+    classes = (classes + variables["shift"] * (images[..., 1] > 0)) % 4
+    return 1e4 * jax.nn.one_hot(classes, 4)
+
+
+def _read(path):
+  return np.asarray(nib.load(path).dataobj)
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_uncertainty_maps_and_report(run, agree, synthetic_msd, tmp_path, synthetic_shape):
+  members = [(ByIntensity(), {"shift": jnp.int32(0)}),
+             (ByIntensity(), {"shift": jnp.int32(0 if agree else 1)})]
+  predictor = inference.Predictor(members, "dice_ce", tta=False, data_config=run.config.data)
+  out = tmp_path / "preds"
+  result = predict.predict_folder(predictor, str(synthetic_msd / "imagesTr"), str(out),
+                                  save_probabilities=True, save_uncertainty=True)
+  case = result.written[0]
+  paths = predict.uncertainty_paths(str(out / f"{case}.nii.gz"))
+  assert paths["entropy"] == str(out / "uncertainty" / f"{case}_entropy.nii.gz")
+  entropy, disagreement = _read(paths["entropy"]), _read(paths["disagreement"])
+  assert entropy.shape == disagreement.shape == synthetic_shape and entropy.dtype == np.float32
+  np.testing.assert_allclose(nib.load(paths["entropy"]).affine,
+                             nib.load(out / f"{case}.nii.gz").affine)
+  # The entropy of the saved (float16) probabilities, worked out here.
+  with np.load(out / f"{case}.npz") as saved:
+    probs = saved["probabilities"].astype(np.float64)
+  by_hand = -(probs * np.log(np.where(probs > 0, probs, 1))).sum(0)
+  np.testing.assert_allclose(entropy, by_hand, atol=1e-3)
+  labels = _canonical(out / f"{case}.nii.gz")
+  tumour = labels > 0
+  assert tumour.sum() > 100
+  assert set(np.unique(disagreement)) <= {0.0, 0.5}
+  if agree:  # One-hot members that agree: no entropy anywhere.
+    assert not disagreement.any() and not entropy.any()
+  else:  # Where one member says one class and the other another: log 2 nats.
+    split = disagreement == 0.5
+    assert 100 < split.sum() < tumour.sum()
+    np.testing.assert_allclose(entropy[split], np.log(2), rtol=1e-6)
+    assert not entropy[~split].any()
+  with open(out / predict.UNCERTAINTY_REPORT) as f:
+    rows = {r["case"]: r for r in csv.DictReader(f)}
+  assert sorted(rows) == sorted(result.written)
+  assert int(rows[case]["tumour_voxels"]) == tumour.sum()
+  assert float(rows[case]["mean_entropy_in_tumour"]) == pytest.approx(
+      np.log(2) * split[tumour].mean() if not agree else 0.0, rel=1e-5, abs=1e-9)
+  assert float(rows[case]["mean_disagreement_in_tumour"]) == pytest.approx(
+      disagreement[tumour].mean(), rel=1e-5, abs=1e-9)
+  # One model: the entropy only (no members to disagree).
+  single = inference.Predictor(members[:1], "dice_ce", tta=False, data_config=run.config.data)
+  seg = tmp_path / "one.nii.gz"
+  predict.predict_case(single, str(synthetic_msd / "imagesTr" / f"{case}.nii.gz"), str(seg),
+                       save_uncertainty=True)
+  assert sorted(os.listdir(tmp_path / "uncertainty")) == ["one_entropy.nii.gz"]
