@@ -149,7 +149,8 @@ def test_predict_command_segments_a_folder_with_an_ensemble(trained, tmp_path):
   case_ids = sorted(p.name[:-len(".nii.gz")] for p in images.iterdir())
   broken_id = broken.name[:-len(".nii.gz")]
   others = [c for c in case_ids if c != broken_id]
-  assert sorted(os.listdir(out)) == sorted(f"{c}{s}" for c in others for s in (".nii.gz", ".npz"))
+  assert sorted(os.listdir(out)) == sorted([f"{c}{s}" for c in others for s in (".nii.gz", ".npz")]
+                                           + [predict.RECORD])
   assert f"[{len(case_ids)}/{len(case_ids)}] {case_ids[-1]} -> " in proc.stderr
   assert "ETA" in proc.stderr
   assert len([line for line in proc.stderr.splitlines() if broken_id in line and "skipped"
