@@ -223,7 +223,7 @@ def test_uncertainty_maps_and_report(run, agree, synthetic_msd, tmp_path, synthe
     probs = saved["probabilities"].astype(np.float64)
   by_hand = -(probs * np.log(np.where(probs > 0, probs, 1))).sum(0)
   np.testing.assert_allclose(entropy, by_hand, atol=1e-3)
-  labels = _canonical(out / f"{case}.nii.gz")
+  labels = _canonical(out / f"{case}.nii.gz", "msd")  # MSD input: MSD labels by default.
   tumour = labels > 0
   assert tumour.sum() > 100
   assert set(np.unique(disagreement)) <= {0.0, 0.5}
