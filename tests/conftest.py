@@ -67,17 +67,18 @@ def small_data_config(source, data_dir, **overrides):
   return data
 
 
-def save_untrained_run(workdir, seed: int = 0, step: int = 3):
+def save_untrained_run(workdir, seed: int = 0, step: int = 3, label_convention: str = "auto"):
   """A run directory holding one 'best' checkpoint of a tiny U-Net at its initial weights
-  (SMALL_DATA preprocessing), as train writes it: restore_run and export read it like a
-  trained run's, without a training."""
+  (SMALL_DATA preprocessing; trained, as it were, on data of `label_convention`, whose label
+  set it outputs), as train writes it: restore_run and export read it like a trained run's,
+  without a training."""
   import json  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from msatt_jax import checkpointing, steps  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.model.base_width, config.model.depth = 4, 2
-  for key, value in SMALL_DATA.items():
+  for key, value in {**SMALL_DATA, "label_convention": label_convention}.items():
     config.data[key] = value
   model = steps.create_model(config)
   state = steps.create_train_state(jax.random.key(seed), config, model,

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import save_untrained_run
+from data_pipelines import synthetic
 from data_pipelines.errors import DataError
 from msatt_jax import export
 from msatt_jax import inference
 from msatt_jax import package
+from msatt_jax import postprocess as postprocess_lib
 from msatt_jax import predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,8 +64,12 @@ def test_the_manifest_holds_what_inference_needs(exported, runs):
   assert [m["name"] for m in manifest["modalities"]] == ["flair", "t1", "t1ce", "t2"]
   assert "t1gd" in manifest["modalities"][2]["aliases"]
   assert manifest["preprocessing"] == {"crop_size": 32, "crop_center": None, "slice_start": 10,
-                                       "slice_stop": 17, "normalize": "zscore"}
+                                       "slice_stop": 17, "normalize": "zscore",
+                                       "crop_around": "volume", "slice_range": "fixed"}
+  assert manifest["labels"]["label_set"] == "glioma"
   assert manifest["labels"]["output"] == "softmax classes"
+  assert sorted(manifest["labels"]["conventions"]) == ["brats", "brats2023", "msd"]
+  assert manifest["labels"]["default_convention"] == "brats"
   assert manifest["labels"]["conventions"]["brats"] == {"0": 0, "1": 1, "2": 2, "4": 3}
   assert manifest["labels"]["regions"] == {"ET": [3], "TC": [1, 3], "WT": [1, 2, 3]}
   assert manifest["tta"]["enabled"] is True and len(manifest["tta"]["flips"]) == 4
@@ -96,6 +102,51 @@ def test_predict_model_runs_without_orbax_or_tensorflow_and_matches_the_runs(
     np.testing.assert_array_equal(got[name], expected[name])
   assert len({tuple(np.unique(v)) for v in got.values()}) >= 1 and any(
       len(np.unique(v)) > 1 for v in got.values())
+
+
+def test_a_package_writes_its_runs_label_set_in_the_inputs_convention(exported, runs,
+                                                                       synthetic_shape, tmp_path):
+  gli2023 = tmp_path / "gli2023"
+  synthetic.generate_dataset(gli2023, "brats2023", 2, synthetic_shape, seed=0)
+  # A glioma package on 2023 names: the files --workdir writes (brats2023, ET 3).
+  from_runs, from_package = tmp_path / "from_runs", tmp_path / "from_package"
+  predict.predict_folder(inference.Predictor.from_runs(inference.restore_runs(runs)),
+                         str(gli2023), str(from_runs))
+  predict.predict_folder(package.load(exported[0]).predictor, str(gli2023), str(from_package))
+  expected, got = _labels(from_runs), _labels(from_package)
+  assert sorted(got) == sorted(expected) and len(got) == 2
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name])
+  # A package of a run trained on GLI 2024 (RC): its label set, channels, regions and rules.
+  rc_run = save_untrained_run(tmp_path / "rc", label_convention="gli2024")
+  rules = tmp_path / "rules.json"
+  rules.write_text(json.dumps({"rules": {"min_component_voxels": {"WT": 5},
+                                         "et_min_voxels": 0}, "label_set": "glioma_rc"}))
+  rc_dir = str(tmp_path / "rc_pkg")
+  manifest = export.export([rc_run], rc_dir, inference.Options(postprocess=str(rules)))
+  assert manifest["labels"]["label_set"] == "glioma_rc"
+  assert manifest["labels"]["channels"] == ["background", "NETC", "SNFH", "ET", "RC"]
+  assert list(manifest["labels"]["conventions"]) == ["gli2024"]
+  assert manifest["labels"]["regions"]["RC"] == [4]
+  loaded = package.load(rc_dir).predictor
+  assert loaded.label_set == "glioma_rc" and loaded.rules.label_set == "glioma_rc"
+  rc_out, rc_from_runs = tmp_path / "rc_out", tmp_path / "rc_from_runs"
+  predict.predict_folder(loaded, str(gli2023), str(rc_out))
+  predict.predict_folder(inference.Predictor.from_runs(
+      inference.restore_runs([rc_run]), rules=postprocess_lib.load(str(rules))[0]),
+                         str(gli2023), str(rc_from_runs))
+  expected, got = _labels(rc_from_runs), _labels(rc_out)
+  assert sorted(got) == sorted(expected) and len(got) == 2
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name])
+  values = set(np.unique(np.concatenate([v.ravel() for v in got.values()])))
+  assert 4 in values and values <= {0, 1, 2, 3, 4}  # RC 4 (gli2024).
+  # 2018-2021 names cannot hold RC: refused before anything is written.
+  old = tmp_path / "old"
+  synthetic.generate_dataset(old, "brats", 1, synthetic_shape, seed=0)
+  with pytest.raises(DataError, match=r"the model outputs the 'glioma_rc' label set"):
+    predict.predict_folder(loaded, str(old), str(tmp_path / "old_out"))
+  assert not (tmp_path / "old_out").exists() or not os.listdir(tmp_path / "old_out")
 
 
 def _copy_package(out, tmp_path):
