@@ -431,13 +431,14 @@ def predict_folder(runs: Runs, input_dir: str, output_dir: str,
   """
   _check_request(label_convention, slices)
   check_part(num_parts, part_id)
+  predictor = _predictor(runs, options)
+  # Every case's output convention before anything is written, the output folder included (a
+  # model's class the input's names cannot hold stops the folder); all parts', for the report
+  # of the whole folder.
+  conventions = {r.case_id: layouts.output_convention(r, label_convention, predictor.label_set)
+                 for r in find_input_cases(input_dir)}
   all_refs, output = plan_folder(input_dir, output_dir, save_probabilities, save_uncertainty)
   refs = all_refs[part_id::num_parts]
-  predictor = _predictor(runs, options)
-  # Every case's output convention before anything is written (a model's class the input's
-  # names cannot hold stops the folder); all parts', for the report of the whole folder.
-  conventions = {r.case_id: layouts.output_convention(r, label_convention, predictor.label_set)
-                 for r in all_refs}
   claim_output_folder(output_dir, folder_record(predictor, label_convention, slices), overwrite)
   maps = _maps(predictor, save_uncertainty)
   done = lambda r: all(os.path.exists(p) for p in _outputs(output[r.case_id],
