@@ -149,7 +149,7 @@ def case_latency(model_name: str, overrides: Mapping[str, Any], dtype: str,
   labels = segment()
   first = time.perf_counter() - t0
   if labels.shape != image.shape[:3]:
-    raise AssertionError(f"segment_volume returned {labels.shape} for a {image.shape} case")
+    raise AssertionError(f"Predictor.segment returned {labels.shape} for a {image.shape} case")
   times = common.time_steps(segment, lambda _: None, repeats)
   return {"case_shape": list(case_shape), "slices": num_slices, "case_batch": batch,
           "first_call_s": first, "latency_s_median": float(np.median(times)),
