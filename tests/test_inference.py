@@ -141,6 +141,25 @@ def test_segment_pastes_labels_and_probabilities_back_into_the_volume():
   np.testing.assert_array_equal(plain.segment(image).labels, result.unprocessed)
 
 
+def test_a_window_larger_than_the_volume_pastes_back_every_output_inside_it():
+  config = tiny.get_config()
+  config.data.crop_size, config.data.slice_start, config.data.slice_stop = 16, 2, 5
+  members = [_member(Spatial(), seed=1), _member(Spatial(), seed=2)]
+  predictor = inference.Predictor(members, "dice", tta=False, data_config=config.data,
+                                  batch_size=4)
+  image = np.random.RandomState(0).rand(12, 14, 8, 4).astype(np.float32) + 0.1
+  assert preprocess.crop_offsets((12, 14), 16) == (-2, -1)  # Padded on every side.
+  result = predictor.segment(image, with_probabilities=True, with_uncertainty=True)
+  assert result.entropy.shape == result.disagreement.shape == result.labels.shape == (12, 14, 8)
+  probs = result.probabilities.astype(np.float64)
+  by_hand = -(probs * np.log(np.where(probs > 0, probs, 1))).sum(0)  # 0 outside the slices.
+  np.testing.assert_allclose(result.entropy, by_hand, atol=2e-3)
+  assert result.entropy[..., 2:6].min() > 0 and not result.entropy[..., 6:].any()
+  # Of two members, none, one or both may differ from the average's argmax.
+  assert set(np.unique(result.disagreement)) <= {0.0, 0.5, 1.0}
+  assert result.disagreement[..., 2:6].any() and not result.disagreement[..., 6:].any()
+
+
 def _run(workdir, loss="dice_ce", **data):
   config = tiny.get_config()
   config.loss = loss
