@@ -119,7 +119,7 @@ def step_flops(fn: Callable, args: Tuple[Any, ...], compiled,
 def case_latency(model_name: str, overrides: Mapping[str, Any], dtype: str,
                  case_shape: Tuple[int, int, int], case_batch: int = 0,
                  repeats: int = 5) -> Dict[str, Any]:
-  """Seconds to segment one synthetic case with `inference.segment_volume`, after a first,
+  """Seconds to segment one synthetic case with `inference.Predictor.segment`, after a first,
   compiling, call. The crop and slice range scale with the case as the paper's 190 and 30..120
   do with 240x240x155 (so that case gets exactly those)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -139,16 +139,17 @@ def case_latency(model_name: str, overrides: Mapping[str, Any], dtype: str,
   image = np.stack([case.images[m] for m in config.data.modalities], -1).astype(np.float32)
   num_slices = config.data.slice_stop - config.data.slice_start + 1
   batch = case_batch or num_slices
-  predict = inference.make_predict_fn(model, variables, config.loss)
+  predictor = inference.Predictor([(model, variables)], config.loss, tta=False,
+                                  data_config=config.data, batch_size=batch)
 
   def segment():
-    return inference.segment_volume(predict, image, config.data, batch_size=batch)
+    return predictor.segment(image).labels
 
   t0 = time.perf_counter()
   labels = segment()
   first = time.perf_counter() - t0
   if labels.shape != image.shape[:3]:
-    raise AssertionError(f"segment_volume returned {labels.shape} for a {image.shape} case")
+    raise AssertionError(f"Predictor.segment returned {labels.shape} for a {image.shape} case")
   times = common.time_steps(segment, lambda _: None, repeats)
   return {"case_shape": list(case_shape), "slices": num_slices, "case_batch": batch,
           "first_call_s": first, "latency_s_median": float(np.median(times)),

@@ -12,7 +12,7 @@ For each model and batch size: compile time; train-step (the trainer's own step,
 interquartile range over --steps steps after --warmup; FLOPs per step from XLA's cost analysis
 and the achieved fraction of --peak_gflops; peak memory (resident set size on CPU, the device's
 peak on GPU); for train rows, the paper's 500-epoch schedule at that rate. With --case_shape,
-also the latency of segmenting one synthetic case with `inference.segment_volume`
+also the latency of segmenting one synthetic case with `inference.Predictor.segment`
 (preprocessing, every slice through the model, pasting back; an untrained model, whose time
 does not depend on its weights).
 

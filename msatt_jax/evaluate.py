@@ -127,17 +127,18 @@ def _model_name(runs: Sequence[inference.TrainedRun]) -> str:
   return f"an ensemble of {len(runs)} runs ({', '.join(sorted(set(names)))})"
 
 
-def evaluate(workdir: Union[str, Sequence[str]], checkpoint: str = "best", split: str = "test",
+def evaluate(workdir: Union[str, Sequence[str]], split: str = "test",
+             options: inference.Options = inference.Options(), *,
              out_dir: Optional[str] = None, num_figures: int = 3,
-             source_dir: Optional[str] = None, batch_size: int = 16, tta: bool = True,
-             hd95_mode: str = "official", postprocess: str = "auto",
+             source_dir: Optional[str] = None, hd95_mode: str = "official",
              lesion_rules: str = "auto") -> Dict[str, Any]:
   """Evaluates a run (or an ensemble: several workdirs) on one split.
 
-  postprocess: 'auto' (the first run's postprocessing.json, if any), 'none', or a file's path.
-  Returns {'per_case': [...], 'summary': {...}, 'out_dir', 'step', 'postprocessing'} (step: the
-  first run's; the scores after the rules) and, when rules applied, 'per_case_unprocessed' and
-  'summary_unprocessed' (before them).
+  options: the inference options (checkpoint, TTA, batch size; postprocess 'auto' = the first
+  run's postprocessing.json, if any, 'none', or a file's path). Returns {'per_case': [...],
+  'summary': {...}, 'out_dir', 'step', 'postprocessing'} (step: the first run's; the scores
+  after the rules) and, when rules applied, 'per_case_unprocessed' and 'summary_unprocessed'
+  (before them).
   """
   if split not in builder_lib.SPLITS:
     raise ValueError(f"--split must be one of {builder_lib.SPLITS}, not {split!r}.")
@@ -147,8 +148,9 @@ def evaluate(workdir: Union[str, Sequence[str]], checkpoint: str = "best", split
   workdirs = [workdir] if isinstance(workdir, str) else list(workdir)
   if not workdirs:
     raise ValueError("--workdir: name at least one run directory.")
+  tta, postprocess = options.tta, options.postprocess
   rules, record = postprocess_lib.resolve(postprocess, workdirs[0])  # Before any work.
-  runs = inference.restore_runs(workdirs, checkpoint)
+  runs = inference.restore_runs(workdirs, options.checkpoint)
   postprocess_lib.warn_if_mismatched(rules, record, runs, tta)
   data_config = inference.run_data_config(runs[0], source_dir)
   case_ids = input_pipeline.split_cases(data_config, split)
@@ -158,8 +160,8 @@ def evaluate(workdir: Union[str, Sequence[str]], checkpoint: str = "best", split
   os.makedirs(figures_dir, exist_ok=True)
 
   cases = inference.labelled_cases(data_config, case_ids, split)
-  predict = inference.make_predictor(runs, tta)
-  label_set = runs[0].label_set  # The regions of the model's classes (its training data's).
+  predictor = inference.Predictor.from_runs(runs, options, rules)
+  label_set = predictor.label_set  # The regions of the model's classes (its training data's).
   score = lambda pred, case: {
       "case": case.case_id,
       **metrics.region_scores(pred, case.label, case.spacing, hd95_mode, label_set),
@@ -170,8 +172,7 @@ def evaluate(workdir: Union[str, Sequence[str]], checkpoint: str = "best", split
   lesion_list: List[Dict[str, Any]] = []
   t0 = time.perf_counter()
   for i, case in enumerate(cases):
-    seg = inference.segment(predict, case.image, data_config, batch_size=batch_size,
-                            rules=rules)
+    seg = predictor.segment(case.image)
     row, lesions = evaluate_folder.add_lesion_scores(
         score(seg.labels, case), seg.labels, case.label, case.spacing,
         evaluate_folder.case_lesion_rules(case.case_id, lesion_rules), label_set)
@@ -250,9 +251,11 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   del argv
-  result = evaluate(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.out, FLAGS.num_figures,
-                    FLAGS.source_dir, FLAGS.batch_size, FLAGS.tta, FLAGS.hd95, FLAGS.postprocess,
-                    FLAGS.lesion_rules)
+  options = inference.Options(tta=FLAGS.tta, batch_size=FLAGS.batch_size,
+                              postprocess=FLAGS.postprocess, checkpoint=FLAGS.checkpoint)
+  result = evaluate(FLAGS.workdir, FLAGS.split, options, out_dir=FLAGS.out,
+                    num_figures=FLAGS.num_figures, source_dir=FLAGS.source_dir,
+                    hd95_mode=FLAGS.hd95, lesion_rules=FLAGS.lesion_rules)
   mean = lambda summary, name: {"case": name, **{k: v["mean"] for k, v in summary.items()}}
   rows = result["per_case"] + [mean(result["summary"], "mean")]
   if result["summary_unprocessed"] is not None:

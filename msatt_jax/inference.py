@@ -1,22 +1,30 @@
-"""Trained runs applied to whole volumes: restore, slice, segment, paste back.
+"""Trained models applied to whole volumes: the one way in is `Predictor`.
 
-The one path shared by `evaluate` and `predict`; it reuses the data pipeline's preprocessing so a
-volume is prepared exactly as the training slices were. A `Predictor` is one jit-compiled
-function of a batch of slices: the probabilities of every member of an ensemble (several runs
-of the same input and output) under mirroring test-time augmentation (the identity and the
-flips of each in-plane axis and of both, each flipped back), averaged, then turned into labels.
-Softmax runs average the K class probabilities (argmax); 'region_dice' runs average the three
-sigmoid region probabilities (ET/TC/WT > 0.5, i.e. a logit > 0 for one model without TTA).
+  runs = inference.restore_runs(["runs/f0", "runs/f1"])          # one run or an ensemble
+  predictor = inference.Predictor.from_runs(runs, inference.Options(tta=True), rules)
+  seg = predictor.segment(image)   # (X,Y,Z,M) raw intensities -> Segmentation in that geometry
 
-Between the labels and the output sits one hook, `rules`: a function of the whole canonical
-label volume (rules chosen on validation data, such as small-ET relabelling or removal of small
-connected components, need the whole case), applied by `segment_slices`.
+`evaluate`, `predict` and `postprocess` all segment through it; a model package
+(`msatt_jax.package`) builds the same Predictor from exported forward passes. It reuses the data
+pipeline's preprocessing so a volume is prepared exactly as the training slices were. The
+slices go through one jit-compiled function of a batch: the probabilities of every member of an
+ensemble (several runs of the same input and output) under mirroring test-time augmentation
+(the identity and the flips of each in-plane axis and of both, each flipped back), averaged,
+then turned into labels. Softmax runs average the K class probabilities (argmax); 'region_dice'
+runs average the three sigmoid region probabilities (ET/TC/WT > 0.5, i.e. a logit > 0 for one
+model without TTA).
+
+Every inference option travels in one frozen `Options`. Between the labels and the output sits
+one hook, `rules`: a function of the whole canonical label volume (rules chosen on validation
+data, such as small-ET relabelling or removal of small connected components, need the whole
+case).
 
 `run_data_config` and `labelled_cases` give a run's data and the labelled cases of a split, as
 evaluate and postprocess read them.
 """
 
 import dataclasses
+import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import jax
@@ -27,7 +35,6 @@ import numpy as np
 from data_pipelines.brats import labels as labels_lib
 from data_pipelines.brats import layouts
 from data_pipelines.brats import preprocess
-from msatt_jax import checkpointing
 from msatt_jax import losses
 from msatt_jax import steps
 
@@ -37,8 +44,23 @@ TTA_FLIPS = ((), (1,), (2,), (1, 2))
 # them, so that one prepared batch of slices means the same to each.
 INPUT_KEYS = ("modalities", "crop_size", "crop_center", "slice_start", "slice_stop", "normalize",
               "crop_around", "slice_range")
+# The uncertainty maps segment(with_uncertainty=True) gives (disagreement: ensembles only).
+UNCERTAINTY_MAPS = ("entropy", "disagreement")
 # Canonical label volume -> canonical label volume (postprocessing rules).
 LabelRules = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How volumes are segmented: every inference option, in one place."""
+  tta: bool = True  # Mirroring TTA: average over the four in-plane flips.
+  batch_size: int = 16  # Slices per forward pass (x4 images with TTA); one compilation.
+  postprocess: str = "auto"  # 'auto' (the run's postprocessing.json), 'none' or a file's path.
+  checkpoint: str = "best"  # 'best', 'latest' or a step number, of every run.
+
+  def __post_init__(self):
+    if int(self.batch_size) < 1:
+      raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}.")
 
 
 @dataclasses.dataclass
@@ -58,6 +80,8 @@ class TrainedRun:
 
 def restore_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
   """Restores a run's config and the variables of its 'best' / 'latest' / numbered checkpoint."""
+  # Imported here: a model package predicts through this module without Orbax.
+  from msatt_jax import checkpointing  # pylint: disable=g-import-not-at-top
   checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
   step = checkpointer.resolve(checkpoint)
   try:
@@ -83,9 +107,9 @@ def restore_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRu
                     workdir=workdir)
 
 
-def _damaged(checkpointer: checkpointing.Checkpointer, step: int,
-             error: Exception) -> checkpointing.CheckpointRestoreError:
+def _damaged(checkpointer: Any, step: int, error: Exception) -> Exception:
   """The error for a checkpoint that does not read back: which step, and how to pick another."""
+  from msatt_jax import checkpointing  # pylint: disable=g-import-not-at-top
   if isinstance(error, checkpointing.CheckpointRestoreError) and error.__cause__ is not None:
     error = error.__cause__  # The reader's own reason, not our wrapper's sentence.
   others = [s for s in checkpointer.all_steps() if s != step]
@@ -147,6 +171,16 @@ def _probabilities(logits: jax.Array, region_output: bool) -> jax.Array:
   return jax.nn.sigmoid(logits) if region_output else jax.nn.softmax(logits, axis=-1)
 
 
+def voxel_entropy(probs: jax.Array, region_output: bool) -> jax.Array:
+  """(..., C) averaged probabilities -> (...) entropy in nats: of the class distribution
+  (softmax classes, at most log C), or the summed entropies of the three region
+  probabilities (sigmoid regions, each at most log 2)."""
+  entropy = jax.scipy.special.entr(probs)
+  if region_output:
+    entropy = entropy + jax.scipy.special.entr(1 - probs)
+  return entropy.sum(-1)
+
+
 def probabilities_to_labels(probs: jax.Array, loss: str,
                             label_set: str = labels_lib.DEFAULT_LABEL_SET) -> jax.Array:
   """Averaged probabilities (..., C) -> canonical uint8 labels (...), as losses.logits_to_labels
@@ -156,70 +190,153 @@ def probabilities_to_labels(probs: jax.Array, loss: str,
 
 
 class Predictor:
-  """One jit-compiled prediction of (B,H,W,M) slices by an ensemble, with or without TTA.
+  """An ensemble (or one model) applied to slices and whole volumes, with or without TTA.
 
-  Calling it returns (B,H,W) canonical uint8 labels; `with_probabilities` also returns the
-  averaged (B,H,W,C) float32 probabilities. Both come from the same compiled function, which is
-  compiled once per batch shape (callers keep the batch size fixed).
+  members: (model, variables) pairs, `model.apply(variables, images, train=False)` giving
+  (B,H,W,C) logits; data_config: the members' preprocessing (INPUT_KEYS as attributes);
+  label_set: the classes and regions their channels mean (labels.LABEL_SETS); rules: the
+  postprocessing applied to each segmented volume. Calling it on (B,H,W,M) slices returns
+  (B,H,W) canonical uint8 labels of that set; `with_probabilities` also returns the averaged
+  (B,H,W,C) float32 probabilities. Both come from one jit-compiled function, compiled once per
+  batch shape (`segment` keeps the batch size fixed).
   """
 
-  def __init__(self, members: Sequence[Tuple[Any, Dict[str, Any]]], loss: str, tta: bool,
-               data_config: Optional[ml_collections.ConfigDict] = None,
-               label_set: str = labels_lib.DEFAULT_LABEL_SET):
+  def __init__(self, members: Sequence[Tuple[Any, Dict[str, Any]]], loss: str,
+               tta: bool = True, data_config: Any = None, *,
+               label_set: str = labels_lib.DEFAULT_LABEL_SET, batch_size: int = 16,
+               rules: Optional[LabelRules] = None, source: Optional[Dict[str, Any]] = None,
+               devices: Optional[Sequence[jax.Device]] = None):
     losses.check_loss(loss)
     self.loss = loss
-    self.label_set = labels_lib.label_set(label_set).name
+    self.label_set = label_set = labels_lib.label_set(label_set).name
     self.tta = bool(tta)
-    self.data_config = data_config  # The members' preprocessing (the first run's config.data).
+    self.data_config = data_config
+    self.rules = rules
+    self.source = source or {}  # What predicts (runs and steps, or a package), for records.
+    # The slices of a batch are split over this process's devices (never another process's:
+    # processes share work by cases, not by slices); the batch is rounded up to divide evenly.
+    self.devices = tuple(devices or jax.local_devices())
+    n = len(self.devices)
+    self.batch_size = -(-int(batch_size) // n) * n
     models = [model for model, _ in members]
     self._variables = tuple(variables for _, variables in members)
     flips = TTA_FLIPS if self.tta else ((),)
     region_output = is_region_output(loss)
 
-    @jax.jit
     def predict(variables, images):
       # The views are batched together: one forward pass per member over V x B images.
       views = jnp.concatenate([jnp.flip(images, f) if f else images for f in flips])
-      total = None
+      total, totals = None, []
       for model, member_variables in zip(models, variables):
         probs = _probabilities(model.apply(member_variables, views, train=False), region_output)
         probs = probs.reshape(len(flips), *images.shape[:3], probs.shape[-1])
+        member = None
         for v, f in enumerate(flips):
           view = jnp.flip(probs[v], f) if f else probs[v]
           total = view if total is None else total + view
+          member = view if member is None else member + view
+        totals.append(member)
       mean = total / (len(flips) * len(models))
-      return probabilities_to_labels(mean, loss, self.label_set), mean
+      labels = probabilities_to_labels(mean, loss, label_set)
+      # Fetched only when asked for (segment(with_uncertainty=True)); cheap beside the models.
+      disagreement = sum((probabilities_to_labels(m / len(flips), loss, label_set) != labels)
+                         .astype(jnp.float32) for m in totals) / len(models)
+      return labels, mean, voxel_entropy(mean, region_output), disagreement
 
-    self._predict = predict
+    if n == 1:
+      self._images = jax.sharding.SingleDeviceSharding(self.devices[0])
+      self._predict = jax.jit(predict)
+    else:
+      # Each device runs the one-device program on its share of the slices: one compilation,
+      # no communication, and the one-device arithmetic per slice.
+      mesh = jax.sharding.Mesh(np.asarray(self.devices), ("slices",))
+      self._images = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("slices"))
+      self._predict = jax.jit(jax.shard_map(
+          predict, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), self._images.spec),
+          out_specs=self._images.spec, check_vma=False))
+
+  @classmethod
+  def from_runs(cls, runs: Union[TrainedRun, Sequence[TrainedRun]], options: Options = Options(),
+                rules: Optional[LabelRules] = None,
+                devices: Optional[Sequence[jax.Device]] = None) -> "Predictor":
+    """The predictor of one restored run or of an ensemble (checked to share input, output and
+    label set: the first run's is theirs); devices: where the slices go (default this
+    process's devices)."""
+    runs = [runs] if isinstance(runs, TrainedRun) else list(runs)
+    check_ensemble(runs)
+    source = {"runs": [{"workdir": os.path.abspath(r.workdir) if r.workdir else None,
+                        "checkpoint_step": int(r.step)} for r in runs]}
+    return cls([(r.model, r.variables) for r in runs], runs[0].config.loss, options.tta,
+               runs[0].config.data, label_set=runs[0].label_set, batch_size=options.batch_size,
+               rules=rules, source=source, devices=devices)
 
   @property
   def channels(self) -> Tuple[str, ...]:
     return channel_names(self.loss, self.label_set)
 
+  @property
+  def function(self) -> Tuple[Callable[..., Any], Tuple[Dict[str, Any], ...]]:
+    """(the jit-compiled (variables, images) -> (labels, probabilities, entropy,
+    disagreement), the members' variables): the whole prediction of a batch, for export."""
+    return self._predict, self._variables
+
+  @property
+  def num_members(self) -> int:
+    return len(self._variables)
+
+  def _run(self, images: np.ndarray) -> Tuple[jax.Array, ...]:
+    return self._predict(self._variables,
+                         jax.device_put(np.asarray(images, np.float32), self._images))
+
   def with_probabilities(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    labels, probs = self._predict(self._variables, jnp.asarray(images, jnp.float32))
+    labels, probs, _, _ = self._run(images)
     return np.asarray(labels), np.asarray(probs)
 
+  def with_uncertainty(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+    """{'labels', 'probabilities', 'entropy' (B,H,W) nats of the averaged probabilities,
+    'disagreement' (B,H,W) the fraction of members whose own labels differ from the
+    ensemble's}."""
+    outputs = self._run(images)
+    return dict(zip(("labels", "probabilities", "entropy", "disagreement"),
+                    (np.asarray(x) for x in outputs)))
+
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    labels, _ = self._predict(self._variables, jnp.asarray(images, jnp.float32))
-    return np.asarray(labels)  # The probabilities stay on the device.
+    return np.asarray(self._run(images)[0])  # The rest stays on the device.
 
+  def prepare(self, image: np.ndarray,
+              slice_range: Optional[Tuple[int, int]] = None) -> preprocess.Slices:
+    """(X,Y,Z,M) raw intensities -> the model's slices, preprocessed as the training slices were.
 
-PredictFn = Union[Predictor, Callable[[np.ndarray], np.ndarray]]
+    slice_range: inclusive axial range to segment; default the training range.
+    """
+    return prepare_slices(image, self.data_config, slice_range)
 
+  def segment(self, image: np.ndarray, slice_range: Optional[Tuple[int, int]] = None,
+              with_probabilities: bool = False,
+              slices: Optional[preprocess.Slices] = None,
+              with_uncertainty: bool = False) -> "Segmentation":
+    """(X,Y,Z,M) raw intensities -> Segmentation (labels pasted back, then the rules); zero
+    labels outside the segmented slices and crop.
 
-def make_predictor(runs: Union[TrainedRun, Sequence[TrainedRun]], tta: bool = True) -> Predictor:
-  """The predictor of one run or of an ensemble (checked to share input and output)."""
-  runs = [runs] if isinstance(runs, TrainedRun) else list(runs)
-  check_ensemble(runs)
-  return Predictor([(r.model, r.variables) for r in runs], runs[0].config.loss, tta,
-                   runs[0].config.data, runs[0].label_set)
-
-
-def make_predict_fn(model: Any, variables: Dict[str, Any], loss: str,
-                    tta: bool = False, label_set: str = labels_lib.DEFAULT_LABEL_SET) -> Predictor:
-  """(B,H,W,M) float32 slices -> (B,H,W) canonical uint8 labels of one model, jit-compiled."""
-  return Predictor([(model, variables)], loss, tta, label_set=label_set)
+    slices: `prepare(image, slice_range)` when the caller prepared it already (predict reads
+    and prepares the next case while this one runs). with_uncertainty: also the voxel-wise
+    entropy and (ensembles) the members' disagreement, 0 outside the segmented slices and crop.
+    """
+    slices = slices if slices is not None else self.prepare(image, slice_range)
+    volume_shape = image.shape[:3]
+    out = _predict_slices(self, slices.image, self.batch_size, with_probabilities,
+                          with_uncertainty)
+    probs = (paste_back_probabilities(out["probabilities"], slices, volume_shape, self.channels)
+             if with_probabilities else None)
+    unprocessed = preprocess.paste_back(out["labels"], slices.slice_indices, slices.offsets,
+                                        volume_shape)
+    processed = self.rules(unprocessed) if self.rules is not None else unprocessed
+    uncertainty = {name: paste_back_map(out[name], slices, volume_shape)
+                   for name in UNCERTAINTY_MAPS
+                   if with_uncertainty and (name == "entropy" or self.num_members > 1)}
+    return Segmentation(labels=processed, unprocessed=unprocessed, probabilities=probs,
+                        entropy=uncertainty.get("entropy"),
+                        disagreement=uncertainty.get("disagreement"))
 
 
 @dataclasses.dataclass
@@ -228,32 +345,39 @@ class Segmentation:
   labels: np.ndarray  # (X, Y, Z) uint8 canonical labels, after the rules.
   unprocessed: np.ndarray  # The same before the rules (the same array when there are none).
   probabilities: Optional[np.ndarray] = None  # (C, X, Y, Z) float16, when asked for.
+  entropy: Optional[np.ndarray] = None  # (X, Y, Z) float32 nats, when asked for.
+  disagreement: Optional[np.ndarray] = None  # (X, Y, Z) float32, ensembles, when asked for.
 
 
-def predict_slices(predict: PredictFn, slices: np.ndarray, batch_size: int,
-                   with_probabilities: bool = False):
+def _predict_slices(predict: Predictor, slices: np.ndarray, batch_size: int,
+                    with_probabilities: bool,
+                    with_uncertainty: bool = False) -> Dict[str, np.ndarray]:
   """Runs (S,H,W,M) slices through the model in fixed-size batches (one compilation).
 
-  Returns (S,H,W) uint8 labels, or (labels, (S,H,W,C) float16 probabilities).
+  Returns {'labels': (S,H,W) uint8} and, when asked for, 'probabilities' (S,H,W,C) float16,
+  'entropy' and 'disagreement' (S,H,W) float32.
   """
-  labels = np.zeros(slices.shape[:3], np.uint8)
-  probs = None
+  dtypes = {"labels": np.uint8, "probabilities": np.float16, "entropy": np.float32,
+            "disagreement": np.float32}
+  wanted = ["labels"] + (["probabilities"] if with_probabilities else []) + (
+      list(UNCERTAINTY_MAPS) if with_uncertainty else [])
+  out: Dict[str, np.ndarray] = {}
   for start in range(0, len(slices), batch_size):
     chunk = slices[start:start + batch_size]
     padded = np.zeros((batch_size, *slices.shape[1:]), np.float32)
     padded[:len(chunk)] = chunk
-    if with_probabilities:
-      batch_labels, batch_probs = predict.with_probabilities(padded)
-      if probs is None:
-        probs = np.zeros((*slices.shape[:3], batch_probs.shape[-1]), np.float16)
-      probs[start:start + len(chunk)] = batch_probs[:len(chunk)]
+    if len(wanted) == 1:
+      batch = {"labels": predict(padded)}
     else:
-      batch_labels = predict(padded)
-    labels[start:start + len(chunk)] = batch_labels[:len(chunk)]
-  return (labels, probs) if with_probabilities else labels
+      batch = predict.with_uncertainty(padded)
+    for name in wanted:
+      if name not in out:
+        out[name] = np.zeros((len(slices), *batch[name].shape[1:]), dtypes[name])
+      out[name][start:start + len(chunk)] = batch[name][:len(chunk)]
+  return out
 
 
-def prepare_slices(image: np.ndarray, data_config: ml_collections.ConfigDict,
+def prepare_slices(image: np.ndarray, data_config: Any,
                    slice_range: Optional[Tuple[int, int]] = None) -> preprocess.Slices:
   """(X,Y,Z,M) raw intensities -> the model's slices, preprocessed as the training slices were.
 
@@ -271,6 +395,24 @@ def prepare_slices(image: np.ndarray, data_config: ml_collections.ConfigDict,
       slice_range="fixed" if slice_range else get("slice_range"))
 
 
+def _inside(x0: int, y0: int, height: int, width: int, volume_shape: Sequence[int]):
+  """((volume, window) slices along x, the same along y): the part of a (padded) window inside
+  the volume."""
+  return (preprocess.window_overlap(x0, height, volume_shape[0]),
+          preprocess.window_overlap(y0, width, volume_shape[1]))
+
+
+def paste_back_map(values: np.ndarray, slices: preprocess.Slices,
+                   volume_shape: Sequence[int]) -> np.ndarray:
+  """(S,H,W) float slice values -> (X,Y,Z) float32 in the volume, 0 outside the segmented
+  slices and crop."""
+  out = np.zeros(tuple(int(s) for s in volume_shape), np.float32)
+  (x0, y0), (_, height, width) = slices.offsets, values.shape
+  (vx, wx), (vy, wy) = _inside(x0, y0, height, width, out.shape)
+  out[vx, vy, slices.slice_indices] = values.transpose(1, 2, 0)[wx, wy]
+  return out
+
+
 def paste_back_probabilities(probs: np.ndarray, slices: preprocess.Slices,
                              volume_shape: Sequence[int], channels: Sequence[str]) -> np.ndarray:
   """(S,H,W,C) slice probabilities -> (C,X,Y,Z) float16 in the volume; outside the segmented
@@ -279,53 +421,16 @@ def paste_back_probabilities(probs: np.ndarray, slices: preprocess.Slices,
   out = np.empty((len(channels), *(int(s) for s in volume_shape)), np.float16)
   out[:] = outside[:, None, None, None]
   (x0, y0), (_, height, width, _) = slices.offsets, probs.shape
-  # The part of a (padded) window inside the volume.
-  (vx, wx) = preprocess.window_overlap(x0, height, out.shape[1])
-  (vy, wy) = preprocess.window_overlap(y0, width, out.shape[2])
+  (vx, wx), (vy, wy) = _inside(x0, y0, height, width, out.shape[1:])
   out[:, vx, vy, slices.slice_indices] = probs.transpose(3, 1, 2, 0)[:, wx, wy]
   return out
 
 
-def segment_slices(predict: PredictFn, slices: preprocess.Slices, volume_shape: Sequence[int],
-                   batch_size: int = 16, with_probabilities: bool = False,
-                   rules: Optional[LabelRules] = None) -> Segmentation:
-  """Prepared slices -> a Segmentation of the volume (labels pasted back, then the rules)."""
-  probs = None
-  if with_probabilities:
-    labels, slice_probs = predict_slices(predict, slices.image, batch_size, True)
-    probs = paste_back_probabilities(slice_probs, slices, volume_shape, predict.channels)
-  else:
-    labels = predict_slices(predict, slices.image, batch_size)
-  unprocessed = preprocess.paste_back(labels, slices.slice_indices, slices.offsets,
-                                      volume_shape)
-  processed = rules(unprocessed) if rules is not None else unprocessed
-  return Segmentation(labels=processed, unprocessed=unprocessed, probabilities=probs)
-
-
-def segment(predict: PredictFn, image: np.ndarray, data_config: ml_collections.ConfigDict,
-            slice_range: Optional[Tuple[int, int]] = None, batch_size: int = 16,
-            with_probabilities: bool = False,
-            rules: Optional[LabelRules] = None) -> Segmentation:
-  """(X,Y,Z,M) raw intensities -> Segmentation; zero labels outside the segmented slices."""
-  slices = prepare_slices(image, data_config, slice_range)
-  return segment_slices(predict, slices, image.shape[:3], batch_size, with_probabilities, rules)
-
-
-def segment_volume(predict: PredictFn, image: np.ndarray, data_config: ml_collections.ConfigDict,
-                   slice_range: Optional[Tuple[int, int]] = None,
-                   batch_size: int = 16) -> np.ndarray:
-  """(X,Y,Z,M) raw intensities -> (X,Y,Z) canonical labels; zero outside the segmented slices.
-
-  slice_range: inclusive axial range to segment; default the config's (the training range).
-  """
-  return segment(predict, image, data_config, slice_range, batch_size).labels
-
-
 def run_data_config(run: TrainedRun,
                     source_dir: Optional[str] = None) -> ml_collections.ConfigDict:
-  """The run's data config pointing at its raw and prepared data as recorded at training
-  (source_dir: the raw folder, if it moved since)."""
-  data_config = run.config.data
+  """A copy of the run's data config pointing at its raw and prepared data as recorded at
+  training (source_dir: the raw folder, if it moved since); the run's own is left as it is."""
+  data_config = run.config.data.copy_and_resolve_references()
   data_config.source_dir = source_dir or run.meta["data"]["source_dir"]
   data_config.data_dir = run.meta["data"]["data_dir"]
   return data_config

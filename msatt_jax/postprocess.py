@@ -52,7 +52,6 @@ from absl import logging
 import numpy as np
 from scipy import ndimage
 
-from data_pipelines import input_pipeline
 from data_pipelines.brats import labels as labels_lib
 from msatt_jax import cli
 from msatt_jax import evaluate_folder
@@ -388,21 +387,22 @@ def assign_members(validation_splits: Sequence[Sequence[str]]) -> Dict[Tuple[int
   return groups
 
 
-def predict_validation(runs: Sequence[Any], tta: bool = True, batch_size: int = 16,
+def predict_validation(runs: Sequence[Any], options: inference.Options = inference.Options(),
                        source_dir: Optional[str] = None):
   """(case ids, {case: member workdirs}, predictions, references, [(case id, spacing)] in the
   predictions' order) of the pooled validation cases, each volume cropped to its tumour box
   (crop_to_tumour; exact for the lesion-wise scores too, see `metrics`)."""
+  # Imported here: predict applies rules without TensorFlow (a model package's path).
+  from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
   data_configs = [inference.run_data_config(r, source_dir) for r in runs]
   groups = assign_members([input_pipeline.split_cases(c, "validation") for c in data_configs])
   total = sum(len(cases) for cases in groups.values())
   predicted_by, preds, refs, order, t0 = {}, [], [], [], time.perf_counter()
   for members, case_ids in groups.items():
-    predictor = inference.make_predictor([runs[m] for m in members], tta)
+    predictor = inference.Predictor.from_runs([runs[m] for m in members], options)
     data_config = data_configs[members[0]]
     for case in inference.labelled_cases(data_config, case_ids, "validation"):
-      labels = inference.segment(predictor, case.image, data_config,
-                                 batch_size=batch_size).unprocessed
+      labels = predictor.segment(case.image).unprocessed
       pred, ref = crop_to_tumour(labels, case.label)
       preds.append(pred)
       refs.append(ref)
@@ -427,20 +427,23 @@ def validation_lesion_rules(case_ids: Sequence[str], requested: str
   return out
 
 
-def postprocess(workdir: Union[str, Sequence[str]], checkpoint: str = "best", tta: bool = True,
-                batch_size: int = 16, source_dir: Optional[str] = None,
-                out: Optional[str] = None, objective: str = "voxel",
-                lesion_rules: str = "auto") -> Dict[str, Any]:
-  """Chooses the rules on the validation cases and writes them; returns the record written."""
+def postprocess(workdir: Union[str, Sequence[str]],
+                options: inference.Options = inference.Options(postprocess="none"), *,
+                source_dir: Optional[str] = None, out: Optional[str] = None,
+                objective: str = "voxel", lesion_rules: str = "auto") -> Dict[str, Any]:
+  """Chooses the rules on the validation cases and writes them; returns the record written.
+
+  options: checkpoint, TTA and batch size (the rules are chosen on the network's own labels,
+  so options.postprocess is not applied).
+  """
   if objective not in OBJECTIVES:
     raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}.")
   evaluate_folder.check_lesion_rules_flag(lesion_rules)
   workdirs = [workdir] if isinstance(workdir, str) else list(workdir)
-  runs = inference.restore_runs(workdirs, checkpoint)
+  runs = inference.restore_runs(workdirs, options.checkpoint)
   out = out or os.path.join(runs[0].workdir, FILE_NAME)
   reporting.check_writable_folder(os.path.dirname(os.path.abspath(out)))
-  case_ids, predicted_by, preds, refs, order = predict_validation(runs, tta, batch_size,
-                                                                  source_dir)
+  case_ids, predicted_by, preds, refs, order = predict_validation(runs, options, source_dir)
   per_case_rules = (validation_lesion_rules([c for c, _ in order], lesion_rules)
                     if objective == "lesion" else None)
   rules, report = choose_rules(preds, refs, objective=objective,
@@ -456,8 +459,8 @@ def postprocess(workdir: Union[str, Sequence[str]], checkpoint: str = "best", tt
                      "dice_before": report["dice_before"], "dice_after": report["dice_after"]},
       "runs": [{"workdir": r.workdir, "model": r.config.model.name, "checkpoint_step": r.step}
                for r in runs],
-      "checkpoint": str(checkpoint),
-      "tta": bool(tta),
+      "checkpoint": str(options.checkpoint),
+      "tta": bool(options.tta),
       "objective": objective,
       "objective_description": OBJECTIVES[objective],
       "lesion_rules": ({c: r.name for (c, _), r in zip(order, per_case_rules)}
@@ -494,8 +497,10 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   del argv
-  record = postprocess(FLAGS.workdir, FLAGS.checkpoint, FLAGS.tta, FLAGS.batch_size,
-                       FLAGS.source_dir, FLAGS.out, FLAGS.objective, FLAGS.lesion_rules)
+  options = inference.Options(tta=FLAGS.tta, batch_size=FLAGS.batch_size, postprocess="none",
+                              checkpoint=FLAGS.checkpoint)
+  record = postprocess(FLAGS.workdir, options, source_dir=FLAGS.source_dir, out=FLAGS.out,
+                       objective=FLAGS.objective, lesion_rules=FLAGS.lesion_rules)
   before, after = record["validation"]["dice_before"], record["validation"]["dice_after"]
   dice = lambda d: " ".join(f"{r} {v:.4f}" for r, v in d.items())
   print(f"Objective: {record['objective_description']}")

@@ -65,3 +65,29 @@ def small_data_config(source, data_dir, **overrides):
   for key, value in {**SMALL_DATA, **overrides}.items():
     data[key] = value
   return data
+
+
+def save_untrained_run(workdir, seed: int = 0, step: int = 3, label_convention: str = "auto"):
+  """A run directory holding one 'best' checkpoint of a tiny U-Net at its initial weights
+  (SMALL_DATA preprocessing; trained, as it were, on data of `label_convention`, whose label
+  set it outputs), as train writes it: restore_run and export read it like a trained run's,
+  without a training."""
+  import json  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from msatt_jax import checkpointing, steps  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.base_width, config.model.depth = 4, 2
+  for key, value in {**SMALL_DATA, "label_convention": label_convention}.items():
+    config.data[key] = value
+  model = steps.create_model(config)
+  state = steps.create_train_state(jax.random.key(seed), config, model,
+                                   steps.create_learning_rate_fn(config, 1))
+  meta = {"config": json.loads(config.to_json_best_effort()), "model": {},
+          "data": {"source_dir": f"{workdir}/source", "data_dir": f"{workdir}/prepared"},
+          "steps_per_epoch": 1, "step": step, "metrics": {"val_dice_mean": 0.5}}
+  checkpointer = checkpointing.Checkpointer(str(workdir))
+  checkpointer.save(step, state, meta, {"val_dice_mean": 0.5})
+  checkpointer.wait()
+  checkpointer.close()
+  return str(workdir)

@@ -71,7 +71,7 @@ def test_gli2023_in_mni152_geometry_end_to_end(gli2023, tmp_path):
   workdir, source = gli2023
   run = inference.restore_run(workdir)
   assert run.label_set == "glioma" and run.config.data.crop_around == "brain"
-  result = evaluate.evaluate(workdir, "best", "test", num_figures=0, lesion_rules="off")
+  result = evaluate.evaluate(workdir, "test", num_figures=0, lesion_rules="off")
   assert "dice_RC" not in result["summary"] and result["summary"]["dice_WT"]["mean"] > 0.3
   record = postprocess.postprocess(workdir)
   assert record["label_set"] == "glioma"
@@ -91,7 +91,7 @@ def test_gli2024_with_rc_end_to_end(gli2024, tmp_path):
   run = inference.restore_run(workdir)
   assert run.label_set == "glioma_rc"
   assert run.model.num_classes == 5
-  result = evaluate.evaluate(workdir, "best", "test", num_figures=0, lesion_rules="off")
+  result = evaluate.evaluate(workdir, "test", num_figures=0, lesion_rules="off")
   assert {"dice_RC", "hd95_RC", "slice_dice_RC"} <= set(result["summary"])
   assert "| Metric | ET | WT | TC | RC | Mean |" in open(
       os.path.join(result["out_dir"], "table.md")).read()

@@ -15,6 +15,7 @@ from data_pipelines import prepare
 from data_pipelines import synthetic
 from msatt_jax import evaluate
 from msatt_jax import evaluate_folder
+from msatt_jax import export
 from msatt_jax import postprocess
 from msatt_jax import predict
 from msatt_jax import summary
@@ -23,7 +24,7 @@ from msatt_jax import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = {"train": train, "evaluate": evaluate, "evaluate_folder": evaluate_folder,
             "predict": predict, "postprocess": postprocess, "summary": summary,
-            "prepare": prepare, "synthetic": synthetic}
+            "prepare": prepare, "synthetic": synthetic, "export": export}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -4,6 +4,8 @@ Small flax modules stand in for trained models (nothing is trained): one made of
 flip-equivariant by construction, and one 3x3 convolution, which is not.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import ml_collections
@@ -86,7 +88,7 @@ def test_one_model_without_tta_gives_the_trainers_labels(loss):
   module, variables = _member(Spatial(losses.num_outputs(loss)))
   images = _images()
   expected = np.asarray(losses.logits_to_labels(module.apply(variables, images), loss))
-  np.testing.assert_array_equal(inference.make_predict_fn(module, variables, loss)(images),
+  np.testing.assert_array_equal(inference.Predictor([(module, variables)], loss, tta=False)(images),
                                 expected)
 
 
@@ -109,16 +111,17 @@ def test_segment_pastes_labels_and_probabilities_back_into_the_volume():
   config = tiny.get_config()
   config.data.crop_size, config.data.slice_start, config.data.slice_stop = 16, 3, 6
   member = _member(Spatial())
-  predictor = inference.Predictor([member], "dice", tta=True)
-  image = np.random.RandomState(0).rand(20, 24, 10, 4).astype(np.float32) + 0.1
   seen = []
 
   def rules(volume):
     seen.append(volume.copy())
     return np.where(volume == labels_lib.ENHANCING, labels_lib.NCR_NET, volume).astype(np.uint8)
 
-  result = inference.segment(predictor, image, config.data, batch_size=3,
-                             with_probabilities=True, rules=rules)
+  predictor = inference.Predictor([member], "dice", tta=True, data_config=config.data,
+                                  batch_size=3, rules=rules)
+  image = np.random.RandomState(0).rand(20, 24, 10, 4).astype(np.float32) + 0.1
+
+  result = predictor.segment(image, with_probabilities=True)
   probs = result.probabilities
   assert probs.shape == (4, 20, 24, 10) and probs.dtype == np.float16
   x0, y0 = preprocess.crop_offsets((20, 24), 16)
@@ -134,8 +137,27 @@ def test_segment_pastes_labels_and_probabilities_back_into_the_volume():
   assert clear.sum() > inside.sum() // 2
   np.testing.assert_array_equal(probs.argmax(0)[clear], result.unprocessed[clear])
   assert not (result.labels == labels_lib.ENHANCING).any()
-  np.testing.assert_array_equal(
-      inference.segment_volume(predictor, image, config.data, batch_size=3), result.unprocessed)
+  plain = inference.Predictor([member], "dice", tta=True, data_config=config.data, batch_size=3)
+  np.testing.assert_array_equal(plain.segment(image).labels, result.unprocessed)
+
+
+def test_a_window_larger_than_the_volume_pastes_back_every_output_inside_it():
+  config = tiny.get_config()
+  config.data.crop_size, config.data.slice_start, config.data.slice_stop = 16, 2, 5
+  members = [_member(Spatial(), seed=1), _member(Spatial(), seed=2)]
+  predictor = inference.Predictor(members, "dice", tta=False, data_config=config.data,
+                                  batch_size=4)
+  image = np.random.RandomState(0).rand(12, 14, 8, 4).astype(np.float32) + 0.1
+  assert preprocess.crop_offsets((12, 14), 16) == (-2, -1)  # Padded on every side.
+  result = predictor.segment(image, with_probabilities=True, with_uncertainty=True)
+  assert result.entropy.shape == result.disagreement.shape == result.labels.shape == (12, 14, 8)
+  probs = result.probabilities.astype(np.float64)
+  by_hand = -(probs * np.log(np.where(probs > 0, probs, 1))).sum(0)  # 0 outside the slices.
+  np.testing.assert_allclose(result.entropy, by_hand, atol=2e-3)
+  assert result.entropy[..., 2:6].min() > 0 and not result.entropy[..., 6:].any()
+  # Of two members, none, one or both may differ from the average's argmax.
+  assert set(np.unique(result.disagreement)) <= {0.0, 0.5, 1.0}
+  assert result.disagreement[..., 2:6].any() and not result.disagreement[..., 6:].any()
 
 
 def _run(workdir, loss="dice_ce", **data):
@@ -164,11 +186,11 @@ def test_an_ensemble_of_different_inputs_or_outputs_is_refused(change, phrase):
   first = _run("runs/f0")
   other = _run("runs/f1", **change)
   with pytest.raises(ValueError) as info:
-    inference.make_predictor([first, other])
+    inference.Predictor.from_runs([first, other])
   message = str(info.value)
   assert message.startswith("runs/f1: trained with ") and phrase in message
   assert "runs/f0" in message and "\n" not in message
-  inference.make_predictor([first, _run("runs/f2", loss="dice")])  # dice and dice_ce: softmax.
+  inference.Predictor.from_runs([first, _run("runs/f2", loss="dice")])  # dice and dice_ce: softmax.
 
 
 def test_an_ensemble_is_evaluated_only_on_a_shared_split(monkeypatch):
@@ -181,3 +203,20 @@ def test_an_ensemble_is_evaluated_only_on_a_shared_split(monkeypatch):
   with pytest.raises(ValueError, match=r"^runs/f2: its test split differs from that of runs/f0 "
                      r"\(cases b, c\)"):
     evaluate._check_same_split(runs, "test", ["a", "b"])
+
+
+def test_run_data_config_leaves_the_runs_config_as_it_was():
+  run = _run("runs/f0")
+  before = run.config.data.to_dict()
+  data = inference.run_data_config(run, source_dir="elsewhere")
+  assert data.source_dir == "elsewhere" and data.data_dir == "runs/f0/prepared"
+  assert run.config.data.to_dict() == before
+  assert inference.run_data_config(run).source_dir == "runs/f0/src"
+
+
+def test_options_are_frozen_and_checked():
+  options = inference.Options(tta=False)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    options.tta = True
+  with pytest.raises(ValueError, match="--batch_size must be at least 1, got 0"):
+    inference.Options(batch_size=0)

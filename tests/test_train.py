@@ -22,6 +22,9 @@ from msatt_jax import predict
 from msatt_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LATEST = inference.Options(checkpoint="latest")
+NOTTA = inference.Options(tta=False)
+NOTTA_NOPP = inference.Options(tta=False, postprocess="none")
 
 
 def _read_metrics(workdir):
@@ -42,7 +45,7 @@ def test_training_learns_held_out_whole_tumour(trained):
   workdir, config, state = trained
   steps_per_epoch = int(state.step) // config.num_epochs
   assert int(state.step) == config.num_epochs * steps_per_epoch > 0
-  result = evaluate.evaluate(workdir, "best", "test", num_figures=1)
+  result = evaluate.evaluate(workdir, "test", num_figures=1)
   assert result["summary"]["dice_WT"]["mean"] >= 0.8
   out = result["out_dir"]
   for name in ("per_case.csv", "summary.json", "table.md"):
@@ -59,8 +62,8 @@ def test_restored_checkpoint_evaluates_identically(trained):
   run = inference.restore_run(workdir, "latest")
   assert run.step == int(state.step)
   jax.tree.map(np.testing.assert_array_equal, run.variables["params"], state.params)
-  first = evaluate.evaluate(workdir, "latest", "validation", num_figures=0)
-  second = evaluate.evaluate(workdir, "latest", "validation", num_figures=0)
+  first = evaluate.evaluate(workdir, "validation", LATEST, num_figures=0)
+  second = evaluate.evaluate(workdir, "validation", LATEST, num_figures=0)
   assert first["per_case"] == second["per_case"]
 
 
@@ -71,7 +74,7 @@ def test_predict_keeps_shape_affine_and_label_convention(trained, tmp_path):
   case = layouts.load_case(ref)
   run = inference.restore_run(workdir, "best")
   out_brats = str(tmp_path / "seg_brats.nii.gz")
-  seg = predict.predict_case(run, ref.image_paths["flair"], out_brats, "brats")
+  seg = predict.predict_case(run, ref.image_paths["flair"], out_brats, label_convention="brats")
   written = nib.load(out_brats)
   assert written.shape == case.label.shape
   np.testing.assert_allclose(written.affine, case.affine)
@@ -79,7 +82,7 @@ def test_predict_keeps_shape_affine_and_label_convention(trained, tmp_path):
   assert set(np.unique(raw)) <= {0, 1, 2, 4}
   np.testing.assert_array_equal(labels_lib.to_canonical(raw, "brats"), seg)
   out_msd = str(tmp_path / "seg_msd.nii.gz")
-  predict.predict_case(run, ref.image_paths["flair"], out_msd, "msd")
+  predict.predict_case(run, ref.image_paths["flair"], out_msd, label_convention="msd")
   msd_raw = np.asarray(nib.load(out_msd).dataobj)
   np.testing.assert_array_equal(labels_lib.to_canonical(msd_raw, "msd"), seg)
   # 'train' segments only the training slice range, identically to the default whole-brain mode.
@@ -101,7 +104,7 @@ def test_predict_rejects_unwritable_output_before_work(trained, tmp_path):
 
 def test_evaluate_records_tta_and_the_hd95_definition(trained):
   workdir, _, _ = trained
-  result = evaluate.evaluate(workdir, "best", "test", num_figures=0, tta=False, hd95_mode="max")
+  result = evaluate.evaluate(workdir, "test", NOTTA, num_figures=0, hd95_mode="max")
   out = result["out_dir"]
   assert out == os.path.join(workdir, f"eval_test_step{result['step']}_notta_hd95max")
   with open(os.path.join(out, "summary.json")) as f:
@@ -120,9 +123,9 @@ def test_an_ensemble_of_two_runs_averages_their_probabilities(trained, tmp_path)
   workdir, _, _ = trained
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
-  single = evaluate.evaluate(workdir, "best", "test", num_figures=0, tta=False)
+  single = evaluate.evaluate(workdir, "test", NOTTA, num_figures=0)
   # Two copies of one model: the average is that model's probabilities, so the same scores.
-  both = evaluate.evaluate([workdir, copy], "best", "test", num_figures=0, tta=False)
+  both = evaluate.evaluate([workdir, copy], "test", NOTTA, num_figures=0)
   assert both["per_case"] == single["per_case"]
   assert os.path.basename(both["out_dir"]) == (
       f"eval_test_ensemble2_step{single['step']}-{single['step']}_notta")
@@ -146,7 +149,8 @@ def test_predict_command_segments_a_folder_with_an_ensemble(trained, tmp_path):
   case_ids = sorted(p.name[:-len(".nii.gz")] for p in images.iterdir())
   broken_id = broken.name[:-len(".nii.gz")]
   others = [c for c in case_ids if c != broken_id]
-  assert sorted(os.listdir(out)) == sorted(f"{c}{s}" for c in others for s in (".nii.gz", ".npz"))
+  assert sorted(os.listdir(out)) == sorted([f"{c}{s}" for c in others for s in (".nii.gz", ".npz")]
+                                           + [predict.RECORD])
   assert f"[{len(case_ids)}/{len(case_ids)}] {case_ids[-1]} -> " in proc.stderr
   assert "ETA" in proc.stderr
   assert len([line for line in proc.stderr.splitlines() if broken_id in line and "skipped"
@@ -224,7 +228,7 @@ def test_real_case_through_predict_and_evaluate_folder(trained, tmp_path):
   preds = tmp_path / "preds"
   preds.mkdir()
   out = str(preds / "BraTS2021_00006.nii.gz")
-  predict.predict_case(run, REALDATA, out, "brats")
+  predict.predict_case(run, REALDATA, out, label_convention="brats")
   reference = nib.load(os.path.join(REALDATA, "BraTS2021_00006_seg.nii.gz"))
   written = nib.load(out)
   assert written.shape == reference.shape == (240, 240, 155)
@@ -265,10 +269,11 @@ def test_postprocess_command_then_evaluate_and_predict_apply_the_rules(trained, 
   assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
 
   # evaluate applies the run's file by default and scores before and after it.
-  result = evaluate.evaluate(run_dir, "best", "test", num_figures=0)
+  result = evaluate.evaluate(run_dir, "test", num_figures=0)
   assert result["out_dir"] == os.path.join(run_dir, f"eval_test_step{run.step}")
   assert result["postprocessing"]["file"] == path
-  plain = evaluate.evaluate(run_dir, "best", "test", num_figures=0, postprocess="none")
+  plain = evaluate.evaluate(run_dir, "test", inference.Options(postprocess="none"),
+                            num_figures=0)
   assert plain["out_dir"].endswith("_nopostprocess") and plain["summary_unprocessed"] is None
   assert result["per_case_unprocessed"] == plain["per_case"]
   with open(os.path.join(result["out_dir"], "summary.json")) as f:
@@ -282,8 +287,9 @@ def test_postprocess_command_then_evaluate_and_predict_apply_the_rules(trained, 
   # Rules that remove every WT component: applied by evaluate and by predict, skipped by none.
   remove_all = tmp_path / "remove_all.json"
   remove_all.write_text(json.dumps({"rules": {"min_component_voxels": {"WT": 10**7}}}))
-  result = evaluate.evaluate(run_dir, "best", "test", num_figures=0, tta=False,
-                             postprocess=str(remove_all))
+  result = evaluate.evaluate(run_dir, "test",
+                             inference.Options(tta=False, postprocess=str(remove_all)),
+                             num_figures=0)
   assert result["out_dir"].endswith("_notta_postprocess-remove_all")
   assert [r["dice_WT"] for r in result["per_case"]] == [0.0] * len(result["per_case"])
   assert all(r["dice_WT"] > 0.5 for r in result["per_case_unprocessed"])
@@ -306,8 +312,8 @@ def test_evaluate_and_postprocess_lesion_wise(trained, tmp_path):
   from msatt_jax import postprocess
   workdir, _, _ = trained
   out = str(tmp_path / "eval")
-  result = evaluate.evaluate(workdir, "best", "test", out_dir=out, num_figures=0, tta=False,
-                             postprocess="none", lesion_rules="gli2023")
+  result = evaluate.evaluate(workdir, "test", NOTTA_NOPP, out_dir=out, num_figures=0,
+                             lesion_rules="gli2023")
   for row in result["per_case"]:
     assert row["lesion_rules"] == "gli2023" and 0.0 <= row["lesion_dice_WT"] <= 1.0
     assert row["lesions_tp_WT"] + row["lesions_fn_WT"] >= 0 and "lesion_hd95_ET" in row
@@ -316,10 +322,10 @@ def test_evaluate_and_postprocess_lesion_wise(trained, tmp_path):
   assert "| Lesion-wise Dice |" in table and "| Lesion-wise HD95 (mm) |" in table
   with open(os.path.join(out, "summary.json")) as f:
     assert json.load(f)["lesion_rules"]["requested"] == "gli2023"
-  plain = evaluate.evaluate(workdir, "best", "test", out_dir=out, num_figures=0, tta=False,
-                            postprocess="none", lesion_rules="off")
+  plain = evaluate.evaluate(workdir, "test", NOTTA_NOPP, out_dir=out, num_figures=0,
+                            lesion_rules="off")
   assert "lesion_dice_WT" not in plain["per_case"][0] and "lesions.csv" not in os.listdir(out)
-  record = postprocess.postprocess(workdir, tta=False, out=str(tmp_path / "pp.json"),
+  record = postprocess.postprocess(workdir, NOTTA, out=str(tmp_path / "pp.json"),
                                    objective="lesion", lesion_rules="met2023")
   assert record["objective"] == "lesion" and set(record["lesion_rules"].values()) == {"met2023"}
   assert sorted(record["lesion_rules"]) == record["validation"]["cases"]

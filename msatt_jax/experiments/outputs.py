@@ -85,10 +85,10 @@ def fig7(results: Sequence[report.RunResult], runs: Sequence[planning.Run],
     run = min((r for r in runs if r.variant == model), key=lambda r: r.seed)
     logging.info("[table1] drawing %s's predictions for fig7.png.", run.name)
     trained = inference.restore_run(run.workdir, str(steps_by_run[run.name]))
-    predict = inference.make_predict_fn(trained.model, trained.variables, trained.config.loss)
-    predictions.append([
-        inference.segment_volume(predict, case.image, data, slice_range=(z, z),
-                                 batch_size=1)[:, :, z] for case, z in zip(cases, slices)])
+    predictor = inference.Predictor.from_runs(trained, inference.Options(tta=False,
+                                                                          batch_size=1))
+    predictions.append([predictor.segment(case.image, slice_range=(z, z)).labels[:, :, z]
+                        for case, z in zip(cases, slices)])
   rows = [(f"{c}, axial slice {z}", case.image[:, :, z, :], case.label[:, :, z],
            [p[i] for p in predictions])
           for i, (c, case, z) in enumerate(zip(case_ids, cases, slices))]

@@ -16,6 +16,7 @@ from data_pipelines import prepare as prepare_lib
 from data_pipelines.brats import builder as builder_lib
 from msatt_jax import checkpointing
 from msatt_jax import evaluate
+from msatt_jax import inference
 from msatt_jax import reporting
 from msatt_jax import train
 from msatt_jax import workdir_lock
@@ -91,7 +92,7 @@ def evaluate_runs(runs: Sequence[planning.Run], workdir: str) -> List[report.Run
     else:
       logging.info("[table1] evaluating %s, checkpoint %d, on the test split (%d/%d).",
                    run.name, step, i + 1, len(runs))
-      evaluate.evaluate(workdir=run.workdir, checkpoint=str(step), split="test",
+      evaluate.evaluate(run.workdir, "test", inference.Options(checkpoint=str(step)),
                         out_dir=out_dir, num_figures=0)
     seconds, rate = records.training_speed(records.read_metrics(run.workdir),
                                            run.config.batch_size)
