@@ -257,6 +257,7 @@ def _validate(config: ml_collections.ConfigDict, data_config: ml_collections.Con
       regions)
   writer.write_scalars(step, val)
   writer.write_images(step, validation.sample_overlays(sample))
+  memory.release_free_heap()
   scores = "  ".join(f"{region} {val[f'val_dice_{region}']:.4f}" for region in regions)
   logging.info("step %d validation Dice  %s  mean %.4f  %s", step, scores,
                val["val_dice_mean"], memory.usage_text())
