@@ -18,14 +18,14 @@ from data_pipelines.brats import builder as builder_lib
 from data_pipelines.errors import DataError
 
 from conftest import small_data_config
+import helpers
+from helpers import REPO
 
 SMALL_FLAGS = ["--slice_start", "10", "--slice_stop", "17", "--crop_size", "32"]
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args, timeout=120) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "data_pipelines.prepare", *map(str, args)],
-                        capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
+def _cli(*args) -> subprocess.CompletedProcess:
+  return helpers.run_module("data_pipelines.prepare", *args)
 
 
 def _leftovers(data) -> list:
@@ -51,7 +51,7 @@ def test_cli_rejects_an_empty_folder_naming_it(tmp_path):
 def test_cli_errors_are_one_line(args, message):
   proc = _cli(*args)
   assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-3000:]
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  errors = helpers.error_lines(proc.stderr)
   assert len(errors) == 1 and errors[0].startswith(message) and "Traceback" not in proc.stderr
 
 
@@ -160,8 +160,7 @@ def test_flags_are_the_preprocessing_parameters():
   from configs import brats18  # pylint: disable=g-import-not-at-top
   args = ["--src=/data/src", "--layout=brats", "--modalities=t1ce,,flair", "--crop_center=20,24",
           "--slice_start=3", "--normalize=none", "--compression=zlib"]
-  proc = subprocess.run([sys.executable, "-c", _FLAGS_TO_CONFIG, *args], capture_output=True,
-                        text=True, timeout=120, cwd=REPO, check=False)
+  proc = helpers.run_python("-c", _FLAGS_TO_CONFIG, *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   data = ml_collections.ConfigDict(json.loads(proc.stdout.splitlines()[-1]))
   expected = brats18.get_data_config()

@@ -28,6 +28,8 @@ from msatt_jax.experiments import report
 from msatt_jax.experiments import runner
 from msatt_jax.experiments import stats
 
+import helpers
+
 REPO = fault_lib.REPO
 TEST_CONFIG = "configs/table1_test.py"
 MODELS = ("msconvlstm_att", "unet", "attunet", "fcn")
@@ -284,12 +286,6 @@ def _files(folder: Path) -> Dict[str, bytes]:
           if p.is_file()}
 
 
-def _error_line(text: str) -> str:
-  lines = [line for line in text.splitlines() if line.startswith("error: ")]
-  assert len(lines) == 1, text[-3000:]
-  return lines[0]
-
-
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
   """The small preset: killed in its second run, completed, then run again. Returns
@@ -380,7 +376,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(experiment, tmp_path):
   for name, (_, pattern) in cases.items():
     text = fault_lib.finish(procs[name], tmp_path / f"{name}.log")
     assert procs[name].returncode == 1, (name, text[-3000:])
-    assert re.match(pattern, _error_line(text)), (name, _error_line(text))
+    assert re.match(pattern, helpers.one_error_line(text)), (name, helpers.one_error_line(text))
   assert _files(workdir) == before
   assert not fresh.exists()
 
