@@ -28,10 +28,6 @@ from conftest import SMALL_DATA, small_data_config
 # Slices 10..17 with a 32x32 crop of the 48x48x40 fixtures: 8 small slices per case.
 
 
-def _quiet(_: str) -> None:
-  pass
-
-
 # ---- patient-level splits -------------------------------------------------------------------
 
 
@@ -149,9 +145,9 @@ def test_builder_from_config_defaults_and_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def prepared(synthetic_msd, tmp_path_factory):
-  data = small_data_config(synthetic_msd, tmp_path_factory.mktemp("prepared"))
-  return data, prepare_lib.prepare(data, progress=_quiet)
+def prepared(prepared_small):
+  """(data config, builder) of the session's prepared data, read back from disk."""
+  return prepared_small, builder_lib.builder_from_config(prepared_small)
 
 
 def test_splits_and_metadata_are_stored(prepared, synthetic_msd):

@@ -16,8 +16,6 @@ import tensorflow_datasets as tfds
 from data_pipelines import input_pipeline as ip
 from data_pipelines import prepare as prepare_lib
 from data_pipelines.errors import DataError
-
-from conftest import small_data_config
 # pylint: enable=g-import-not-at-top
 
 # 4 cases of 48x48x40 (conftest) split 2/1/1; slices 10..17 with a 32x32 crop: 16 train slices.
@@ -26,10 +24,8 @@ STEPS = 4  # 16 train slices / 4.
 
 
 @pytest.fixture(scope="module")
-def data(synthetic_msd, tmp_path_factory):
-  config = small_data_config(synthetic_msd, tmp_path_factory.mktemp("prepared"))
-  prepare_lib.prepare(config, progress=lambda _: None)
-  return config
+def data(prepared_small):
+  return prepared_small
 
 
 def _with(config, **changes):

@@ -78,17 +78,16 @@ def test_corrupt_file_stops_preparation_and_leaves_nothing(make_synthetic, tmp_p
     ip.num_examples(data, "train")
 
 
-def test_prepared_data_is_reused_and_guarded_against_other_sources(synthetic_msd,
-                                                                   synthetic_brats, tmp_path):
-  data = small_data_config(synthetic_msd, tmp_path / "out")
-  prepare_lib.prepare(data, progress=lambda _: None)
+def test_prepared_data_is_reused_and_guarded_against_other_sources(prepared_small,
+                                                                   synthetic_brats):
+  data = prepared_small
   info_file = Path(builder_lib.builder_from_config(data).data_path) / "dataset_info.json"
   before = info_file.stat().st_mtime_ns
   messages = []
   prepare_lib.prepare(data, progress=messages.append)
   assert info_file.stat().st_mtime_ns == before and "Reusing" in messages[0]
   # Another data set pointed at the same folder with the same settings must not be mixed up.
-  other = small_data_config(synthetic_brats, tmp_path / "out")
+  other = small_data_config(synthetic_brats, data.data_dir)
   with pytest.raises(DataError, match="differ"):
     prepare_lib.prepare(other, progress=lambda _: None)
 
