@@ -9,7 +9,6 @@ from collections import Counter
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 # pylint: disable=g-import-not-at-top
@@ -49,10 +48,6 @@ def _assert_same(batches_a, batches_b):
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
-
-
-def test_tensorflow_sees_no_gpu():
-  assert tf.config.get_visible_devices("GPU") == []
 
 
 def test_sizes_and_split_cases(data):
