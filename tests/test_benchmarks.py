@@ -287,6 +287,7 @@ def _run_benchmark(tmp_path, *args):
   return proc.stdout, rows
 
 
+@pytest.mark.slow
 def test_benchmark_command(tmp_path):
   stdout, rows = _run_benchmark(tmp_path, "--set", "depth=2", "--breakdown",
                                 "--trace_dir", str(tmp_path / "traces"))
@@ -308,6 +309,7 @@ def test_benchmark_command(tmp_path):
   assert "instruction kind" in stdout
 
 
+@pytest.mark.slow
 def test_benchmark_command_compare_torch(tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("monai")
@@ -319,6 +321,7 @@ def test_benchmark_command_compare_torch(tmp_path):
   assert plain["runtime"] == {runtime.OPT_ENV: "none"}
 
 
+@pytest.mark.slow
 def test_benchmark_command_baseline_interpreter(tmp_path):
   # Here the "baseline" is this very interpreter: the side exists, is labelled with its jax
   # version and gets a ratio line; with another environment it measures that stack.
@@ -361,6 +364,7 @@ def test_suite_defaults_yield_to_given_flags():
     run.parse_args(["--models", "unet", "--set", "lstm_features=4"])
 
 
+@pytest.mark.slow
 def test_gpu_suite_dry_run_needs_no_tensorflow(tmp_path):
   """The GPU suite's logic, tiny, on CPU, where TensorFlow cannot be imported (as on a GPU
   machine that has JAX but no TensorFlow)."""
@@ -387,6 +391,7 @@ def test_gpu_suite_dry_run_needs_no_tensorflow(tmp_path):
   assert "500-epoch schedule" in proc.stdout and "segment one 48x48x40 case" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_models_pools_differentiate_without_select_and_scatter():
   """What benchmarks/experiments/pool_forms.py measured: nn.max_pool's gradient is a
   select_and_scatter, the models' own pools (common.max_pool) avoid it."""

@@ -256,6 +256,7 @@ _TFDS_CLI = ("import sys; from tensorflow_datasets.scripts.cli.main import launc
 @pytest.mark.skipif(bool(_TFDS_CLI_MISSING), reason=(
     f"`tfds build` imports {' and '.join(_TFDS_CLI_NEEDS)} at start-up; "
     f"{', '.join(_TFDS_CLI_MISSING)} not installed (pip install -e .[tfds-cli]; .ci/run does)."))
+@pytest.mark.slow
 def test_tfds_build_command_line_builds_the_papers_config(tmp_path):
   # The paper's crop (190) and slices (30..) need volumes of at least 190 x 190 x 31.
   source = tmp_path / "msd"

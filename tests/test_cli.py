@@ -56,6 +56,7 @@ def test_unknown_config_key_is_one_line(tmp_path):
   assert line.startswith("error: --config.batch_sizee: the config has no key 'batch_sizee'")
 
 
+@pytest.mark.slow
 def test_bad_requests_are_one_error_line(tmp_path):
   nowhere = str(tmp_path / "nowhere")
   line = error_line(run_python("-m", "msatt_jax.evaluate", f"--workdir={nowhere}"))
@@ -73,6 +74,7 @@ def test_bad_requests_are_one_error_line(tmp_path):
   assert not os.listdir(tmp_path)  # Nothing written by any of them.
 
 
+@pytest.mark.slow
 def test_bad_folder_requests_are_one_error_line(tmp_path, synthetic_msd):
   """Checked before the restore (the workdir does not even exist), nothing written."""
   work = tmp_path / "work"

@@ -410,6 +410,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
   return helpers.run_module("data_pipelines.prepare", *args)
 
 
+@pytest.mark.slow
 def test_prepare_command_downloads_prepares_and_then_fetches_nothing(server, archives, tmp_path):
   out = tmp_path / "out"
   args = ["--download=msd_task01", f"--download_url={server.url()}",

@@ -204,6 +204,7 @@ def test_decoding_matches_tfds_and_zlib_storage(data, tmp_path):
         np.testing.assert_array_equal(b["crop_offset"][i], ex["crop_offset"])
 
 
+@pytest.mark.slow
 def test_a_process_with_an_open_iterator_exits_promptly(data):
   # tf.data pipelines with Python generators can deadlock at interpreter exit; this one has
   # none, so a trainer that ends with its iterator open must still exit.

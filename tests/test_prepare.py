@@ -109,6 +109,7 @@ _KILLABLE = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_killed_preparation_is_not_readable_and_a_rerun_completes_it(synthetic_msd, tmp_path):
   out = tmp_path / "out"
   data = small_data_config(synthetic_msd, out)

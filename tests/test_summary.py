@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import brats18
 from msatt_jax.models import create_model
@@ -30,6 +31,7 @@ def _conv_macs_unet(size: int, m: int, k: int, w: int) -> int:
   return down + bottom + up + conv(s0, w, k, 1)
 
 
+@pytest.mark.slow
 def test_summary_figures_of_a_small_unet():
   config = _small_unet_config()
   lines = []
@@ -69,6 +71,7 @@ def test_parameter_table_keeps_dict_order():
   assert rows[0]["shape"] == (2, 3)
 
 
+@pytest.mark.slow
 def test_summary_command():
   """`python -m msatt_jax.summary` under the shared command convention: figures on success, one
   `error: ...` line for an unknown config key."""

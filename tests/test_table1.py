@@ -316,6 +316,7 @@ def experiment(tmp_path_factory):
           "runs_after": runs_after}
 
 
+@pytest.mark.slow
 def test_killed_experiment_completes_and_a_rerun_trains_nothing(experiment):
   workdir = experiment["workdir"]
   assert "killed" not in experiment["completed"]
@@ -334,6 +335,7 @@ def test_killed_experiment_completes_and_a_rerun_trains_nothing(experiment):
   assert "| MSConvLSTM-Att (ours) |" in again  # The table is printed.
 
 
+@pytest.mark.slow
 def test_every_number_equals_the_one_recomputed_from_the_runs_per_case_csv(experiment):
   workdir = experiment["workdir"]
   table = json.loads((workdir / "table1.json").read_text())
@@ -360,6 +362,7 @@ def test_every_number_equals_the_one_recomputed_from_the_runs_per_case_csv(exper
     assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_error_line_and_changes_nothing(experiment, tmp_path):
   """The command line's error path (other data settings, a seed list that does not parse)."""
   workdir, env = experiment["workdir"], experiment["env"]
@@ -386,6 +389,7 @@ def _plan(workdir: Path, overrides=None, models=("unet",)):
   return runs, planning.data_identity(runs[0].config.data)
 
 
+@pytest.mark.slow
 def test_run_folders_of_another_config_or_origin_and_another_split_are_refused(experiment,
                                                                                tmp_path):
   workdir = experiment["workdir"]

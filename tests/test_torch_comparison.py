@@ -16,8 +16,8 @@ import helpers
 from helpers import REPO
 
 _MISSING = [m for m in ("torch", "monai") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(
-    bool(_MISSING), reason=f"{' and '.join(_MISSING)} not installed (pip install -e '.[bench]')")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    bool(_MISSING), reason=f"{' and '.join(_MISSING)} not installed (pip install -e '.[bench]')")]
 
 
 def _env() -> dict:
@@ -38,7 +38,6 @@ def test_the_pytorch_worker_keeps_tensorflow_out():
   assert out.stdout.split() == ["None"]
 
 
-@pytest.mark.slow
 def test_compare_torch_end_to_end(tmp_path):
   """The comparison command at tiny sizes: every side runs both modes to the end (before the
   fix the PyTorch worker died with SIGSEGV, 'the worker exited (code -11)')."""

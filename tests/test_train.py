@@ -21,6 +21,9 @@ from msatt_jax import train
 
 import helpers
 
+# Every test reads one training run: the slow lane (`pytest -m "not slow"` leaves the module out).
+pytestmark = pytest.mark.slow
+
 
 
 def _read_metrics(workdir):

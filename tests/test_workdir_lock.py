@@ -28,6 +28,7 @@ def _start_holder(workdir: Path) -> subprocess.Popen:
   return proc
 
 
+@pytest.mark.slow
 def test_second_run_is_refused_naming_the_holder_and_changes_nothing(tmp_path):
   workdir = tmp_path / "run"
   holder = _start_holder(workdir)
