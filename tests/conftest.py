@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny synthetic data sets in both download layouts (generated once)."""
+"""Shared fixtures: tiny synthetic data sets in both download layouts and one prepared data set
+(each built once per session)."""
 
 from pathlib import Path
 from typing import Callable
@@ -49,7 +50,6 @@ def make_synthetic(tmp_path) -> Callable[..., Path]:
   return make
 
 
-
 # Small preprocessing for the synthetic cases: 8 slices of 32 x 32.
 SMALL_DATA = dict(slice_start=10, slice_stop=17, crop_size=32)
 
@@ -91,3 +91,13 @@ def save_untrained_run(workdir, seed: int = 0, step: int = 3, label_convention: 
   checkpointer.wait()
   checkpointer.close()
   return str(workdir)
+
+
+@pytest.fixture(scope="session")
+def prepared_small(synthetic_msd, tmp_path_factory):
+  """The data config of `synthetic_msd` prepared with SMALL_DATA (16 train, 8 validation and 8
+  test slices). Read-only: copy the config before changing it, prepare elsewhere."""
+  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
+  data = small_data_config(synthetic_msd, tmp_path_factory.mktemp("prepared"))
+  prepare.prepare(data, progress=lambda _: None)
+  return data

@@ -102,6 +102,7 @@ def test_each_variant_traces_and_sows_its_heads(ablation):
   assert all(s.shape == out.shape for s in scale_logits)
 
 
+@pytest.mark.slow
 def test_deepest_only_predicts_with_the_scale3_head_alone():
   model = MSConvLSTMAtt(num_classes=4, ablation="deepest_only", **TINY)
   variables = _jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, 4))))(

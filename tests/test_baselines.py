@@ -130,6 +130,7 @@ def test_max_pool_equals_flax_in_values_and_gradients(shape, window, strides, pa
   np.testing.assert_allclose(grad(ours, jnp.zeros(shape)).sum(), weights.sum(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_gates_lie_in_unit_interval_and_identity_gates_give_the_unet():
   x = _normal((2, 20, 18, 4), 0)
   att = SMALL["attunet"]()
@@ -203,6 +204,7 @@ def test_bfloat16_compute_float32_params(name):
   assert out.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_bfloat16_logits_close_to_float32():
   x = _normal((1, 16, 20, 4), 0)
   f32, bf16 = SMALL["attunet"](), SMALL["attunet"](dtype=jnp.bfloat16)
@@ -240,6 +242,7 @@ def _mean_foreground_dice(pred: np.ndarray, labels: np.ndarray) -> float:
 # FCN-8s predicts at 1/8 resolution: it needs a larger image to draw 4-pixel rings.
 @pytest.mark.parametrize("name,size,steps", [("unet", 32, 60), ("attunet", 32, 60),
                                              ("fcn", 48, 100)])
+@pytest.mark.slow
 def test_overfits_one_batch_with_finite_gradients(name, size, steps):
   model = SMALL[name]()
   x, labels = _blob_batch(size)

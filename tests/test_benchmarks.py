@@ -2,7 +2,6 @@
 
 import json
 import os
-from pathlib import Path
 import subprocess
 import sys
 
@@ -16,7 +15,9 @@ from benchmarks import common
 from benchmarks import jax_bench
 from msatt_jax import runtime
 
-ROOT = Path(__file__).resolve().parents[1]
+import helpers
+from helpers import REPO
+
 REQUIRED_KEYS = {"model", "framework", "mode", "batch_size", "slices_per_s", "compile_s",
                  "step_s_median", "step_s_iqr", "flops_per_step", "peak_percent", "peak_mem_mb"}
 
@@ -27,7 +28,7 @@ def _clean_env(**extra: str) -> dict:
   for name in ("XLA_FLAGS", runtime.OPT_ENV, runtime.REEXEC_MARK, runtime.TUNABLES_ENV,
                *runtime.MALLOC_ENV):
     env.pop(name, None)
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+  env = helpers.with_repo_on_path(env)
   env.update(extra)
   return env
 
@@ -84,7 +85,7 @@ def test_configure_reexecutes_once_for_the_allocator_groups(tmp_path):
   starts = tmp_path / "starts"
   out = subprocess.run([sys.executable, "-c", _PROBE, str(starts)],
                        env=_clean_env(**{runtime.OPT_ENV: "all"}), capture_output=True,
-                       text=True, check=True, cwd=ROOT)
+                       text=True, check=True, cwd=REPO)
   assert starts.read_text().count("start") == 2  # The original process and its re-execution.
   assert out.stdout.split() == ["1", *runtime.XLA_FLAGS, runtime.HUGEPAGE_TUNABLE]
 
@@ -92,7 +93,7 @@ def test_configure_reexecutes_once_for_the_allocator_groups(tmp_path):
 def test_configure_defaults_set_only_the_xla_flags_without_reexecuting(tmp_path):
   starts = tmp_path / "starts"
   out = subprocess.run([sys.executable, "-c", _PROBE, str(starts)], env=_clean_env(),
-                       capture_output=True, text=True, check=True, cwd=ROOT)
+                       capture_output=True, text=True, check=True, cwd=REPO)
   assert starts.read_text().count("start") == 1
   assert out.stdout.split() == ["None", *runtime.XLA_FLAGS, "None"]
 
@@ -101,7 +102,7 @@ def test_configure_opt_out(tmp_path):
   starts = tmp_path / "starts"
   out = subprocess.run([sys.executable, "-c", _PROBE, str(starts)],
                        env=_clean_env(**{runtime.OPT_ENV: "none"}), capture_output=True,
-                       text=True, check=True, cwd=ROOT)
+                       text=True, check=True, cwd=REPO)
   assert starts.read_text().count("start") == 1
   assert out.stdout.split() == ["None", "None", "None"]
 
@@ -274,7 +275,7 @@ def _run_benchmark(tmp_path, *args):
   cmd = [sys.executable, "-m", "benchmarks.run", "--models", "unet", "--set", "base_width=2",
          "--size", "32", "--batch_sizes", "2", "--steps", "2", "--warmup", "1",
          "--json", str(out_json), *args]
-  proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, cwd=ROOT,
+  proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, cwd=REPO,
                         timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   rows = [json.loads(line) for line in out_json.read_text().splitlines()]
@@ -286,6 +287,7 @@ def _run_benchmark(tmp_path, *args):
   return proc.stdout, rows
 
 
+@pytest.mark.slow
 def test_benchmark_command(tmp_path):
   stdout, rows = _run_benchmark(tmp_path, "--set", "depth=2", "--breakdown",
                                 "--trace_dir", str(tmp_path / "traces"))
@@ -307,6 +309,7 @@ def test_benchmark_command(tmp_path):
   assert "instruction kind" in stdout
 
 
+@pytest.mark.slow
 def test_benchmark_command_compare_torch(tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("monai")
@@ -318,6 +321,7 @@ def test_benchmark_command_compare_torch(tmp_path):
   assert plain["runtime"] == {runtime.OPT_ENV: "none"}
 
 
+@pytest.mark.slow
 def test_benchmark_command_baseline_interpreter(tmp_path):
   # Here the "baseline" is this very interpreter: the side exists, is labelled with its jax
   # version and gets a ratio line; with another environment it measures that stack.
@@ -360,6 +364,7 @@ def test_suite_defaults_yield_to_given_flags():
     run.parse_args(["--models", "unet", "--set", "lstm_features=4"])
 
 
+@pytest.mark.slow
 def test_gpu_suite_dry_run_needs_no_tensorflow(tmp_path):
   """The GPU suite's logic, tiny, on CPU, where TensorFlow cannot be imported (as on a GPU
   machine that has JAX but no TensorFlow)."""
@@ -372,7 +377,7 @@ def test_gpu_suite_dry_run_needs_no_tensorflow(tmp_path):
   env["PYTHONPATH"] = os.pathsep.join([str(blocker), env["PYTHONPATH"]])
   proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "gpu", "--dry-run",
                          "--json", str(out_json)], env=env, capture_output=True, text=True,
-                        cwd=ROOT, timeout=1200)
+                        cwd=REPO, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   rows = [json.loads(line) for line in out_json.read_text().splitlines()]
   steps = [r for r in rows if r["kind"] == "step"]
@@ -386,6 +391,7 @@ def test_gpu_suite_dry_run_needs_no_tensorflow(tmp_path):
   assert "500-epoch schedule" in proc.stdout and "segment one 48x48x40 case" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_models_pools_differentiate_without_select_and_scatter():
   """What benchmarks/experiments/pool_forms.py measured: nn.max_pool's gradient is a
   select_and_scatter, the models' own pools (common.max_pool) avoid it."""

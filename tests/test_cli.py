@@ -2,17 +2,16 @@
 defaults) as every command follows it: flags defined by `define_flags` alone, the work in `main`,
 and a bad request reported as one `error: ...` line with exit status 1, never a traceback."""
 
-import inspect
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+from data_pipelines import cli as base_cli
 from data_pipelines import prepare
 from data_pipelines import synthetic
+from msatt_jax import cli as model_cli
 from msatt_jax import evaluate
 from msatt_jax import evaluate_folder
 from msatt_jax import export
@@ -21,36 +20,23 @@ from msatt_jax import predict
 from msatt_jax import summary
 from msatt_jax import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import error_line, run_python
+
 COMMANDS = {"train": train, "evaluate": evaluate, "evaluate_folder": evaluate_folder,
             "predict": predict, "postprocess": postprocess, "summary": summary,
             "prepare": prepare, "synthetic": synthetic, "export": export}
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
-
-
-def _error_line(proc: subprocess.CompletedProcess) -> str:
-  """The one line the failure is reported in (libraries may log other lines to stderr)."""
-  assert proc.returncode == 1, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-  assert len(lines) == 1, proc.stderr[-3000:]
-  return lines[0]
-
-
 @pytest.mark.parametrize("name", list(COMMANDS))
-def test_commands_leave_the_process_set_up_to_cli(name):
+def test_commands_leave_the_process_set_up_to_cli(name, monkeypatch):
+  """The entry point hands the command's own main and define_flags to the shared run_command
+  (flags, logging, exit status and error line are its; the tests below run them)."""
   module = COMMANDS[name]
-  assert callable(module.define_flags)
-  assert "cli.run_command(main, define_flags" in inspect.getsource(module.run)
-  # main only raises: exit statuses, error lines, logging and TensorFlow are run_command's.
-  body = inspect.getsource(module.main)
-  for own_copy in ("sys.exit", "run_or_exit", "print(f\"error", "hide_accelerators",
-                   "setup_logging", "app.run"):
-    assert own_copy not in body, own_copy
+  calls = []
+  for shared in (base_cli, model_cli):
+    monkeypatch.setattr(shared, "run_command", lambda *args, **_: calls.append(args))
+  module.run()
+  assert calls == [(module.main, module.define_flags)]
 
 
 def test_unknown_config_key_is_one_line(tmp_path):
@@ -66,27 +52,30 @@ def test_unknown_config_key_is_one_line(tmp_path):
 
       cli.run_command(lambda argv: None, define_flags, runtime_defaults=False)
   """)
-  line = _error_line(_run("-c", command, f"--config={config}", "--config.batch_sizee=3"))
+  line = error_line(run_python("-c", command, f"--config={config}",
+                               "--config.batch_sizee=3"))
   assert line.startswith("error: --config.batch_sizee: the config has no key 'batch_sizee'")
 
 
+@pytest.mark.slow
 def test_bad_requests_are_one_error_line(tmp_path):
   nowhere = str(tmp_path / "nowhere")
-  line = _error_line(_run("-m", "msatt_jax.evaluate", f"--workdir={nowhere}"))
+  line = error_line(run_python("-m", "msatt_jax.evaluate", f"--workdir={nowhere}"))
   assert nowhere in line and "no complete checkpoint" in line
   output = tmp_path / "seg.png"
-  line = _error_line(_run("-m", "msatt_jax.predict", f"--workdir={nowhere}",
-                          f"--input={nowhere}", f"--output={output}"))
+  line = error_line(run_python("-m", "msatt_jax.predict", f"--workdir={nowhere}",
+                               f"--input={nowhere}", f"--output={output}"))
   assert str(output) in line and ".nii.gz or .nii" in line
-  line = _error_line(_run("-m", "msatt_jax.evaluate_folder", f"--pred={nowhere}",
-                          f"--ref={nowhere}"))
+  line = error_line(run_python("-m", "msatt_jax.evaluate_folder", f"--pred={nowhere}",
+                               f"--ref={nowhere}"))
   assert nowhere in line and "does not exist" in line
-  line = _error_line(_run("-m", "msatt_jax.evaluate_folder", f"--pred={nowhere}",
-                          f"--ref={nowhere}", "extra"))
+  line = error_line(run_python("-m", "msatt_jax.evaluate_folder", f"--pred={nowhere}",
+                               f"--ref={nowhere}", "extra"))
   assert "unexpected arguments: extra" in line
   assert not os.listdir(tmp_path)  # Nothing written by any of them.
 
 
+@pytest.mark.slow
 def test_bad_folder_requests_are_one_error_line(tmp_path, synthetic_msd):
   """Checked before the restore (the workdir does not even exist), nothing written."""
   work = tmp_path / "work"
@@ -95,15 +84,15 @@ def test_bad_folder_requests_are_one_error_line(tmp_path, synthetic_msd):
   empty.mkdir()
   predict_args = lambda source, target: ("-m", "msatt_jax.predict", f"--workdir={nowhere}",
                                          f"--input={source}", f"--output={target}")
-  line = _error_line(_run(*predict_args(empty, out)))
+  line = error_line(run_python(*predict_args(empty, out)))
   assert str(empty) in line and "no case found" in line
   a_file = work / "a_file"
   a_file.write_text("x")
-  line = _error_line(_run(*predict_args(synthetic_msd / "imagesTr", a_file)))
+  line = error_line(run_python(*predict_args(synthetic_msd / "imagesTr", a_file)))
   assert str(a_file) in line and "is a file" in line
   images = tmp_path / "images"
   shutil.copytree(synthetic_msd / "imagesTr", images)
-  line = _error_line(_run(*predict_args(images, images)))
+  line = error_line(run_python(*predict_args(images, images)))
   assert str(images / "BRATS_001.nii.gz") in line and "would overwrite an input file" in line
   assert sorted(os.listdir(work)) == ["a_file", "empty"] and not os.listdir(empty)
   assert sorted(os.listdir(images)) == sorted(os.listdir(synthetic_msd / "imagesTr"))

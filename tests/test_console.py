@@ -8,14 +8,12 @@ constant-folding alarms fail the test, with the offending lines in the message.
 """
 
 import os
-from pathlib import Path
 import re
-import subprocess
-import sys
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO, run_module
+
 # absl's prefix: I1203 08:31:30.207940 140668400544640 file.py:849] message
 ABSL_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ ([\w.]+\.py):\d+\] ")
 # Lines libraries write in other forms: C++ logs, absl's pre-init notice, Python warnings.
@@ -26,7 +24,7 @@ ACCEPTED: tuple = ()
 
 def project_files():
   return {p.name for package in ("msatt_jax", "data_pipelines", "configs")
-          for p in (ROOT / package).rglob("*.py")}
+          for p in (REPO / package).rglob("*.py")}
 
 
 def foreign_lines(output: str, own_files) -> list:
@@ -59,8 +57,7 @@ def test_the_check_tells_library_lines_from_the_projects():
 def _run(args, cwd):
   env = {k: v for k, v in os.environ.items()
          if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "PYTHONWARNINGS")}
-  out = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=600)
+  out = run_module(*args, cwd=cwd, env=env, timeout=600)
   assert out.returncode == 0, out.stdout + out.stderr
   return out.stdout + out.stderr
 
@@ -70,11 +67,11 @@ def test_train_evaluate_and_predict_print_only_the_projects_lines(tmp_path):
   workdir = tmp_path / "run"
   outputs = {
       "train": _run(["msatt_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-                     "--config.num_epochs=1", "--config.eval_every_epochs=1"], ROOT),
-      "evaluate": _run(["msatt_jax.evaluate", f"--workdir={workdir}"], ROOT),
+                     "--config.num_epochs=1", "--config.eval_every_epochs=1"], REPO),
+      "evaluate": _run(["msatt_jax.evaluate", f"--workdir={workdir}"], REPO),
       "predict": _run(["msatt_jax.predict", f"--workdir={workdir}",
                        f"--input={workdir / 'synthetic' / 'imagesTr' / 'BRATS_001.nii.gz'}",
-                       f"--output={tmp_path / 'BRATS_001_seg.nii.gz'}"], ROOT),
+                       f"--output={tmp_path / 'BRATS_001_seg.nii.gz'}"], REPO),
   }
   own = project_files()
   noise = {name: foreign_lines(text, own) for name, text in outputs.items()}

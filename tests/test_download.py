@@ -14,7 +14,6 @@ import logging
 import re
 import socket
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -33,8 +32,8 @@ from data_pipelines.errors import DataError
 
 from conftest import SMALL_DATA, SYNTHETIC_SHAPE, small_data_config
 from test_locks import release, start_holder
+import helpers
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_CASES = 5
 ARCHIVE = "/Task01_BrainTumour.tar"
 SMALL_FLAGS = [f"--{key}={value}" for key, value in SMALL_DATA.items()]
@@ -408,10 +407,10 @@ def test_damaged_or_cut_header_stops_the_first_cases(server, archives, tmp_path)
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "data_pipelines.prepare", *map(str, args)],
-                        capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+  return helpers.run_module("data_pipelines.prepare", *args)
 
 
+@pytest.mark.slow
 def test_prepare_command_downloads_prepares_and_then_fetches_nothing(server, archives, tmp_path):
   out = tmp_path / "out"
   args = ["--download=msd_task01", f"--download_url={server.url()}",
@@ -444,7 +443,7 @@ def test_prepare_command_failures_are_one_error_line(server, tmp_path, extra, me
   out = tmp_path / "out"
   proc = _cli("--download=msd_task01", f"--data_dir={out}",
               *[a.replace("URL", base) for a in extra])
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  errors = helpers.error_lines(proc.stderr)
   assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
   assert message.replace("URL", base) in errors[0] and "Traceback" not in proc.stderr
   if "404" in message:

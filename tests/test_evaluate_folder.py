@@ -4,8 +4,6 @@ import csv
 import gzip
 import json
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -17,10 +15,11 @@ from msatt_jax import evaluate_folder as ef
 from msatt_jax import metrics
 from msatt_jax import reporting
 
+import helpers
+
 SHAPE = (6, 6, 5)
 SLICES = (1, 3)  # The small volumes have 5 axial slices; 30..120 would not fit.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL_CASE = os.path.join(ROOT, "..", "shared", "realdata", "BraTS2021_00006")
+REAL_CASE = os.path.join(helpers.REPO, "..", "shared", "realdata", "BraTS2021_00006")
 
 
 def _cases():
@@ -211,8 +210,7 @@ def test_unwritable_output_fails_before_work(tmp_path):
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "msatt_jax.evaluate_folder", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120)
+  return helpers.run_module("msatt_jax.evaluate_folder", *args)
 
 
 def test_cli_success_and_failure(tmp_path):
@@ -233,7 +231,7 @@ def test_cli_success_and_failure(tmp_path):
   os.remove(os.path.join(pred_dir, "c2.nii.gz"))
   bad = _cli(f"--pred={pred_dir}", f"--ref={ref_dir}", "--labels=msd", f"--out={out}")
   assert bad.returncode == 1 and "Traceback" not in bad.stderr
-  (error,) = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+  (error,) = helpers.error_lines(bad.stderr)
   assert "c2" in error and "--allow_missing" in error
 
 
@@ -382,7 +380,7 @@ def test_2023_bad_input(tmp_path, monkeypatch):
   out = tmp_path / "out"
   bad = _cli(f"--pred={pred_dir}", f"--ref={ref_dir}", "--lesion_rules=gli2030", f"--out={out}")
   assert bad.returncode == 1 and "Traceback" not in bad.stderr
-  (error,) = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+  (error,) = helpers.error_lines(bad.stderr)
   assert "--lesion_rules=gli2030: unknown rule set" in error and "met2023" in error
   assert not out.exists()
   # A rule set whose regions the label set lacks: named with the case and the flag.

@@ -37,6 +37,10 @@ from benchmarks.faults import (checkpoint_dir, complete_steps, finish, partial_s
                                run, start, train_command)
 
 REPO = fault_lib.REPO
+
+# Trains in subprocesses: the slow lane (`pytest -m "not slow"` leaves the module out).
+pytestmark = pytest.mark.slow
+
 NUM_STEPS = 30  # 10 steps per epoch (2 train cases x 20 slices / batch 4): saves at 10, 20, 30.
 SAVE_STEPS = (10, 20, 30)
 TIMEOUT = fault_lib.TIMEOUT

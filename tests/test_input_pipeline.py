@@ -9,15 +9,12 @@ from collections import Counter
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 # pylint: disable=g-import-not-at-top
 from data_pipelines import input_pipeline as ip
 from data_pipelines import prepare as prepare_lib
 from data_pipelines.errors import DataError
-
-from conftest import small_data_config
 # pylint: enable=g-import-not-at-top
 
 # 4 cases of 48x48x40 (conftest) split 2/1/1; slices 10..17 with a 32x32 crop: 16 train slices.
@@ -26,10 +23,8 @@ STEPS = 4  # 16 train slices / 4.
 
 
 @pytest.fixture(scope="module")
-def data(synthetic_msd, tmp_path_factory):
-  config = small_data_config(synthetic_msd, tmp_path_factory.mktemp("prepared"))
-  prepare_lib.prepare(config, progress=lambda _: None)
-  return config
+def data(prepared_small):
+  return prepared_small
 
 
 def _with(config, **changes):
@@ -53,10 +48,6 @@ def _assert_same(batches_a, batches_b):
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
-
-
-def test_tensorflow_sees_no_gpu():
-  assert tf.config.get_visible_devices("GPU") == []
 
 
 def test_sizes_and_split_cases(data):
@@ -213,6 +204,7 @@ def test_decoding_matches_tfds_and_zlib_storage(data, tmp_path):
         np.testing.assert_array_equal(b["crop_offset"][i], ex["crop_offset"])
 
 
+@pytest.mark.slow
 def test_a_process_with_an_open_iterator_exits_promptly(data):
   # tf.data pipelines with Python generators can deadlock at interpreter exit; this one has
   # none, so a trainer that ends with its iterator open must still exit.

@@ -11,7 +11,8 @@ from pathlib import Path
 import textwrap
 from typing import Iterator, List, Tuple
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 LAYERS = ("data_pipelines", "msatt_jax", "configs", "benchmarks")  # Bottom to top.
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from data_pipelines import locks
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 HOLDER = ("import sys\n"
           "from data_pipelines import locks\n"
           "with locks.hold(sys.argv[1]):\n"

@@ -222,6 +222,7 @@ def train_step():
   return tx, step, dice
 
 
+@pytest.mark.slow
 def test_gradients_are_finite(tiny_variables, train_step):
   tx, step, _ = train_step
   x, y = _blob_batch()
@@ -241,6 +242,7 @@ def test_gradients_are_finite(tiny_variables, train_step):
   assert all("['se']" in name for name in others), others
 
 
+@pytest.mark.slow
 def test_overfits_one_small_batch(tiny_variables, train_step):
   tx, step, dice = train_step
   x, y = _blob_batch()

@@ -116,12 +116,14 @@ def four_devices(data, tmp_path_factory) -> Dict[str, Any]:
   return {"bad": bad, "refused": refused, "modes": modes, "switch": switch, "tmp": tmp}
 
 
+@pytest.mark.slow
 def test_auto_picks_sharding_on_several_devices_and_single_on_one(four_devices):
   assert four_devices["bad"]["auto"] == "sharding"
   assert four_devices["bad"]["auto_one"] == "single"
   assert four_devices["modes"]["num_devices"] == {"single": 1, "pmap": 4, "sharding": 4}
 
 
+@pytest.mark.slow
 def test_three_steps_agree_with_one_device_in_every_mode(four_devices):
   report = four_devices["modes"]
   assert report["moved"] > 0.05  # The comparison is between parameters that really moved.
@@ -137,6 +139,7 @@ def test_three_steps_agree_with_one_device_in_every_mode(four_devices):
   assert report["eval_shapes"]["intersection"] == [8, 3]
 
 
+@pytest.mark.slow
 def test_checkpoint_written_in_one_mode_restores_in_every_mode(four_devices):
   checkpoints = four_devices["modes"]["checkpoints"]
   assert len(checkpoints) == len(MODES) ** 2
@@ -154,6 +157,7 @@ def _logged_steps(workdir) -> List[int]:
     return [json.loads(line)["step"] for line in f if "train_loss" in line]
 
 
+@pytest.mark.slow
 def test_trainer_resumes_a_pmap_run_under_sharding(four_devices):
   """train_and_evaluate: 2 steps under pmap (checkpoint), then sharding resumes to step 4."""
   switch = four_devices["switch"]
@@ -171,6 +175,7 @@ def test_trainer_resumes_a_pmap_run_under_sharding(four_devices):
     np.testing.assert_array_equal(restored[key], final[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_bad_settings_are_refused_with_a_clear_message(four_devices):
   bad = four_devices["bad"]
   assert "config.batch_size=6" in bad["indivisible"]
@@ -182,6 +187,7 @@ def test_bad_settings_are_refused_with_a_clear_message(four_devices):
   assert "'single' runs on one device" in bad["single_many"]
 
 
+@pytest.mark.slow
 def test_bad_batch_is_refused_before_any_work(four_devices):
   """Without data the run would fail on data; the batch check comes first, nothing written."""
   refused = four_devices["refused"]
@@ -189,6 +195,7 @@ def test_bad_batch_is_refused_before_any_work(four_devices):
   assert not refused["workdir_exists"]
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_is_a_clear_error_before_any_work(tmp_path):
   workdir = tmp_path / "never"
   port = _free_port()  # Nobody listens there: process 1 waits for a coordinator that never comes.
@@ -227,6 +234,7 @@ def test_coordinator_port_in_use_and_bad_addresses_are_refused():
   assert parallel.split_address("[::1]:1234") == ("::1", 1234)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(four_devices, data):
   """2 processes x 2 devices on localhost, the same runs as the one 4-device process."""
   source, data_dir = data

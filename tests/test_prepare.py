@@ -18,14 +18,14 @@ from data_pipelines.brats import builder as builder_lib
 from data_pipelines.errors import DataError
 
 from conftest import small_data_config
+import helpers
+from helpers import REPO
 
 SMALL_FLAGS = ["--slice_start", "10", "--slice_stop", "17", "--crop_size", "32"]
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args, timeout=120) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "data_pipelines.prepare", *map(str, args)],
-                        capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
+def _cli(*args) -> subprocess.CompletedProcess:
+  return helpers.run_module("data_pipelines.prepare", *args)
 
 
 def _leftovers(data) -> list:
@@ -51,7 +51,7 @@ def test_cli_rejects_an_empty_folder_naming_it(tmp_path):
 def test_cli_errors_are_one_line(args, message):
   proc = _cli(*args)
   assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-3000:]
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  errors = helpers.error_lines(proc.stderr)
   assert len(errors) == 1 and errors[0].startswith(message) and "Traceback" not in proc.stderr
 
 
@@ -78,17 +78,16 @@ def test_corrupt_file_stops_preparation_and_leaves_nothing(make_synthetic, tmp_p
     ip.num_examples(data, "train")
 
 
-def test_prepared_data_is_reused_and_guarded_against_other_sources(synthetic_msd,
-                                                                   synthetic_brats, tmp_path):
-  data = small_data_config(synthetic_msd, tmp_path / "out")
-  prepare_lib.prepare(data, progress=lambda _: None)
+def test_prepared_data_is_reused_and_guarded_against_other_sources(prepared_small,
+                                                                   synthetic_brats):
+  data = prepared_small
   info_file = Path(builder_lib.builder_from_config(data).data_path) / "dataset_info.json"
   before = info_file.stat().st_mtime_ns
   messages = []
   prepare_lib.prepare(data, progress=messages.append)
   assert info_file.stat().st_mtime_ns == before and "Reusing" in messages[0]
   # Another data set pointed at the same folder with the same settings must not be mixed up.
-  other = small_data_config(synthetic_brats, tmp_path / "out")
+  other = small_data_config(synthetic_brats, data.data_dir)
   with pytest.raises(DataError, match="differ"):
     prepare_lib.prepare(other, progress=lambda _: None)
 
@@ -110,6 +109,7 @@ _KILLABLE = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_killed_preparation_is_not_readable_and_a_rerun_completes_it(synthetic_msd, tmp_path):
   out = tmp_path / "out"
   data = small_data_config(synthetic_msd, out)
@@ -160,8 +160,7 @@ def test_flags_are_the_preprocessing_parameters():
   from configs import brats18  # pylint: disable=g-import-not-at-top
   args = ["--src=/data/src", "--layout=brats", "--modalities=t1ce,,flair", "--crop_center=20,24",
           "--slice_start=3", "--normalize=none", "--compression=zlib"]
-  proc = subprocess.run([sys.executable, "-c", _FLAGS_TO_CONFIG, *args], capture_output=True,
-                        text=True, timeout=120, cwd=REPO, check=False)
+  proc = helpers.run_python("-c", _FLAGS_TO_CONFIG, *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   data = ml_collections.ConfigDict(json.loads(proc.stdout.splitlines()[-1]))
   expected = brats18.get_data_config()

@@ -1,16 +1,15 @@
 """The model summary: parameter table and XLA-counted FLOPs."""
 
-from pathlib import Path
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import brats18
 from msatt_jax.models import create_model
 from msatt_jax.summary import parameter_table, summarize
+
+import helpers
 
 
 def _small_unet_config():
@@ -32,6 +31,7 @@ def _conv_macs_unet(size: int, m: int, k: int, w: int) -> int:
   return down + bottom + up + conv(s0, w, k, 1)
 
 
+@pytest.mark.slow
 def test_summary_figures_of_a_small_unet():
   config = _small_unet_config()
   lines = []
@@ -71,16 +71,15 @@ def test_parameter_table_keeps_dict_order():
   assert rows[0]["shape"] == (2, 3)
 
 
+@pytest.mark.slow
 def test_summary_command():
   """`python -m msatt_jax.summary` under the shared command convention: figures on success, one
   `error: ...` line for an unknown config key."""
-  root = Path(__file__).resolve().parents[1]
-  command = [sys.executable, "-m", "msatt_jax.summary", "--config=configs/tiny.py"]
-  proc = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=600)
+  command = ["-m", "msatt_jax.summary", "--config=configs/tiny.py"]
+  proc = helpers.run_python(*command, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Parameters: " in proc.stdout and "train step (" in proc.stdout
-  proc = subprocess.run(command + ["--config.model.no_such_key=1"], capture_output=True,
-                        text=True, cwd=root, timeout=600)
+  proc = helpers.run_python(*command, "--config.model.no_such_key=1", timeout=600)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.strip().splitlines()[-1].startswith(
       "error: --config.model.no_such_key: the config has no key"), proc.stderr[-3000:]

@@ -2,9 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -16,9 +13,10 @@ from data_pipelines.brats import labels as labels_lib
 from data_pipelines.brats import layouts
 from data_pipelines.errors import DataError
 
+import helpers
+
 # Half the real size in each direction: realistic proportions, still fast.
 SHAPE = (120, 120, 78)
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +167,7 @@ def test_atomic_generation_replaces_a_killed_runs_leftover(tmp_path):
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "data_pipelines.synthetic", *args],
-                        capture_output=True, text=True, cwd=REPO, timeout=120)
+  return helpers.run_module("data_pipelines.synthetic", *args)
 
 
 def test_cli_writes_a_loadable_data_set(tmp_path):

@@ -28,6 +28,8 @@ from msatt_jax.experiments import report
 from msatt_jax.experiments import runner
 from msatt_jax.experiments import stats
 
+import helpers
+
 REPO = fault_lib.REPO
 TEST_CONFIG = "configs/table1_test.py"
 MODELS = ("msconvlstm_att", "unet", "attunet", "fcn")
@@ -284,12 +286,6 @@ def _files(folder: Path) -> Dict[str, bytes]:
           if p.is_file()}
 
 
-def _error_line(text: str) -> str:
-  lines = [line for line in text.splitlines() if line.startswith("error: ")]
-  assert len(lines) == 1, text[-3000:]
-  return lines[0]
-
-
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
   """The small preset: killed in its second run, completed, then run again. Returns
@@ -320,6 +316,7 @@ def experiment(tmp_path_factory):
           "runs_after": runs_after}
 
 
+@pytest.mark.slow
 def test_killed_experiment_completes_and_a_rerun_trains_nothing(experiment):
   workdir = experiment["workdir"]
   assert "killed" not in experiment["completed"]
@@ -338,6 +335,7 @@ def test_killed_experiment_completes_and_a_rerun_trains_nothing(experiment):
   assert "| MSConvLSTM-Att (ours) |" in again  # The table is printed.
 
 
+@pytest.mark.slow
 def test_every_number_equals_the_one_recomputed_from_the_runs_per_case_csv(experiment):
   workdir = experiment["workdir"]
   table = json.loads((workdir / "table1.json").read_text())
@@ -364,6 +362,7 @@ def test_every_number_equals_the_one_recomputed_from_the_runs_per_case_csv(exper
     assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_error_line_and_changes_nothing(experiment, tmp_path):
   """The command line's error path (other data settings, a seed list that does not parse)."""
   workdir, env = experiment["workdir"], experiment["env"]
@@ -380,7 +379,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(experiment, tmp_path):
   for name, (_, pattern) in cases.items():
     text = fault_lib.finish(procs[name], tmp_path / f"{name}.log")
     assert procs[name].returncode == 1, (name, text[-3000:])
-    assert re.match(pattern, _error_line(text)), (name, _error_line(text))
+    assert re.match(pattern, helpers.one_error_line(text)), (name, helpers.one_error_line(text))
   assert _files(workdir) == before
   assert not fresh.exists()
 
@@ -390,6 +389,7 @@ def _plan(workdir: Path, overrides=None, models=("unet",)):
   return runs, planning.data_identity(runs[0].config.data)
 
 
+@pytest.mark.slow
 def test_run_folders_of_another_config_or_origin_and_another_split_are_refused(experiment,
                                                                                tmp_path):
   workdir = experiment["workdir"]

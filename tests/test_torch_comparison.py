@@ -5,7 +5,6 @@ installed (as in CI, which installs `.[test,tfds-cli]`)."""
 import importlib.util
 import json
 import os
-from pathlib import Path
 import subprocess
 import sys
 
@@ -13,16 +12,17 @@ import pytest
 
 from msatt_jax import runtime
 
-ROOT = Path(__file__).resolve().parents[1]
+import helpers
+from helpers import REPO
+
 _MISSING = [m for m in ("torch", "monai") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(
-    bool(_MISSING), reason=f"{' and '.join(_MISSING)} not installed (pip install -e '.[bench]')")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    bool(_MISSING), reason=f"{' and '.join(_MISSING)} not installed (pip install -e '.[bench]')")]
 
 
 def _env() -> dict:
-  env = dict(os.environ)
+  env = helpers.with_repo_on_path(os.environ)
   env.pop(runtime.REEXEC_MARK, None)  # The driver applies the runtime defaults itself.
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
   return env
 
 
@@ -33,12 +33,11 @@ def test_the_pytorch_worker_keeps_tensorflow_out():
            "import torch; torch.optim.Adam(torch.nn.Linear(2, 2).parameters()); "
            "print(sys.modules.get('tensorflow', 'absent'))")
   out = subprocess.run([sys.executable, "-c", probe], env=_env(), capture_output=True,
-                       text=True, cwd=ROOT, timeout=300)
+                       text=True, cwd=REPO, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.split() == ["None"]
 
 
-@pytest.mark.slow
 def test_compare_torch_end_to_end(tmp_path):
   """The comparison command at tiny sizes: every side runs both modes to the end (before the
   fix the PyTorch worker died with SIGSEGV, 'the worker exited (code -11)')."""
@@ -46,7 +45,7 @@ def test_compare_torch_end_to_end(tmp_path):
   cmd = [sys.executable, "-m", "benchmarks.run", "--models", "unet", "--compare-torch",
          "--set", "base_width=2", "--size", "32", "--batch_sizes", "2", "--steps", "3",
          "--warmup", "1", "--json", str(out_json)]
-  proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=600)
+  proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=REPO, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   rows = [json.loads(line) for line in out_json.read_text().splitlines()]
   assert sorted((r["framework"], r["mode"]) for r in rows) == [

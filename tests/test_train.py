@@ -3,8 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import nibabel as nib
@@ -21,10 +19,15 @@ from msatt_jax import metrics
 from msatt_jax import predict
 from msatt_jax import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
 LATEST = inference.Options(checkpoint="latest")
 NOTTA = inference.Options(tta=False)
 NOTTA_NOPP = inference.Options(tta=False, postprocess="none")
+
+# Every test reads one training run: the slow lane (`pytest -m "not slow"` leaves the module out).
+pytestmark = pytest.mark.slow
+
 
 
 def _read_metrics(workdir):
@@ -141,10 +144,9 @@ def test_predict_command_segments_a_folder_with_an_ensemble(trained, tmp_path):
   broken = sorted(images.iterdir())[1]
   broken.write_bytes(broken.read_bytes()[:1000])
   out = tmp_path / "preds"
-  proc = subprocess.run(
-      [sys.executable, "-m", "msatt_jax.predict", f"--workdir={workdir},{workdir}",
-       f"--input={images}", f"--output={out}", "--save_probabilities"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  proc = helpers.run_module("msatt_jax.predict", f"--workdir={workdir},{workdir}",
+                            f"--input={images}", f"--output={out}", "--save_probabilities",
+                            timeout=600)
   assert proc.returncode == 1, proc.stderr[-3000:]
   case_ids = sorted(p.name[:-len(".nii.gz")] for p in images.iterdir())
   broken_id = broken.name[:-len(".nii.gz")]
@@ -155,7 +157,7 @@ def test_predict_command_segments_a_folder_with_an_ensemble(trained, tmp_path):
   assert "ETA" in proc.stderr
   assert len([line for line in proc.stderr.splitlines() if broken_id in line and "skipped"
               in line]) == 1
-  (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  (error,) = helpers.error_lines(proc.stderr)
   assert f"1 of {len(case_ids)} case(s)" in error and broken_id in error
   written = nib.load(out / f"{others[0]}.nii.gz")
   assert written.shape == nib.load(images / f"{others[0]}.nii.gz").shape[:3]
@@ -249,8 +251,7 @@ def test_postprocess_command_then_evaluate_and_predict_apply_the_rules(trained, 
   workdir, _, _ = trained
   run_dir = str(tmp_path / "run")
   shutil.copytree(workdir, run_dir)
-  proc = subprocess.run([sys.executable, "-m", "msatt_jax.postprocess", f"--workdir={run_dir}"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  proc = helpers.run_module("msatt_jax.postprocess", f"--workdir={run_dir}", timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   path = os.path.join(run_dir, postprocess.FILE_NAME)
   with open(path) as f:
@@ -295,10 +296,8 @@ def test_postprocess_command_then_evaluate_and_predict_apply_the_rules(trained, 
   assert all(r["dice_WT"] > 0.5 for r in result["per_case_unprocessed"])
   image = layouts.find_cases(os.path.join(workdir, "synthetic"))[0].image_paths["flair"]
   out = tmp_path / "seg.nii.gz"
-  proc = subprocess.run(
-      [sys.executable, "-m", "msatt_jax.predict", f"--workdir={run_dir}", f"--input={image}",
-       f"--output={out}", f"--postprocess={remove_all}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  proc = helpers.run_module("msatt_jax.predict", f"--workdir={run_dir}", f"--input={image}",
+                            f"--output={out}", f"--postprocess={remove_all}", timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "WT components < 10000000 voxels -> background" in proc.stdout
   assert not np.asarray(nib.load(str(out)).dataobj).any()

@@ -11,7 +11,9 @@ import pytest
 
 from msatt_jax import workdir_lock
 
-REPO = Path(__file__).resolve().parent.parent
+import helpers
+from helpers import REPO
+
 HOLDER = ("import sys, time\n"
           "from msatt_jax import workdir_lock\n"
           "with workdir_lock.hold(sys.argv[1]):\n"
@@ -26,16 +28,16 @@ def _start_holder(workdir: Path) -> subprocess.Popen:
   return proc
 
 
+@pytest.mark.slow
 def test_second_run_is_refused_naming_the_holder_and_changes_nothing(tmp_path):
   workdir = tmp_path / "run"
   holder = _start_holder(workdir)
   try:
     before = sorted(os.listdir(workdir))
     start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "msatt_jax.train", "--config=configs/tiny.py",
-         f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    result = helpers.run_module("msatt_jax.train", "--config=configs/tiny.py",
+                                f"--workdir={workdir}")
+    errors = helpers.error_lines(result.stderr)
     assert result.returncode == 1, result.stderr[-2000:]
     assert len(errors) == 1
     assert f"is in use by a training run: process {holder.pid} on host" in errors[0]
