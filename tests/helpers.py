@@ -50,3 +50,14 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   return one_error_line(proc.stderr)
+
+
+def start_lock_holder(module: str, path) -> subprocess.Popen:
+  """A process holding `<module>.hold(path)` (e.g. 'data_pipelines.locks') until a line is
+  written to its stdin, or it is killed."""
+  code = (f"import sys\nimport {module} as lock\nwith lock.hold(sys.argv[1]):\n"
+          "  print('holding', flush=True)\n  sys.stdin.readline()\n")
+  proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=REPO,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "holding"
+  return proc

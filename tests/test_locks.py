@@ -4,7 +4,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -12,21 +11,10 @@ import pytest
 
 from data_pipelines import locks
 
-from helpers import REPO
-
-HOLDER = ("import sys\n"
-          "from data_pipelines import locks\n"
-          "with locks.hold(sys.argv[1]):\n"
-          "  print('holding', flush=True)\n"
-          "  sys.stdin.readline()\n")
-
+import helpers
 
 def start_holder(path: Path) -> subprocess.Popen:
-  """A process holding the lock on `path` until a line is written to its stdin."""
-  proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], cwd=REPO,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-  assert proc.stdout.readline().strip() == "holding"
-  return proc
+  return helpers.start_lock_holder("data_pipelines.locks", path)
 
 
 def release(proc: subprocess.Popen) -> None:

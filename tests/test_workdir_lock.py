@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,20 +11,9 @@ import pytest
 from msatt_jax import workdir_lock
 
 import helpers
-from helpers import REPO
-
-HOLDER = ("import sys, time\n"
-          "from msatt_jax import workdir_lock\n"
-          "with workdir_lock.hold(sys.argv[1]):\n"
-          "  print('holding', flush=True)\n"
-          "  time.sleep(600)\n")
-
 
 def _start_holder(workdir: Path) -> subprocess.Popen:
-  proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(workdir)], cwd=REPO,
-                          stdout=subprocess.PIPE, text=True)
-  assert proc.stdout.readline().strip() == "holding"
-  return proc
+  return helpers.start_lock_holder("msatt_jax.workdir_lock", workdir)
 
 
 @pytest.mark.slow
