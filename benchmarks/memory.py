@@ -16,9 +16,9 @@ mark of the process), the RSS after each validation and its growth from the firs
 training slices/s (the median of the trainer's progress lines after the first, which holds the
 compilation), the trainer's CPU time per training slice (user + system between progress lines
 with no validation between them: what the allocator settings change, and much less dependent on
-other load than the wall-clock rate), and the trainer's own working-set estimate with its parts (XLA's buffers of the
-train and eval steps, the input pipeline's buffers, the process before training), so that the
-allocator's slack is the peak minus the estimate.
+other load than the wall-clock rate), and the trainer's own working-set estimate with its
+parts (XLA's buffers of the train and eval steps, the input pipeline's buffers, the process
+before training), so that the allocator's slack is the peak minus the estimate.
 """
 
 import argparse

@@ -88,7 +88,7 @@ def get_config(model: str = "msconvlstm_att") -> ml_collections.ConfigDict:
 
   # Every interval is a positive whole number; each also fires at the last step.
   config.eval_every_epochs = 10  # Validation Dice (ET/TC/WT); a new best is saved as 'best'.
-  config.eval_every_steps = 0  # > 0: validate every this many steps instead (0 or a whole number).
+  config.eval_every_steps = 0  # > 0: validate every this many steps instead of by epochs.
   config.checkpoint_every_epochs = 50  # Periodic save, independent of validation (the paper's).
   config.max_checkpoints_to_keep = 3  # Newest periodic checkpoints kept besides the best one.
   config.log_every_steps = 50  # Console, TensorBoard and metrics.jsonl.

@@ -111,8 +111,9 @@ def check_fits(working_set: WorkingSet, refuse: bool,
   needed = working_set.host_total - working_set.process
   if needed <= available:
     return None
-  reason = (f"this run needs about {working_set.host_total / _GB:.1f} GB ({working_set.describe()}) "
-            f"but only {(available + working_set.process) / _GB:.1f} GB are free for it")
+  reason = (f"this run needs about {working_set.host_total / _GB:.1f} GB "
+            f"({working_set.describe()}) but only "
+            f"{(available + working_set.process) / _GB:.1f} GB are free for it")
   if refuse:
     raise TooLargeError(
         f"{reason}. Lower --config.batch_size or the model's widths, lower "
