@@ -256,3 +256,23 @@ def test_overfits_one_small_batch(tiny_variables, train_step):
       if scores[-1] > 0.9:
         break
   assert scores[-1] > 0.9, f"mean tumour Dice every 25 steps: {scores}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", ["convs", "nothing"])
+def test_encoder_remat_changes_memory_not_the_gradient(tiny_variables, remat):
+  """Recomputing the encoders in the backward pass gives the same loss and gradients."""
+  x = jax.random.normal(jax.random.key(2), (2, 16, 16, 4))
+
+  def loss_and_grads(model):
+    def loss(params):
+      logits, _ = model.apply({**tiny_variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"])
+      return jnp.mean(logits ** 2)
+    return _jit(jax.value_and_grad(loss))(tiny_variables["params"])
+
+  plain = loss_and_grads(MSConvLSTMAtt(num_classes=4, **TINY))
+  rematted = loss_and_grads(MSConvLSTMAtt(num_classes=4, encoder_remat=remat, **TINY))
+  np.testing.assert_allclose(rematted[0], plain[0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(rematted[1]), jax.tree.leaves(plain[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
