@@ -44,6 +44,20 @@ def cpu_threads() -> int:
     return os.cpu_count() or 1
 
 
+def runtime_env(groups: Optional[str]) -> Dict[str, str]:
+  """This environment for a process that gets only the runtime groups `groups` (a comma list
+  of msatt_jax/runtime.py's groups, 'default', 'all' or 'none'; None: the environment as it
+  is). The settings are applied here, so the process starts with them and never re-executes."""
+  from msatt_jax import runtime  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  if groups is None:
+    return env
+  runtime.strip_environment(env)
+  env[runtime.OPT_ENV] = groups
+  runtime.apply_environment(env, runtime.enabled_groups(env))
+  return env
+
+
 def step_stats(times: Sequence[float]) -> Dict[str, float]:
   """Median, interquartile range, min and max of per-step wall times (seconds)."""
   t = np.asarray(times, np.float64)

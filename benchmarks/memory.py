@@ -1,6 +1,6 @@
 """Memory and speed of the trainer under each runtime setting, run as a user runs it.
 
-  python -m benchmarks.memory --source_dir=DIR [--data_dir=DIR] [--config=configs/brats18.py] \
+  python -m benchmarks.memory [--source_dir=DIR] [--data_dir=DIR] [--config=configs/brats18.py] \
       [--steps 80] [--eval_every_steps 25] [--batch_size 16] \
       [--settings default,all,xla+malloc,xla,none] [--rounds 1] \
       [--override model.lstm_features=16 ...] [--rss_limit_gb 20]
@@ -55,25 +55,19 @@ def _cpu_seconds(ps) -> Optional[float]:
 
 def run_env(setting: str) -> Dict[str, str]:
   """The environment of a trainer that gets the runtime setting `setting`."""
-  env = dict(os.environ)
-  runtime.strip_environment(env)
-  if setting == "default":
-    env.pop(runtime.OPT_ENV, None)
-  else:
-    env[runtime.OPT_ENV] = setting.replace("+", ",")
-    runtime.enabled_groups(env)  # Validates the group names.
-  env.pop(runtime.REEXEC_MARK, None)
+  env = common.runtime_env("default" if setting == "default" else setting.replace("+", ","))
   env["PYTHONUNBUFFERED"] = "1"
   return env
 
 
 def train_command(args: argparse.Namespace, workdir: str) -> List[str]:
   cmd = [sys.executable, "-m", "msatt_jax.train", f"--config={args.config}",
-         f"--workdir={workdir}", f"--config.data.source_dir={args.source_dir}",
-         f"--config.num_train_steps={args.steps}",
+         f"--workdir={workdir}", f"--config.num_train_steps={args.steps}",
          f"--config.eval_every_steps={args.eval_every_steps}",
          f"--config.log_every_steps={args.log_every_steps}",
          f"--config.batch_size={args.batch_size}"]
+  if args.source_dir:
+    cmd.append(f"--config.data.source_dir={args.source_dir}")
   if args.data_dir:
     cmd.append(f"--config.data.data_dir={args.data_dir}")
   cmd += [f"--config.{o}" for o in args.override]
@@ -170,7 +164,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   import psutil  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/brats18.py")
-  parser.add_argument("--source_dir", required=True, help="Raw NIfTI folder of the cases.")
+  parser.add_argument("--source_dir", default=None,
+                      help="Raw NIfTI folder of the cases (default: the config's synthetic "
+                           "cases, generated in each run's workdir).")
   parser.add_argument("--data_dir", default=None, help="Prepared data (default: the trainer's).")
   parser.add_argument("--steps", type=int, default=80)
   parser.add_argument("--eval_every_steps", type=int, default=25)

@@ -191,17 +191,6 @@ def _overrides_for(model: str, overrides: Mapping[str, str]) -> Dict[str, str]:
   return {k: v for k, v in overrides.items() if k in keys}
 
 
-def _variant_env(groups: Optional[str]) -> Dict[str, str]:
-  """The environment of a worker that gets only the runtime defaults `groups`."""
-  env = dict(os.environ)
-  if groups is None:
-    return env
-  runtime.strip_environment(env)
-  env[runtime.OPT_ENV] = groups
-  runtime.apply_environment(env, runtime.enabled_groups(env))
-  return env
-
-
 class Side:
   """One worker and what it measured."""
 
@@ -226,7 +215,7 @@ def measure(model: str, batch_size: int, args: argparse.Namespace) -> List[Dict[
     for name, var_overrides, groups in args.variants:
       spec = {**base, "overrides": {**overrides, **_overrides_for(model, var_overrides)}}
       sides.append(Side(common.Worker("benchmarks.jax_bench", spec, f"jax[{name}] {model}",
-                                      env=_variant_env(groups)), "jax", name))
+                                      env=common.runtime_env(groups)), "jax", name))
     if args.baseline_python:
       worker = common.Worker("benchmarks.jax_bench", {**base, "overrides": overrides},
                              f"jax ({args.baseline_python}) {model}",

@@ -420,3 +420,20 @@ def test_conv_kernels_are_the_same_convolutions():
   np.testing.assert_allclose(ours["input grad"](), to_nhwc(theirs["input grad"]()), atol=1e-5)
   np.testing.assert_allclose(ours["weight grad"](),
                              theirs["weight grad"]().numpy().transpose(2, 3, 1, 0), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs_the_trainer_under_each_setting(capsys):
+  from benchmarks import memory as memory_bench  # pylint: disable=g-import-not-at-top
+  records = memory_bench.main(["--config=configs/tiny.py", "--steps=6", "--eval_every_steps=3",
+                               "--log_every_steps=1", "--batch_size=8",
+                               "--settings=default,none", "--rss_limit_gb=8"])
+  assert [r["setting"] for r in records] == ["default", "none"]
+  for r in records:
+    assert r["exit"] == 0 and not r["killed"], r.get("tail")
+    assert 0.2 < r["peak_rss_gb"] < 8
+    assert len(r["rss_after_validation_gb"]) == 2  # Steps 3 and 6.
+    assert r["cpu_ms_per_slice_median"] > 0 and r["slices_per_s"] > 0
+    assert "GB of host memory" in r["estimate"]
+  out = capsys.readouterr().out
+  assert "| setting | peak RSS GB |" in out and "the trainer's estimate" in out
