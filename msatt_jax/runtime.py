@@ -11,9 +11,10 @@
   between validations, so it is no default. glibc reads these only at process start, so
   `configure` re-executes the process once with them set.
 - Transparent huge pages for the heap (group `hugepages`, opt-in: `glibc.malloc.hugetlb=1`,
-  glibc >= 2.35): 2 MiB pages instead of 4 KiB ones; with the never-trimmed heap it took a
-  half-width run past 24 GB, and without it it makes every step's fresh buffers slower to
-  fault in (BENCHMARKS.md, "Memory").
+  glibc >= 2.35): 2 MiB pages instead of 4 KiB ones. With the never-trimmed heap it took a
+  half-width run past 24 GB. Alone it used the default's memory and less CPU time per slice
+  while memory was plentiful, but made the step 2.6x slower when the machine's memory was
+  full and the kernel had to compact it to find huge pages (BENCHMARKS.md, "Memory").
 
 Call `configure()` first thing in a command's entry point, before anything imports JAX:
 
