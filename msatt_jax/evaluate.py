@@ -23,10 +23,11 @@ per_case_unprocessed.csv (before them, when rules applied), summary.json (which 
 runs, TTA, the HD95 definition and the rules applied; 'metrics' after them,
 'metrics_unprocessed' before), table.md (laid out like the paper's Table I, one table after
 and one before the rules) and figures/<case>.png (modalities, ground truth, prediction; Fig. 7).
-With lesion rules (--lesion_rules, as in evaluate_folder: auto = the 2023 rule set of a 2023+
-case name's challenge, off, or a rule set's name) the scores after the rules also hold the
-BraTS 2023+ lesion-wise Dice, HD95 and lesion counts, table.md their means, and lesions.csv and
-lesions.md list every lesion and each case's missed ones.
+With lesion rules (--lesion_rules, as in evaluate_folder: auto = the rule set of a 2023+ case
+name's challenge, 2024 for a model of a 2024 label set, else 2023; off; or a rule set's name)
+the scores after the rules also hold the BraTS 2023+ lesion-wise Dice, HD95 and lesion counts,
+table.md their means, and lesions.csv and lesions.md list every lesion and each case's missed
+ones.
 """
 
 if __name__ == "__main__":
@@ -175,7 +176,7 @@ def evaluate(workdir: Union[str, Sequence[str]], split: str = "test",
     seg = predictor.segment(case.image)
     row, lesions = evaluate_folder.add_lesion_scores(
         score(seg.labels, case), seg.labels, case.label, case.spacing,
-        evaluate_folder.case_lesion_rules(case.case_id, lesion_rules), label_set)
+        evaluate_folder.case_lesion_rules(case.case_id, lesion_rules, label_set), label_set)
     rows.append(row)
     lesion_list.extend(evaluate_folder.lesion_rows(case.case_id, lesions))
     if rules is not None:

@@ -16,9 +16,10 @@ per case with Dice, HD95 (mm, the reference's voxel spacing; --hd95=official, th
 pooled percentile, max, the larger directed one, or surface, surface_distance's area-weighted
 one), sensitivity and specificity for ET, TC and WT, plus the Dice on axial slices 30..120; see
 `msatt_jax.metrics` for the exact definitions. With lesion rules (--lesion_rules: auto = the
-2023 rule set of a 2023+ case name's challenge, BraTS-GLI-... -> gli2023, none for older names;
-off; or a rule set's name for every case) each case also gets the BraTS 2023+ lesion-wise Dice
-and HD95 and its counts of matched, missed and false-positive lesions per region.
+rule set of a 2023+ case name's challenge, BraTS-GLI-... -> gli2023, or gli2024 for files of the
+2024 label sets (gli2024, ped2024 conventions), none for older names; off; or a rule set's name
+for every case) each case also gets the BraTS 2023+ lesion-wise Dice and HD95 and its counts of
+matched, missed and false-positive lesions per region.
 Writes `<out>/per_case.csv` and `<out>/summary.json` (default out: the prediction folder), which
 records the HD95 definition and lesion rules used, and with lesion rules `<out>/lesions.csv`
 (one row per lesion) and `<out>/lesions.md` (each case's missed lesions).
@@ -152,13 +153,15 @@ def case_convention(case: str, convention: str) -> str:
   return convention
 
 
-def case_lesion_rules(case: str, requested: str) -> Optional[metrics.LesionRules]:
-  """--lesion_rules for one case: None (off, or auto for a name without a 2023 rule set)."""
+def case_lesion_rules(case: str, requested: str, label_set: str = labels.DEFAULT_LABEL_SET
+                      ) -> Optional[metrics.LesionRules]:
+  """--lesion_rules for one case whose files are of `label_set`: None (off, or auto for a name
+  without a rule set; auto takes the year metrics.LESION_AUTO_YEARS gives the label set)."""
   if requested == "off":
     return None
   if requested == "auto":
     challenge = layouts.challenge(case)
-    return metrics.rules_for_challenge(challenge) if challenge else None
+    return metrics.auto_lesion_rules(challenge, label_set) if challenge else None
   return metrics.lesion_rules(requested)
 
 
@@ -233,9 +236,10 @@ def evaluate_folders(pred_dir: str, ref_dir: str, convention: str = "auto",
   rows, lesion_list, errors = [], [], []
   for case in cases:
     try:
-      row, lesions = _score_case(case, preds[case], refs[case], case_convention(case, convention),
-                                 slice_range, spacing_tol, hd95_mode,
-                                 case_lesion_rules(case, lesion_rules))
+      case_labels = case_convention(case, convention)
+      row, lesions = _score_case(case, preds[case], refs[case], case_labels, slice_range,
+                                 spacing_tol, hd95_mode, case_lesion_rules(
+                                     case, lesion_rules, labels.label_set(case_labels).name))
       rows.append(row)
       lesion_list.extend(lesion_rows(case, lesions))
     except (DataError, ValueError) as e:
@@ -316,7 +320,7 @@ def add_lesion_scores(row: dict, pred: np.ndarray, ref: np.ndarray, spacing: Seq
   if rules is None:
     return row, []
   try:
-    metrics.check_lesion_rules(rules, labels.label_set(label_set).region_names)
+    metrics.check_lesion_rules(rules, label_set)
   except ValueError as e:
     raise DataError(f"--lesion_rules={rules.name}: {e}") from e
   scores, lesions = metrics.lesion_scores(pred, ref, spacing, rules, label_set=label_set)
@@ -346,8 +350,9 @@ def define_hd95_flag() -> None:
 def define_lesion_rules_flag() -> None:
   """--lesion_rules, shared with `evaluate`."""
   flags.DEFINE_string("lesion_rules", "auto", "BraTS 2023+ lesion-wise scores: 'auto' (the "
-                      "2023 rule set of a case named BraTS-<challenge>-NNNNN-NNN, e.g. GLI -> "
-                      "gli2023; none for older names), 'off', or one rule set for every case: "
+                      "rule set of a case named BraTS-<challenge>-NNNNN-NNN, e.g. GLI -> "
+                      "gli2023, or gli2024 for files of a 2024 convention; none for older "
+                      "names), 'off', or one rule set for every case: "
                       f"{', '.join(metrics.LESION_RULES)}.")
 
 

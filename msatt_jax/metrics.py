@@ -347,29 +347,47 @@ def summarize(rows: List[Mapping[str, object]]) -> Dict[str, Dict[str, float]]:
 # ---------------------------------------------------------------------------------------------
 # Lesion-wise scores (BraTS 2023+).
 #
-# For each region of a rule set, as the BraTS 2023 organisers' metrics code defines them
-# (https://github.com/rachitsaluja/BraTS-2023-Metrics, metrics.py; read, not copied):
-#   1. 26-connected components of the reference and of the prediction.
-#   2. Reference components near each other are one lesion: the reference mask is dilated by
-#      `dilation` iterations of the 18-connected structuring element, and each component takes
-#      the id of the 26-connected component of the dilated mask that it lies in (the lesions
-#      themselves stay undilated).
-#   3. Every predicted component that overlaps a lesion dilated the same way is matched to it
-#      (a component may match several lesions). The lesion's Dice and HD95 (`hd95` of the rule
+# For each region of a rule set, as the BraTS organisers' metrics code defines them (2023:
+# https://github.com/rachitsaluja/BraTS-2023-Metrics, metrics.py; 2024: the rows' sources
+# below; read, not copied). d and v are the region's dilation and volume threshold
+# (`LesionRules.params`):
+#   1. Reference lesions: the reference mask is dilated by d iterations of the 18-connected
+#      structuring element, and each voxel takes the id of the 26-connected component of the
+#      dilated mask that it lies in (components near each other are one lesion; the lesions
+#      themselves stay undilated). Ids follow each dilated component's first voxel in C order,
+#      as cc3d numbers the source's dilated masks (scipy's binary_dilation returns them C-ordered).
+#   2. Predicted lesions (`matching`, MATCHING_MODES): the prediction's 26-connected components
+#      ('dilated_overlap', 2023), or those merged as in 1 with the lesions of at most v voxels
+#      dropped ('dilated_groups', 2024; the source compares the voxel count with the mm^3
+#      threshold, the same on BraTS's 1 mm grid).
+#   3. Lesions merged across other tissues (`merge_touching`, 2024; reference and prediction
+#      alike): for each partner region in turn, each lesion that touches (is 18-adjacent to)
+#      partner lesions, made by 1 or 2 with the partner's own d and v and never merged
+#      themselves, is keyed by the lowest-numbered one of them, and lesions of one key become one.
+#      This is what the source's relabelling does (relabel_nifti_image maps each lesion through
+#      its first sorted (lesion, partner) pair), so it is not transitive: lesions A and B that
+#      share partner lesion P stay apart when A also touches a partner lesion numbered below P.
+#      Its `len(touching_labels) > 1` condition skips the relabelling when a single pair
+#      touches, which merges nothing either way, and its `for i in range(2)` loop rebuilds the
+#      same files from the unmerged ones, so merging happens once.
+#   4. Every predicted lesion that overlaps a reference lesion dilated by d is matched to it
+#      (a predicted lesion may match several). The lesion's Dice and HD95 (`hd95` of the rule
 #      set, surface_distance's robust HD95 for the published ones) are those of the union of
-#      its matched components against the lesion; a lesion with no match scores Dice 0 and
-#      `penalty_hd95`.
-#   4. A predicted component matched to no lesion (of any size) is a false positive: Dice 0,
-#      `penalty_hd95`.
-#   5. Lesions of at most `min_volume_mm3` leave both the sum and the count (their matches are
+#      its matches against the lesion; a lesion with no match scores Dice 0 and `penalty_hd95`.
+#   5. A predicted lesion matched to no reference lesion (of any size) is a false positive:
+#      Dice 0, `penalty_hd95`.
+#   6. Reference lesions of at most v mm^3 leave both the sum and the count (their matches are
 #      not false positives).
-#   6. Score = (sum over the counted lesions and the false positives) / (their number); 0/0
+#   7. Score = (sum over the counted lesions and the false positives) / (their number); 0/0
 #      (nothing in either) -> Dice 1, HD95 0.
 
 MATCHING_MODES = {
     "dilated_overlap": "each predicted component overlapping a reference lesion dilated by d "
                        "matches it (several components per lesion, several lesions per "
                        "component)",
+    "dilated_groups": "predicted components merged by d dilations as the reference's, merged "
+                      "lesions of at most the volume threshold in voxels dropped, then matched "
+                      "as in dilated_overlap",
 }
 _STRUCTURE_18 = ndimage.generate_binary_structure(3, 2)
 _STRUCTURE_26 = ndimage.generate_binary_structure(3, 3)
@@ -381,19 +399,41 @@ class LesionRules:
   name: str  # --lesion_rules value.
   challenge: str  # Case-name prefix: BraTS-<challenge>-NNNNN-NNN.
   year: int
-  regions: Tuple[str, ...]  # Names from labels.REGIONS.
+  regions: Tuple[str, ...]  # Scored: regions, or single classes, of the label set.
   dilation: int  # Iterations of the 18-connected structuring element.
   min_volume_mm3: float  # Reference lesions of at most this volume are not scored.
   penalty_hd95: float  # HD95 of a missed lesion or a false positive.
   matching: str = "dilated_overlap"  # A key of MATCHING_MODES.
   hd95: str = "surface"  # A key of HD95_DEFINITIONS.
   source: str = ""
+  # (region, dilation, min_volume_mm3) for the regions whose d and v differ from the above.
+  per_region: Tuple[Tuple[str, int, float], ...] = ()
+  # (region, partner regions in turn): step 3 above; a partner need not be scored.
+  merge_touching: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+
+  def params(self, region: str) -> Tuple[int, float]:
+    """(dilation, min_volume_mm3) of a region."""
+    own = {r: (d, v) for r, d, v in self.per_region}
+    return own.get(region, (self.dilation, self.min_volume_mm3))
+
+  def partners(self, region: str) -> Tuple[str, ...]:
+    return dict(self.merge_touching).get(region, ())
+
+  def names(self) -> Tuple[str, ...]:
+    """Every region the rules read: the scored ones, then merge partners."""
+    out = list(self.regions)
+    for _, partners in self.merge_touching:
+      out.extend(p for p in partners if p not in out)
+    return tuple(out)
 
   def describe(self) -> str:
+    own = "".join(f"; {r}: {d} dilation(s), <= {v:g} mm^3" for r, d, v in self.per_region)
+    merges = "".join(f"; {r} lesions merged across touching {'/'.join(p)} lesions"
+                     for r, p in self.merge_touching)
     return (f"{self.name}: BraTS {self.year} {self.challenge} lesion-wise rules, regions "
             f"{'/'.join(self.regions)}, reference lesions merged by {self.dilation} dilation(s) "
-            f"(18-connected), lesions <= {self.min_volume_mm3:g} mm^3 not scored, missed "
-            f"lesions and false positives Dice 0 / HD95 {self.penalty_hd95:g}, matching "
+            f"(18-connected), lesions <= {self.min_volume_mm3:g} mm^3 not scored{own}{merges}, "
+            f"missed lesions and false positives Dice 0 / HD95 {self.penalty_hd95:g}, matching "
             f"'{self.matching}', HD95 '{self.hd95}' [{self.source}]")
 
 
@@ -401,17 +441,60 @@ _SOURCE_2023 = ("BraTS 2023 organisers' lesion-wise metrics code, "
                 "https://github.com/rachitsaluja/BraTS-2023-Metrics (metrics.py: dilation "
                 "factor and volume threshold per challenge, HD95 374 for misses and false "
                 "positives, surface_distance's robust HD95)")
-# The 2024 (https://github.com/rachitsaluja/BraTS-2024-Metrics) and 2025 (panoptica-based)
-# rules are not here: they score label sets the project does not have (RC, NETC, SNFH, CC)
-# with per-region parameters, and were not established precisely enough to reproduce.
+
+
+def _source_2024(script: str) -> str:
+  return ("BraTS 2024 organisers' lesion-wise metrics code, "
+          f"https://github.com/rachitsaluja/BraTS-2024-Metrics {script} at commit 9a0ab9c7, the "
+          "version the 2024 scoring harness pinned (https://github.com/Sage-Bionetworks-"
+          "Challenges/brats-infra, evaluation/lesionwise/score.py)")
+
+
+# 2024 (each challenge's script, its labels read through the project's conventions):
+#   GLI (metrics_GLI.py; convention gli2024: 1 NETC, 2 SNFH, 3 ET, 4 RC): WT (1-3), TC (1, 3),
+#     NETC, SNFH, ET and RC; d 5 for NETC and RC and 3 for the others, SNFH included (the code
+#     tests for the name "SFNH", which never occurs); v 10 mm^3 for ET, 20 for the others; HD95
+#     337; NETC, ET, RC and SNFH lesions merged across ET then RC, NETC then RC, ET then NETC,
+#     and ET, RC then NETC lesions (combine_lesions_*). NETC and SNFH are glioma_rc classes
+#     scored as lesion regions; they are not voxel-wise regions, which would add channels to
+#     that set's region-output models.
+#   SSA and MET (metrics_SSA.py, metrics_MET.py; 2023 values): WT, TC, ET; d 3 / 1, v 50 / 2,
+#     HD95 374; ET lesions merged across NETC (class 1, NCR/NET) lesions.
+#   PED (metrics_PED.py; convention ped2024: 1 ET, 2 NETC (the ped set's NET), 3 CC, 4 ED):
+#     WT (1-4), TC (1-3), ET, NET, CC and ED; d 5, v 10, HD95 374; no merging across tissues.
+#   All four use 'dilated_groups'. Not here: MEN-RT (metrics_MEN_RT.py: one GTV label, false
+#   positives not counted, HD95 of a miss = the volume's diagonal; the project has no GTV label
+#   set), and no MEN row: the 2024 harness scored no MEN task (its later BraTS-MEN case runs the
+#   2023 code, men2023).
+# 2025 is not here: the harness's 2025 scoring ran BraTS-2024-Metrics at 9e8879a9 (the 2024
+# parameters plus normalised surface Dice; MET adds RC) and, for MET, panoptica through GaNDLF
+# with a configuration the harness does not hold; which of them ranked the test phase is not
+# recorded there.
 LESION_RULES: Dict[str, LesionRules] = {r.name: r for r in (
     LesionRules("gli2023", "GLI", 2023, ("WT", "TC", "ET"), 3, 50.0, 374.0, source=_SOURCE_2023),
     LesionRules("ssa2023", "SSA", 2023, ("WT", "TC", "ET"), 3, 50.0, 374.0, source=_SOURCE_2023),
     LesionRules("ped2023", "PED", 2023, ("WT", "TC", "ET"), 3, 50.0, 374.0, source=_SOURCE_2023),
     LesionRules("men2023", "MEN", 2023, ("WT", "TC", "ET"), 1, 50.0, 374.0, source=_SOURCE_2023),
     LesionRules("met2023", "MET", 2023, ("WT", "TC", "ET"), 1, 2.0, 374.0, source=_SOURCE_2023),
+    LesionRules("gli2024", "GLI", 2024, ("WT", "TC", "NETC", "SNFH", "ET", "RC"), 3, 20.0, 337.0,
+                matching="dilated_groups", source=_source_2024("metrics_GLI.py"),
+                per_region=(("NETC", 5, 20.0), ("RC", 5, 20.0), ("ET", 3, 10.0)),
+                merge_touching=(("NETC", ("ET", "RC")), ("ET", ("NETC", "RC")),
+                                ("RC", ("ET", "NETC")), ("SNFH", ("ET", "RC", "NETC")))),
+    LesionRules("ssa2024", "SSA", 2024, ("WT", "TC", "ET"), 3, 50.0, 374.0,
+                matching="dilated_groups", source=_source_2024("metrics_SSA.py"),
+                merge_touching=(("ET", ("NCR/NET",)),)),
+    LesionRules("met2024", "MET", 2024, ("WT", "TC", "ET"), 1, 2.0, 374.0,
+                matching="dilated_groups", source=_source_2024("metrics_MET.py"),
+                merge_touching=(("ET", ("NCR/NET",)),)),
+    LesionRules("ped2024", "PED", 2024, ("WT", "TC", "ET", "NET", "CC", "ED"), 5, 10.0, 374.0,
+                matching="dilated_groups", source=_source_2024("metrics_PED.py")),
 )}
 LESION_STATUSES = ("matched", "missed", "false_positive")
+# The year of the rule sets --lesion_rules=auto gives files of a label set: the 2024 sets hold
+# only 2024 files; all others are scored as 2023 (MET and SSA files of 2024 hold the 2023
+# values, so nothing tells their year: name met2024 or ssa2024 for them).
+LESION_AUTO_YEARS = {"glioma_rc": 2024, "ped": 2024}
 
 
 def lesion_rules(name: str) -> LesionRules:
@@ -430,12 +513,25 @@ def rules_for_challenge(challenge: str, year: int = 2023) -> Optional[LesionRule
   return None
 
 
-def check_lesion_rules(rules: LesionRules, regions: Sequence[str] = labels.REGIONS) -> None:
+def auto_lesion_rules(challenge: str,
+                      label_set: str = labels.DEFAULT_LABEL_SET) -> Optional[LesionRules]:
+  """--lesion_rules=auto: the rule set of a challenge for files of a label set, or None."""
+  year = LESION_AUTO_YEARS.get(labels.label_set(label_set).name, 2023)
+  return rules_for_challenge(challenge, year)
+
+
+def check_lesion_rules(rules: LesionRules, label_set: str = labels.DEFAULT_LABEL_SET) -> None:
   """ValueError when the rule set needs a region the label set lacks, or is malformed."""
-  missing = [r for r in rules.regions if r not in regions]
-  if missing:
-    raise ValueError(f"lesion rule set {rules.name!r} scores region(s) {', '.join(missing)}, "
-                     f"which the label set lacks (it has {', '.join(regions)}).")
+  chosen = labels.label_set(label_set)
+  lacks = lambda names: [r for r in names if chosen.classes_of(r) is None]
+  missing = lacks(rules.regions)
+  partners = lacks(rules.names()[len(rules.regions):])
+  if missing or partners:
+    needs = ", ".join(([f"scores region(s) {', '.join(missing)}"] if missing else []) +
+                      ([f"merges across region(s) {', '.join(partners)}"] if partners else []))
+    raise ValueError(f"lesion rule set {rules.name!r} {needs}, which the label set lacks (it "
+                     f"has {', '.join(chosen.region_names)} and the classes "
+                     f"{', '.join(chosen.classes[1:])}).")
   if rules.matching not in MATCHING_MODES:
     raise ValueError(f"lesion rule set {rules.name!r}: unknown matching {rules.matching!r}.")
   _check_hd95_mode(rules.hd95)
@@ -445,7 +541,7 @@ def check_lesion_rules(rules: LesionRules, regions: Sequence[str] = labels.REGIO
 class Lesion:
   """One scored reference lesion or false-positive component of one region."""
   region: str
-  lesion_id: int  # Merged reference lesion id, or the predicted component's id.
+  lesion_id: int  # Merged reference lesion id, or the predicted lesion's id.
   volume_mm3: float
   status: str  # One of LESION_STATUSES.
   counted: bool  # False for a reference lesion at or under the volume threshold.
@@ -468,47 +564,112 @@ def _box(coords: Sequence[np.ndarray], shape: Sequence[int], margin: int) -> Tup
                for c, n in zip(coords, shape))
 
 
-def _region_lesions(pred: np.ndarray, ref: np.ndarray, spacing: Tuple[float, ...],
+def _around(box: Tuple[slice, ...], shape: Sequence[int], margin: int) -> Tuple[slice, ...]:
+  return _box([np.array([s.start, s.stop - 1]) for s in box], shape, margin)
+
+
+def _consecutive(ids: np.ndarray) -> np.ndarray:
+  """Ids renumbered 1..n in their order (0 stays background)."""
+  present = np.flatnonzero(np.bincount(ids.ravel()))
+  present = present[present > 0]
+  table = np.zeros(int(ids.max()) + 1, np.int64)
+  table[present] = np.arange(1, present.size + 1)
+  return table[ids]
+
+
+def _lesion_ids(mask: np.ndarray, dilation: int) -> np.ndarray:
+  """Step 1 of the comment above LESION_RULES: each voxel's merged lesion id."""
+  ids, _ = _components(_dilate(mask, dilation))
+  return np.where(mask, ids, 0)
+
+
+def _grouped_ids(mask: np.ndarray, dilation: int, min_volume: float) -> np.ndarray:
+  """Step 2, 'dilated_groups': merged as the reference, lesions of <= min_volume voxels gone."""
+  ids = _lesion_ids(mask, dilation)
+  return _consecutive(np.where(np.bincount(ids.ravel())[ids] <= min_volume, 0, ids))
+
+
+# Step 2 per matching mode: (mask, d, v) -> predicted lesion ids.
+_PREDICTED_LESIONS = {
+    "dilated_overlap": lambda mask, dilation, min_volume: _lesion_ids(mask, 0),
+    "dilated_groups": _grouped_ids,
+}
+
+
+def _merge_touching(ids: np.ndarray, partner_ids: np.ndarray) -> np.ndarray:
+  """Step 3 for one partner: lesions keyed by the lowest-numbered partner lesion they touch,
+  those of one key merged, ids renumbered in order."""
+  table = np.arange(int(ids.max()) + 1)
+  first_of_key: Dict[int, int] = {}
+  for lesion, box in enumerate(ndimage.find_objects(ids), start=1):
+    around = _around(box, ids.shape, 1)
+    touched = partner_ids[around][_dilate(ids[around] == lesion, 1)]
+    touched = touched[touched > 0]
+    if touched.size:
+      table[lesion] = first_of_key.setdefault(int(touched.min()), lesion)
+  return _consecutive(table[ids])
+
+
+def _lesion_maps(pred_masks: np.ndarray, ref_masks: np.ndarray, rules: LesionRules
+                 ) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+  """{scored region: (predicted, reference) lesion ids after steps 1-3} from the (..., names)
+  masks of rules.names(), on their joint box plus the largest dilation + 1: exact, since no
+  dilation reaches the box's sides (the volume's own border clips as the full volume does)."""
+  names = rules.names()
+  found = np.nonzero(pred_masks.any(-1) | ref_masks.any(-1))
+  if not found[0].size:
+    empty = np.zeros((1, 1, 1), np.int64)
+    return {region: (empty, empty) for region in rules.regions}
+  box = _box(found, pred_masks.shape[:-1], max(rules.params(n)[0] for n in names) + 1)
+  pred_masks, ref_masks = pred_masks[box], ref_masks[box]
+  base = {}
+  for i, name in enumerate(names):
+    dilation, min_volume = rules.params(name)
+    base[name] = (_PREDICTED_LESIONS[rules.matching](pred_masks[..., i], dilation, min_volume),
+                  _lesion_ids(ref_masks[..., i], dilation))
+  out = {}
+  for region in rules.regions:
+    pred_ids, ref_ids = base[region]
+    for partner in rules.partners(region):
+      pred_ids = _merge_touching(pred_ids, base[partner][0])
+      ref_ids = _merge_touching(ref_ids, base[partner][1])
+    out[region] = (pred_ids, ref_ids)
+  return out
+
+
+def _region_lesions(pred_ids: np.ndarray, ref_ids: np.ndarray, spacing: Tuple[float, ...],
                     rules: LesionRules, region: str, with_hd95: bool) -> List[Lesion]:
-  """The lesions of one region's masks; see the comment above LESION_RULES."""
-  if not pred.any() and not ref.any():
+  """Steps 4-6 for one region's lesion ids (consecutive, 0 background)."""
+  if not pred_ids.any() and not ref_ids.any():
     return []
-  # Everything happens within dilation + 1 voxels of the masks: crop there (exact; the volume's
-  # own border is empty both ways).
-  box = _box(np.nonzero(pred | ref), pred.shape, rules.dilation + 1)
-  pred, ref = pred[box], ref[box]
+  dilation, min_volume = rules.params(region)
   voxel_mm3 = float(np.prod(spacing))
-  pred_cc, _ = _components(pred)
-  merged_ids, num_lesions = _components(_dilate(ref, rules.dilation))
-  lesions_map = np.where(ref, merged_ids, 0)
-  pred_boxes = ndimage.find_objects(pred_cc)
-  matched_components = set()
+  pred_boxes = ndimage.find_objects(pred_ids)
+  matched = set()
   out = []
-  for lesion_id, lesion_box in enumerate(ndimage.find_objects(lesions_map), start=1):
-    around = _box([np.array([s.start, s.stop - 1]) for s in lesion_box], ref.shape,
-                  rules.dilation)
-    lesion = lesions_map[around] == lesion_id
-    near = _dilate(lesion, rules.dilation)
-    matches = np.unique(pred_cc[around][near])
+  for lesion_id, lesion_box in enumerate(ndimage.find_objects(ref_ids), start=1):
+    around = _around(lesion_box, ref_ids.shape, dilation)
+    lesion = ref_ids[around] == lesion_id
+    matches = np.unique(pred_ids[around][_dilate(lesion, dilation)])
     matches = matches[matches > 0]
-    matched_components.update(matches.tolist())
+    matched.update(matches.tolist())
     volume = float(np.count_nonzero(lesion)) * voxel_mm3
-    counted = volume > rules.min_volume_mm3
+    counted = volume > min_volume
     if not matches.size:
       out.append(Lesion(region, lesion_id, volume, "missed", counted, 0.0, rules.penalty_hd95))
       continue
-    # The lesion and its matched components, on their joint box.
+    # The lesion and its matches, on their joint box.
     joint = tuple(slice(min([s.start] + [pred_boxes[m - 1][i].start for m in matches]),
                         max([s.stop] + [pred_boxes[m - 1][i].stop for m in matches]))
                   for i, s in enumerate(lesion_box))
-    lesion_mask = lesions_map[joint] == lesion_id
-    union = np.isin(pred_cc[joint], matches)
+    lesion_mask = ref_ids[joint] == lesion_id
+    union = np.isin(pred_ids[joint], matches)
     distance = hd95(union, lesion_mask, spacing, rules.hd95) if with_hd95 else float("nan")
     out.append(Lesion(region, lesion_id, volume, "matched", counted, dice(union, lesion_mask),
                       distance))
-  sizes = np.bincount(pred_cc.ravel())
+  sizes = np.bincount(pred_ids.ravel())
   for component in range(1, len(sizes)):
-    if component not in matched_components:
+    if component not in matched:
       out.append(Lesion(region, component, float(sizes[component]) * voxel_mm3,
                         "false_positive", True, 0.0, rules.penalty_hd95))
   return out
@@ -534,21 +695,18 @@ def lesion_scores(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: Sequ
   'lesions_fp_<R>'} for each region R of the rules, [every Lesion]). with_hd95=False skips
   the distances (HD95 NaN), for choices made on the Dice alone.
   """
-  names = labels.label_set(label_set).region_names
-  check_lesion_rules(rules, names)
+  check_lesion_rules(rules, label_set)
   pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
   if pred_labels.shape != ref_labels.shape or pred_labels.ndim != 3:
     raise ValueError(f"Label volumes must be 3-D of one shape: prediction {pred_labels.shape}, "
                      f"reference {ref_labels.shape}.")
   spacing = tuple(float(s) for s in _check_spacing(spacing, 3))
-  pred_regions = labels.region_masks(pred_labels, label_set)
-  ref_regions = labels.region_masks(ref_labels, label_set)
+  maps = _lesion_maps(labels.masks(pred_labels, rules.names(), label_set),
+                      labels.masks(ref_labels, rules.names(), label_set), rules)
   scores: Dict[str, float] = {}
   lesions: List[Lesion] = []
   for region in rules.regions:
-    i = names.index(region)
-    found = _region_lesions(pred_regions[..., i], ref_regions[..., i], spacing, rules, region,
-                            with_hd95)
+    found = _region_lesions(*maps[region], spacing, rules, region, with_hd95)
     summary = _lesion_summary(found)
     scores[f"lesion_dice_{region}"] = summary["dice"]
     scores[f"lesion_hd95_{region}"] = summary["hd95"]

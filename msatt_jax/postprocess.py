@@ -20,9 +20,9 @@ with the rules chosen before it applied, and the best is kept only if it raises 
 mean Dice (the mean over cases of the mean of ET, TC and WT Dice) strictly; on a tie the
 smaller value, the simpler rule, wins, and 0 means no rule. --objective=lesion chooses on the
 BraTS 2023+ lesion-wise Dice instead (the mean over cases of the mean over the rule set's
-regions; rule set per case from --lesion_rules, auto = the 2023 rule set of a 2023+ case
-name's challenge), the leaderboards' ranking since 2023, which stray components cost far more.
-The choice, the validation Dice
+regions; rule set per case from --lesion_rules, auto = the rule set of a 2023+ case name's
+challenge, 2024 for a run of a 2024 label set, else 2023), the leaderboards' ranking since
+2023, which stray components cost far more. The choice, the validation Dice
 before and after, every trial, the cases, the runs and the TTA setting are written atomically
 to <first workdir>/postprocessing.json, which evaluate and predict then apply by default
 (--postprocess=auto; none skips it; or the path of another such file).
@@ -413,12 +413,13 @@ def predict_validation(runs: Sequence[Any], options: inference.Options = inferen
   return sorted(predicted_by), predicted_by, preds, refs, order
 
 
-def validation_lesion_rules(case_ids: Sequence[str], requested: str
+def validation_lesion_rules(case_ids: Sequence[str], requested: str,
+                            label_set: str = labels_lib.DEFAULT_LABEL_SET
                             ) -> List[metrics.LesionRules]:
   """Each case's lesion rule set for --objective=lesion; ValueError naming a case without."""
   out = []
   for case_id in case_ids:
-    rules = evaluate_folder.case_lesion_rules(case_id, requested)
+    rules = evaluate_folder.case_lesion_rules(case_id, requested, label_set)
     if rules is None:
       raise ValueError(f"{case_id}: --objective=lesion needs a lesion rule set, and "
                        f"--lesion_rules={requested} gives this case none (pass a rule set's "
@@ -444,7 +445,8 @@ def postprocess(workdir: Union[str, Sequence[str]],
   out = out or os.path.join(runs[0].workdir, FILE_NAME)
   reporting.check_writable_folder(os.path.dirname(os.path.abspath(out)))
   case_ids, predicted_by, preds, refs, order = predict_validation(runs, options, source_dir)
-  per_case_rules = (validation_lesion_rules([c for c, _ in order], lesion_rules)
+  per_case_rules = (validation_lesion_rules([c for c, _ in order], lesion_rules,
+                                            runs[0].label_set)
                     if objective == "lesion" else None)
   rules, report = choose_rules(preds, refs, objective=objective,
                                spacings=[s for _, s in order], lesion_rules=per_case_rules,

@@ -366,6 +366,18 @@ def test_2023_auto_rules_and_missed_lesions_report(tmp_path):
   assert sorted(os.listdir(out)) == ["per_case.csv", "summary.json"]
 
 
+def test_auto_lesion_rules_follow_the_label_set():
+  # 2024 rule sets for files of a 2024 label set (their conventions say the year), else 2023.
+  name = lambda case, label_set: getattr(ef.case_lesion_rules(case, "auto", label_set), "name",
+                                         None)
+  assert name("BraTS-GLI-00001-000", "glioma") == "gli2023"
+  assert name("BraTS-GLI-00001-000", "glioma_rc") == "gli2024"
+  assert name("BraTS-PED-00001-000", "ped") == "ped2024"
+  assert name("BraTS-MET-00001-000", "glioma") == "met2023"
+  assert name("BraTS2021_00000", "glioma") is None
+  assert ef.case_lesion_rules("BraTS-MET-00001-000", "met2024").name == "met2024"
+
+
 def test_old_names_get_no_lesion_rules_by_default(tmp_path):
   pred_dir, ref_dir = _write_flat(tmp_path)
   rows, summary = ef.evaluate_folders(pred_dir, ref_dir, out_dir=None, slice_range=SLICES)

@@ -30,12 +30,13 @@ FAR = (slice(14, 16), slice(0, 2), slice(0, 2))  # 8 voxels, > 3 voxels from A a
 
 def test_rule_sets_are_the_published_2023_parameters():
   table = {n: (r.dilation, r.min_volume_mm3, r.penalty_hd95, r.challenge)
-           for n, r in metrics.LESION_RULES.items()}
+           for n, r in metrics.LESION_RULES.items() if r.year == 2023}
   assert table == {"gli2023": (3, 50.0, 374.0, "GLI"), "ssa2023": (3, 50.0, 374.0, "SSA"),
                    "ped2023": (3, 50.0, 374.0, "PED"), "men2023": (1, 50.0, 374.0, "MEN"),
                    "met2023": (1, 2.0, 374.0, "MET")}
-  for rules in metrics.LESION_RULES.values():
+  for rules in (r for r in metrics.LESION_RULES.values() if r.year == 2023):
     assert rules.regions == ("WT", "TC", "ET") and rules.hd95 == "surface"
+    assert rules.matching == "dilated_overlap" and not rules.per_region + rules.merge_touching
     assert "BraTS-2023-Metrics" in rules.source and rules.name in rules.describe()
   assert metrics.rules_for_challenge("MET") is MET and metrics.rules_for_challenge("GoAT") is None
   with pytest.raises(ValueError, match="unknown lesion rule set 'gli2030'"):
@@ -158,6 +159,131 @@ def test_bad_input():
     metrics.lesion_scores(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), (1, 1, 1), rc)
   with pytest.raises(ValueError, match="spacing"):
     metrics.lesion_scores(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), (1, 0, 1), GLI)
+
+
+# --- BraTS 2024 rule sets. ------------------------------------------------------------------
+
+GLI24, SSA24, MET24, PED24 = (metrics.LESION_RULES[n]
+                              for n in ("gli2024", "ssa2024", "met2024", "ped2024"))
+NETC, SNFH = 1, 2  # glioma_rc classes (ET = 3, RC = 4).
+
+
+def test_rule_sets_are_the_published_2024_parameters():
+  params = lambda rules: {r: rules.params(r) for r in rules.regions}
+  assert GLI24.regions == ("WT", "TC", "NETC", "SNFH", "ET", "RC")
+  # d 5 for NETC and RC only (SNFH keeps 3), v 10 mm^3 for ET, 20 for the others; HD95 337.
+  assert params(GLI24) == {"WT": (3, 20.0), "TC": (3, 20.0), "NETC": (5, 20.0),
+                           "SNFH": (3, 20.0), "ET": (3, 10.0), "RC": (5, 20.0)}
+  assert GLI24.penalty_hd95 == 337.0 and GLI24.partners("SNFH") == ("ET", "RC", "NETC")
+  assert GLI24.partners("WT") == () and GLI24.names() == GLI24.regions
+  assert params(SSA24) == {r: (3, 50.0) for r in ("WT", "TC", "ET")}
+  assert params(MET24) == {r: (1, 2.0) for r in ("WT", "TC", "ET")}
+  assert SSA24.names() == MET24.names() == ("WT", "TC", "ET", "NCR/NET")
+  assert params(PED24) == {r: (5, 10.0) for r in ("WT", "TC", "ET", "NET", "CC", "ED")}
+  for rules in (GLI24, SSA24, MET24, PED24):
+    assert rules.year == 2024 and rules.matching == "dilated_groups"
+    assert "BraTS-2024-Metrics" in rules.source and "9a0ab9c7" in rules.source
+    assert rules.penalty_hd95 == (337.0 if rules is GLI24 else 374.0)
+  assert "NETC: 5 dilation(s), <= 20 mm^3" in GLI24.describe()
+  # auto: the 2024 row for files of a 2024 label set, else 2023.
+  assert metrics.rules_for_challenge("GLI", 2024) is GLI24
+  assert metrics.auto_lesion_rules("GLI", "glioma_rc") is GLI24
+  assert metrics.auto_lesion_rules("GLI", "gli2024") is GLI24  # A convention's label set.
+  assert metrics.auto_lesion_rules("GLI", "glioma") is GLI
+  assert metrics.auto_lesion_rules("PED", "ped") is PED24
+  assert metrics.auto_lesion_rules("PED").name == "ped2023"
+  assert metrics.auto_lesion_rules("MET") is MET  # 2024 MET files hold the 2023 values.
+  assert metrics.auto_lesion_rules("MEN", "ped") is None  # No MEN 2024 rule set.
+
+
+def test_2024_penalty_and_per_region_threshold():
+  # An SNFH lesion of 64 mm^3 missed: 337 in 2024, 374 in 2023 (same canonical volume).
+  ref, empty = _volume(A, label=SNFH), _volume()
+  s24, _ = metrics.lesion_scores(empty, ref, (1, 1, 1), GLI24, label_set="glioma_rc")
+  s23, _ = metrics.lesion_scores(empty, ref, (1, 1, 1), GLI, label_set="glioma_rc")
+  assert s24["lesion_hd95_WT"] == s24["lesion_hd95_SNFH"] == 337.0
+  assert s23["lesion_hd95_WT"] == 374.0 and s24["lesion_dice_SNFH"] == 0.0
+  # A missed ET lesion of 12 mm^3: over ET's 10, under TC's and WT's 20 (and 2023's 50).
+  small = _volume((slice(1, 3), slice(2, 4), slice(2, 5)), label=ET)
+  s24, _ = metrics.lesion_scores(empty, small, (1, 1, 1), GLI24, label_set="glioma_rc")
+  assert s24["lesion_dice_ET"] == 0.0 and s24["lesion_hd95_ET"] == 337.0
+  assert s24["lesion_dice_TC"] == s24["lesion_dice_WT"] == 1.0  # 0/0.
+  s23, _ = metrics.lesion_scores(empty, small, (1, 1, 1), GLI, label_set="glioma_rc")
+  assert s23["lesion_dice_ET"] == 1.0
+
+
+def test_2024_predicted_lesions_are_merged_and_small_ones_dropped():
+  # A stray 8-voxel blob: a false positive in 2023 (mean of 1 and 0), dropped in 2024
+  # (<= 20 voxels once merged).
+  s23, _ = metrics.lesion_scores(_volume(A, FAR), _volume(A), (1, 1, 1), GLI, label_set="glioma_rc")
+  s24, _ = metrics.lesion_scores(_volume(A, FAR), _volume(A), (1, 1, 1), GLI24,
+                                 label_set="glioma_rc")
+  assert s23["lesion_dice_WT"] == 0.5 and s23["lesions_fp_WT"] == 1
+  assert s24["lesion_dice_WT"] == s24["lesion_dice_SNFH"] == 1.0 and s24["lesions_fp_WT"] == 0
+  # B, 3 empty voxels past A's dilation by 3, is a false positive in 2023; in 2024 the two
+  # predicted components are one lesion (their dilations meet), matched to A: 2*64/(128+64).
+  s23, _ = metrics.lesion_scores(_volume(A, B), _volume(A), (1, 1, 1), GLI, label_set="glioma_rc")
+  s24, lesions = metrics.lesion_scores(_volume(A, B), _volume(A), (1, 1, 1), GLI24,
+                                       label_set="glioma_rc")
+  assert s23["lesion_dice_WT"] == 0.5 and s23["lesions_fp_WT"] == 1
+  assert s24["lesion_dice_WT"] == pytest.approx(2 / 3) and s24["lesions_fp_WT"] == 0
+  assert [x.status for x in lesions if x.region == "WT"] == ["matched"]
+
+
+def _bars(*runs, shape=(30, 5, 5)):
+  """A volume of 3x3 bars along x: (label, first x, last x) each."""
+  out = np.zeros(shape, np.uint8)
+  for label, start, stop in runs:
+    out[start:stop + 1, 1:4, 1:4] = label
+  return out
+
+
+def test_2024_lesions_merge_across_a_touching_tissue():
+  # NETC bars 16 voxels apart (two lesions at d=5) both touch one ET bar: one NETC lesion.
+  ref = _bars((NETC, 1, 4), (ET, 5, 20), (NETC, 21, 24))
+  pred = _bars((NETC, 1, 4), (ET, 5, 20))  # Finds the first NETC bar only.
+  apart = dataclasses.replace(GLI24, merge_touching=())
+  s, lesions = metrics.lesion_scores(pred, ref, (1, 1, 1), apart, label_set="glioma_rc")
+  assert s["lesion_dice_NETC"] == 0.5 and s["lesion_hd95_NETC"] == 337.0 / 2
+  s, lesions = metrics.lesion_scores(pred, ref, (1, 1, 1), GLI24, label_set="glioma_rc")
+  netc = [x for x in lesions if x.region == "NETC"]
+  assert [(x.status, x.volume_mm3) for x in netc] == [("matched", 72.0)]
+  assert s["lesion_dice_NETC"] == pytest.approx(2 * 36 / (36 + 72))
+  # MET 2024: two ET rims 6 voxels apart (two lesions at d=1) around one necrosis (class 1).
+  ref = _bars((ET, 1, 2), (1, 3, 8), (ET, 9, 10))
+  pred = _bars((ET, 1, 2), (1, 3, 8))
+  s23, _ = metrics.lesion_scores(pred, ref, (1, 1, 1), MET)
+  s24, _ = metrics.lesion_scores(pred, ref, (1, 1, 1), MET24)
+  assert s23["lesion_dice_ET"] == 0.5 and s24["lesion_dice_ET"] == pytest.approx(2 / 3)
+
+
+def test_2024_merging_follows_the_lowest_numbered_partner():
+  # NETC bar n1 touches ET bars e1 and e2, NETC bar n2 touches e2 only (NETC 11 voxels apart,
+  # ET 10: no dilation merges them). n1 joins the lower-numbered (first in C order) of e1, e2:
+  # here e1, so n1 and n2 stay apart; mirrored along x, e2 comes first and they merge.
+  layout = [(ET, 1, 2), (NETC, 3, 12), (ET, 13, 23), (NETC, 24, 26)]
+  ref = _bars(*layout)
+  mirrored = _bars(*[(label, 29 - stop, 29 - start) for label, start, stop in layout])
+  netc = lambda v: [x.volume_mm3 for x in metrics.lesion_scores(
+      v, v, (1, 1, 1), GLI24, label_set="glioma_rc")[1] if x.region == "NETC"]
+  assert netc(ref) == [90.0, 27.0] and netc(mirrored) == [117.0]
+  # The same case padded into a larger volume scores the same (cropping keeps the numbering).
+  big = np.zeros((40, 9, 9), np.uint8)
+  big[4:34, 2:7, 2:7] = mirrored
+  assert netc(big) == [117.0]
+
+
+def test_2024_rules_need_their_regions_in_the_label_set():
+  zeros = np.zeros((4, 4, 4), np.uint8)
+  with pytest.raises(ValueError, match="'gli2024' scores region.s. NETC, SNFH, RC, which the "
+                                       "label set lacks"):
+    metrics.lesion_scores(zeros, zeros, (1, 1, 1), GLI24)  # The glioma set.
+  with pytest.raises(ValueError, match=r"'ssa2024' merges across region\(s\) NCR/NET"):
+    metrics.lesion_scores(zeros, zeros, (1, 1, 1), SSA24, label_set="glioma_rc")
+  with pytest.raises(ValueError, match="'ped2024' scores region.s. NET, CC, which"):
+    metrics.lesion_scores(zeros, zeros, (1, 1, 1), PED24)
+  scores, _ = metrics.lesion_scores(zeros, zeros, (1, 1, 1), PED24, label_set="ped")
+  assert scores["lesion_dice_CC"] == 1.0 and len(scores) == 6 * 5
 
 
 # --- The robust HD95 ("surface"): DeepMind's surface_distance definition. -------------------

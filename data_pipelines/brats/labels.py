@@ -45,6 +45,16 @@ class LabelSet:
   def region_classes(self, region: str) -> Tuple[int, ...]:
     return dict(self.regions)[region]
 
+  def classes_of(self, name: str) -> Optional[Tuple[int, ...]]:
+    """The classes of the region called `name`, else of the (non-background) class called so;
+    None for neither. Lets a scorer name a single tissue (e.g. NETC) the set has no region
+    for."""
+    if name in self.region_names:
+      return self.region_classes(name)
+    if name in self.classes[1:]:
+      return (self.classes.index(name),)
+    return None
+
 
 _SOURCE_2018 = ("BraTS 2018-2021: Menze et al., IEEE TMI 34(10) 2015, and Baid et al., "
                 "arXiv:2107.02314 (ET, TC = NCR + ET, WT = all)")
@@ -194,7 +204,24 @@ def from_canonical(canonical: np.ndarray, convention: str) -> np.ndarray:
 
 def region_masks(canonical: np.ndarray, label_set_name: str = DEFAULT_LABEL_SET) -> np.ndarray:
   """Canonical labels (...,) -> boolean masks (..., R) of the label set's regions, in order."""
-  table = label_set(label_set_name).region_table()
+  return _lookup_masks(canonical, label_set(label_set_name).region_table(), label_set_name)
+
+
+def masks(canonical: np.ndarray, names: Sequence[str],
+          label_set_name: str = DEFAULT_LABEL_SET) -> np.ndarray:
+  """Canonical labels (...,) -> boolean masks (..., N) of the named regions or classes of the
+  label set (LabelSet.classes_of), in order; ValueError for a name it has neither of."""
+  chosen = label_set(label_set_name)
+  table = np.zeros((chosen.num_classes, len(names)), bool)
+  for i, name in enumerate(names):
+    members = chosen.classes_of(name)
+    if members is None:
+      raise ValueError(f"the {label_set_name!r} label set has no region or class {name!r}.")
+    table[list(members), i] = True
+  return _lookup_masks(canonical, table, label_set_name)
+
+
+def _lookup_masks(canonical: np.ndarray, table: np.ndarray, label_set_name: str) -> np.ndarray:
   canonical = np.asarray(canonical).astype(np.int64)
   if canonical.size and canonical.max() >= len(table):
     raise ValueError(f"class {int(canonical.max())} is not in the {label_set_name!r} label set "
