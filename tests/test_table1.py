@@ -14,7 +14,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -156,7 +156,7 @@ def _recomputed(runs: Sequence[Mapping[str, Any]], key: str, cases: Sequence[str
   for rows in runs:
     by_case = {r["case"]: r for r in rows}
     if key.endswith("_mean"):
-      metric = key.split("_")[0]
+      metric = key[:-len("_mean")]
       out.append([np.mean([by_case[c][f"{metric}_{r}"] for r in ("ET", "WT", "TC")])
                   for c in cases])
     else:
@@ -164,10 +164,32 @@ def _recomputed(runs: Sequence[Mapping[str, Any]], key: str, cases: Sequence[str
   return np.asarray(out)
 
 
+def _sections(markdown: str) -> Tuple[str, str]:
+  """(the voxel-wise part, the lesion-wise sections) of a table1.md."""
+  voxel: List[str] = []
+  lesion: List[str] = []
+  part = voxel
+  for line in markdown.splitlines():
+    if line.startswith("#"):
+      part = lesion if "lesion-wise" in line.lower() else voxel
+    part.append(line)
+  return "\n".join(voxel), "\n".join(lesion)
+
+
 def check_table(table: Mapping[str, Any], markdown: str,
                 per_run: Mapping[str, Sequence[Mapping[str, Any]]]) -> int:
   """Asserts that every number of table1.json and table1.md equals the one recomputed from
-  the runs' per-case rows (`per_run`: run name -> rows); returns how many were checked."""
+  the runs' per-case rows (`per_run`: run name -> rows), the lesion-wise ones too when the
+  rows have them (and that no lesion-wise number appears when they do not); returns how many
+  were checked."""
+  lesion = all(f"lesion_dice_{r}" in row for rows in per_run.values() for row in rows
+               for r in ("ET", "WT", "TC"))
+  if not lesion:
+    assert not [k for k in table if "lesion" in k] and "lesion" not in markdown.lower()
+    for entry in table["models"] + table["ablations"]:
+      assert not [k for k in entry if "lesion" in k]
+  markdown, lesion_markdown = _sections(markdown)
+  assert bool(lesion_markdown) == lesion
   runs_of = {}
   for r in table["runs"]:
     runs_of.setdefault(r["variant"], []).append(r)
@@ -181,7 +203,14 @@ def check_table(table: Mapping[str, Any], markdown: str,
     dice_cells = _cells(markdown, f"{entry['name']} (ours)")
     hd95_cells = [cells for cells in _cells(markdown, entry["name"]) if len(cells) == 4]
     assert hd95_cells
-    for metric, decimals in (("dice", 3), ("hd95", 2)):
+    # Lesion-wise Dice then HD95, side by side in one row.
+    lesion_cells = ([cells for cells in _cells(lesion_markdown, entry["name"]) if len(cells) == 8]
+                    if lesion else [])
+    assert bool(lesion_cells) == lesion
+    shown = {"dice": (3, dice_cells, 0), "hd95": (2, hd95_cells, 0),
+             "lesion_dice": (3, lesion_cells, 0), "lesion_hd95": (2, lesion_cells, 4)}
+    for metric in ("dice", "hd95") + (("lesion_dice", "lesion_hd95") if lesion else ()):
+      decimals, rows, offset = shown[metric]
       for i, column in enumerate(report.COLUMNS):
         values = _recomputed(rows_of(v), f"{metric}_{column}", cases)
         s = entry[metric][column]
@@ -195,8 +224,8 @@ def check_table(table: Mapping[str, Any], markdown: str,
           expected.append(s["sd_seeds"])
         else:
           assert s["sd_seeds"] is None
-        for cells in (dice_cells if metric == "dice" else hd95_cells):
-          _assert_shown(cells[i], expected, decimals)
+        for cells in rows:
+          _assert_shown(cells[offset + i], expected, decimals)
         checked += 1
     runs = runs_of[v]
     assert entry["train_seconds"] == pytest.approx(np.mean([r["train_seconds"] for r in runs]))
@@ -214,8 +243,12 @@ def check_table(table: Mapping[str, Any], markdown: str,
         assert cells[i] == "not reported"
       else:
         _assert_shown(cells[i], [paper], 4 if column == "mean" else 3)
-  for c in table["comparisons"] + table["ablation_comparisons"]:
-    key = f"dice_{c['region']}"
+  compared = [(c, markdown, "dice") for c in table["comparisons"] + table["ablation_comparisons"]]
+  compared += [(c, lesion_markdown, "lesion_dice") for c in table.get("lesion_comparisons", [])
+               + table.get("ablation_lesion_comparisons", [])]
+  for c, text, metric in compared:
+    assert c["metric"] == metric
+    key = f"{c['metric']}_{c['region']}"
     d = (_recomputed(rows_of(c["variant"]), key, cases).mean(axis=0) -
          _recomputed(rows_of(report.REFERENCE), key, cases).mean(axis=0))
     assert c["mean_difference"] == pytest.approx(d.mean(), rel=1e-12, abs=1e-12)
@@ -226,42 +259,61 @@ def check_table(table: Mapping[str, Any], markdown: str,
                                       rng=np.random.default_rng(0)).confidence_interval
     assert (c["ci_low"], c["ci_high"]) == pytest.approx((low, high), rel=1e-12, abs=1e-12)
     region = "Mean" if c["region"] == "mean" else c["region"]
-    (cells,) = [cells for cells in _cells(markdown, c["name"])
+    (cells,) = [cells for cells in _cells(text, c["name"])
                 if len(cells) == 5 and cells[0] == region]
     _assert_shown(cells[1], [d.mean()], 4)
     _assert_shown(cells[2], [low, high], 4)
     assert cells[3] == f"{p:.3g}" and cells[4] == str(len(cases))
     checked += 1
-  for comparisons in (table["comparisons"], table["ablation_comparisons"]):
+  for comparisons, text, what in (
+      (table["comparisons"], markdown, "Dice"),
+      (table["ablation_comparisons"], markdown, "Dice"),
+      (table.get("lesion_comparisons"), lesion_markdown, "lesion-wise Dice"),
+      (table.get("ablation_lesion_comparisons"), lesion_markdown, "lesion-wise Dice")):
     if comparisons:
-      assert report.significance_sentence(comparisons, len(cases)) in markdown
-      assert "scipy.stats.bootstrap, method 'percentile', 10,000 resamples" in markdown
+      assert report.significance_sentence(comparisons, len(cases), what) in text
+      assert "scipy.stats.bootstrap, method 'percentile', 10,000 resamples" in text
   assert table["statistics"]["bootstrap_method"] == "percentile"
   return checked
 
 
-def _fake_rows(rng, cases, quality):
-  return [{"case": c, **{f"{m}_{r}": (float(np.clip(quality + rng.normal(0, 0.05), 0, 1))
-                                      if m == "dice" else float(rng.uniform(2, 30)))
-                         for m in ("dice", "hd95") for r in ("ET", "TC", "WT")}}
+def _fake_rows(rng, cases, quality, lesion=False):
+  """Per-case rows as the evaluator writes them (with lesion=True, as under gli2023)."""
+  metrics = ("dice", "hd95") + (("lesion_dice", "lesion_hd95") if lesion else ())
+  rows = [{"case": c, **{f"{m}_{r}": (float(np.clip(quality + rng.normal(0, 0.05), 0, 1))
+                                      if m.endswith("dice") else float(rng.uniform(2, 30)))
+                         for m in metrics for r in ("ET", "TC", "WT")}}
           for c in cases]
+  if lesion:
+    for row in rows:
+      row.update({"lesion_rules": "gli2023", **{f"lesions_{k}_{r}": float(rng.integers(0, 3))
+                                                for k in ("tp", "fn", "fp")
+                                                for r in ("ET", "TC", "WT")}})
+  return rows
+
+
+def _fake_results(rng, cases, lesion=False):
+  results, per_run = [], {}
+  for variant, quality in (("msconvlstm_att", 0.8), ("unet", 0.7),
+                           ("msconvlstm_att-no_sam", 0.78)):
+    for seed in (0, 1):
+      rows = _fake_rows(rng, cases, quality, lesion)
+      name = f"{variant}_seed{seed}"
+      per_run[name] = rows
+      results.append(report.RunResult(name, variant, seed, 10, f"{name}/per_case.csv", rows,
+                                      100.0 + seed, 20.0 + seed))
+  return results, per_run
+
+
+FIGURES = {v: {"num_params": 1000, "forward_gflop_per_slice": 0.5}
+           for v in ("msconvlstm_att", "unet", "msconvlstm_att-no_sam")}
 
 
 def test_report_with_seeds_and_ablations_recomputes_from_the_cases():
   rng = np.random.default_rng(0)
   cases = [f"case_{i}" for i in range(8)]
-  results, per_run = [], {}
-  for variant, quality in (("msconvlstm_att", 0.8), ("unet", 0.7),
-                           ("msconvlstm_att-no_sam", 0.78)):
-    for seed in (0, 1):
-      rows = _fake_rows(rng, cases, quality)
-      name = f"{variant}_seed{seed}"
-      per_run[name] = rows
-      results.append(report.RunResult(name, variant, seed, 10, f"{name}/per_case.csv", rows,
-                                      100.0 + seed, 20.0 + seed))
-  figures = {v: {"num_params": 1000, "forward_gflop_per_slice": 0.5}
-             for v in ("msconvlstm_att", "unet", "msconvlstm_att-no_sam")}
-  table = report.build(results, ["msconvlstm_att", "unet"], ["no_sam"], figures,
+  results, per_run = _fake_results(rng, cases)
+  table = report.build(results, ["msconvlstm_att", "unet"], ["no_sam"], FIGURES,
                        {"seeds": [0, 1]})
   markdown = report.markdown(table)
   assert "## Ablations of MSConvLSTM-Att" in markdown and "(± " in markdown
@@ -271,6 +323,84 @@ def test_report_with_seeds_and_ablations_recomputes_from_the_cases():
   rows = report.per_case_rows(results)
   assert len(rows) == 6 * len(cases) and rows[0]["dice_mean"] == pytest.approx(
       np.mean([per_run["msconvlstm_att_seed0"][0][f"dice_{r}"] for r in ("ET", "WT", "TC")]))
+
+
+def test_lesion_wise_scores_join_the_tables_with_the_same_statistics():
+  rng = np.random.default_rng(1)
+  cases = [f"BraTS-GLI-{i:05d}-000" for i in range(8)]
+  results, per_run = _fake_results(rng, cases, lesion=True)
+  rules = {"requested": "auto", "rules": {"gli2023": "gli2023: the rules in words"}}
+  table = report.build(results, ["msconvlstm_att", "unet"], ["no_sam"], FIGURES,
+                       {"seeds": [0, 1], "lesion_rules": rules})
+  markdown = report.markdown(table)
+  # Dice and HD95, voxel- and lesion-wise, 4 columns x 3 variants; Dice comparisons of U-Net and
+  # the ablation, 4 columns each, voxel- and lesion-wise.
+  assert check_table(table, markdown, per_run) == 4 * 4 * 3 + 2 * (4 + 4)
+  assert table["lesion_rules"] == rules
+  assert [c["variant"] for c in table["lesion_comparisons"]] == ["unet"] * 4
+  assert "## Lesion-wise Dice and HD95 (BraTS 2023+)" in markdown
+  assert "## Ablations of MSConvLSTM-Att: lesion-wise Dice and HD95" in markdown
+  assert "Lesion rules (--lesion_rules=auto): gli2023: the rules in words." in markdown
+  assert "| Model | Lesion Dice ET | Lesion Dice WT | Lesion Dice TC | Lesion Dice Mean | " \
+         "Lesion HD95 ET |" in markdown
+  rows = report.per_case_rows(results)
+  first = per_run["msconvlstm_att_seed0"][0]
+  assert rows[0]["lesion_dice_mean"] == pytest.approx(
+      np.mean([first[f"lesion_dice_{r}"] for r in ("ET", "WT", "TC")]))
+  assert sorted(k for k in rows[0] if "lesion" in k) == sorted(
+      f"{m}_{c}" for m in ("lesion_dice", "lesion_hd95") for c in ("ET", "WT", "TC", "mean"))
+  # With lesion-wise scores for only some cases the table refuses.
+  results[0].rows[0] = {k: v for k, v in results[0].rows[0].items() if "lesion" not in k}
+  with pytest.raises(ValueError, match="Only some runs' test cases have lesion-wise scores"):
+    report.build(results, ["msconvlstm_att", "unet"], [], FIGURES, {"seeds": [0, 1]})
+
+
+def test_per_case_csv_with_lesion_rules_reads_back(tmp_path):
+  from msatt_jax import reporting  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "per_case.csv"
+  reporting.write_csv(str(path), [
+      {"case": "BraTS-MET-00001-000", "dice_ET": 0.5, "lesion_rules": "met2023",
+       "lesion_dice_ET": 0.25},
+      {"case": "BraTS-MET-00002-000", "dice_ET": 0.75}])  # A case without: empty cells.
+  assert records.read_per_case(str(path)) == [
+      {"case": "BraTS-MET-00001-000", "dice_ET": 0.5, "lesion_rules": "met2023",
+       "lesion_dice_ET": 0.25},
+      {"case": "BraTS-MET-00002-000", "dice_ET": 0.75}]
+
+
+def test_lesion_rules_resolve_per_test_case_as_evaluate_does(monkeypatch):
+  test_cases = {}
+  monkeypatch.setattr(runner.input_pipeline, "split_cases", lambda data, split: test_cases[split])
+  test_cases["test"] = ["BraTS-MET-00001-000", "BraTS-MET-00002-000"]
+  assert runner.lesion_rules_of_test_cases(None, "auto") == {
+      "BraTS-MET-00001-000": "met2023", "BraTS-MET-00002-000": "met2023"}
+  assert runner.lesion_rules_of_test_cases(None, "gli2023") == {
+      "BraTS-MET-00001-000": "gli2023", "BraTS-MET-00002-000": "gli2023"}
+  assert runner.lesion_rules_of_test_cases(None, "off") == {}
+  test_cases["test"] = ["BRATS_001", "BRATS_002"]  # Older names: auto scores none.
+  assert runner.lesion_rules_of_test_cases(None, "auto") == {}
+  assert runner.lesion_rules_of_test_cases(None, "met2023") == {
+      "BRATS_001": "met2023", "BRATS_002": "met2023"}
+  test_cases["test"] = ["BraTS-GLI-00001-000", "BRATS_002", "BRATS_003"]
+  with pytest.raises(ValueError, match=re.escape(
+      "--lesion_rules=auto gives a lesion rule set to 1 of the 3 test cases (not to BRATS_002, "
+      "BRATS_003); Table I scores every case alike")):
+    runner.lesion_rules_of_test_cases(None, "auto")
+
+
+def test_an_evaluation_is_reused_only_under_the_same_lesion_rules(tmp_path):
+  from msatt_jax import reporting  # pylint: disable=g-import-not-at-top
+  scored = {"BraTS-GLI-00001-000": "gli2023"}
+  assert not runner._evaluation_exists(str(tmp_path), {})  # Nothing there.
+  reporting.write_csv(str(tmp_path / "per_case.csv"), [{"case": "BraTS-GLI-00001-000"}])
+  reporting.write_json(str(tmp_path / "summary.json"), {"metrics": {}})  # Older: no rules.
+  assert runner._evaluation_exists(str(tmp_path), {})
+  assert not runner._evaluation_exists(str(tmp_path), scored)
+  reporting.write_json(str(tmp_path / "summary.json"),
+                       {"lesion_rules": {"requested": "auto", "cases": scored}})
+  assert runner._evaluation_exists(str(tmp_path), scored)
+  assert not runner._evaluation_exists(str(tmp_path), {})
+  assert not runner._evaluation_exists(str(tmp_path), {"BraTS-GLI-00001-000": "met2023"})
 
 
 # ------------------------------------------------------------------------ end to end
@@ -356,6 +486,9 @@ def test_every_number_equals_the_one_recomputed_from_the_runs_per_case_csv(exper
     seconds, rate = records.training_speed(records.read_metrics(str(workdir / r["run"])), 8)
     assert (r["train_seconds"], r["slices_per_second"]) == (seconds, rate) and seconds > 0
   assert "not reported" in markdown and "FCN (paper)" in markdown
+  # Older data (MSD names, --lesion_rules=auto): no lesion-wise column anywhere.
+  assert "lesion" not in markdown.lower() and "lesion" not in json.dumps(table)
+  assert not [k for k in combined[0] if "lesion" in k]
   experiment_record = json.loads((workdir / records.EXPERIMENT_RECORD).read_text())
   assert experiment_record["split"]["test"] == table["cases"]
   for name in ("curves.png", "fig7.png"):
@@ -417,3 +550,44 @@ def test_run_folders_of_another_config_or_origin_and_another_split_are_refused(e
   with pytest.raises(ValueError, match="patient split differs"):
     runner.prepare_data(str(moved), runs, identity, record)
   assert not (moved / records.EXPERIMENT_RECORD).exists()
+
+
+@pytest.mark.slow
+def test_lesion_wise_table_on_2023_named_data_and_off_again(tmp_path):
+  """One tiny model on 2023-named (GLI) synthetic cases: --lesion_rules=auto scores them
+  under gli2023, every number recomputed from the run's per_case.csv; the same workdir with
+  --lesion_rules=off evaluates again and shows no lesion-wise number."""
+  workdir = tmp_path / "runs"
+  env = fault_lib.process_env(tmp_path / "jax_cache")
+  argv = _command(workdir, "--models=unet", "--config.data.synthetic_layout=brats2023")
+  rc, text = fault_lib.run(argv, env, tmp_path / "auto.log", cwd=REPO)
+  assert rc == 0, text[-3000:]
+  table = json.loads((workdir / "table1.json").read_text())
+  markdown = (workdir / "table1.md").read_text()
+  assert table["lesion_rules"]["requested"] == "auto"
+  assert list(table["lesion_rules"]["rules"]) == ["gli2023"]
+  assert all(c.startswith("BraTS-GLI-") for c in table["cases"])
+  (run,) = table["runs"]
+  per_run = {run["run"]: records.read_per_case(str(workdir / run["per_case_csv"]))}
+  assert check_table(table, markdown, per_run) == 4 * 4  # Dice, HD95, lesion Dice and HD95.
+  for stat in ("lesion_dice", "lesion_hd95"):
+    assert all(s["n"] == 3 for s in table["models"][0][stat].values())
+  assert 0 <= table["models"][0]["lesion_dice"]["mean"]["mean"] <= 1
+  assert "## Lesion-wise Dice and HD95 (BraTS 2023+)" in markdown
+  with open(workdir / "per_case.csv", newline="") as f:
+    combined = list(csv.DictReader(f))
+  source = {r["case"]: r for r in per_run[run["run"]]}
+  for row in combined:
+    for r in ("ET", "WT", "TC"):
+      assert float(row[f"lesion_dice_{r}"]) == source[row["case"]][f"lesion_dice_{r}"]
+      assert float(row[f"lesion_hd95_{r}"]) == source[row["case"]][f"lesion_hd95_{r}"]
+
+  rc, text = fault_lib.run(argv + ["--lesion_rules=off"], env, tmp_path / "off.log", cwd=REPO)
+  assert rc == 0, text[-3000:]
+  assert "1 finished earlier (skipped), 0 to train." in text
+  assert "evaluating unet_seed0" in text  # The evaluation under gli2023 is not reused.
+  table = json.loads((workdir / "table1.json").read_text())
+  markdown = (workdir / "table1.md").read_text()
+  per_run = {run["run"]: records.read_per_case(str(workdir / run["per_case_csv"]))}
+  assert check_table(table, markdown, per_run) == 2 * 4  # Asserts no lesion-wise number too.
+  assert "lesion" not in (workdir / "per_case.csv").read_text().splitlines()[0]

@@ -4,7 +4,7 @@ parameter and FLOP counts (msatt_jax/summary.py's), cached in model_figures.json
 """
 
 import os
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from absl import logging
 import ml_collections
@@ -99,15 +99,19 @@ def fig7(results: Sequence[report.RunResult], runs: Sequence[planning.Run],
 def write_outputs(workdir: str, runs: Sequence[planning.Run],
                   results: Sequence[report.RunResult], models: Sequence[str],
                   ablations: Sequence[str], seeds: Sequence[int],
-                  data: ml_collections.ConfigDict, num_figure_cases: int) -> Dict[str, Any]:
-  """table1.md, table1.json, per_case.csv, curves.png and fig7.png (each written atomically)."""
+                  data: ml_collections.ConfigDict, num_figure_cases: int,
+                  lesion_rules: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  """table1.md, table1.json, per_case.csv, curves.png and fig7.png (each written atomically).
+  lesion_rules: the lesion rules the test cases were scored under ({'requested', 'rules'}),
+  None when none were."""
   out = lambda name: os.path.join(workdir, name)
   test_cases = sorted(input_pipeline.split_cases(data, "test"))[:num_figure_cases]
   fig7_key = {"runs": sorted([r.run, r.checkpoint_step] for r in results
                              if r.variant in models), "cases": test_cases}
   table = report.build(results, models, ablations, model_figures(runs, workdir),
                        {"models_compared": list(models), "ablations_compared": list(ablations),
-                        "seeds": list(seeds), "fig7": fig7_key})
+                        "seeds": list(seeds), "fig7": fig7_key,
+                        **({"lesion_rules": dict(lesion_rules)} if lesion_rules else {})})
   previous = records.read_json(out("table1.json")) or {}
   fig7_done = previous.get("fig7") == planning.jsonable(fig7_key)
   if not (os.path.exists(out("fig7.png")) and fig7_done):

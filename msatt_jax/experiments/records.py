@@ -67,10 +67,15 @@ def is_done(run: planning.Run) -> bool:
   return os.path.exists(os.path.join(run.workdir, DONE_MARKER))
 
 
+# The evaluator's per_case.csv columns that hold names: the case, its lesion rule set.
+TEXT_COLUMNS = ("case", "lesion_rules")
+
+
 def read_per_case(path: str) -> List[Dict[str, Any]]:
-  """The evaluator's per_case.csv: 'case' as text, every other column as a float."""
+  """The evaluator's per_case.csv: the TEXT_COLUMNS as text, every other column as a float; an
+  empty cell (a score the case has not) left out."""
   with open(path, encoding="utf-8", newline="") as f:
-    return [{k: (v if k == "case" else float(v)) for k, v in row.items()}
+    return [{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items() if v != ""}
             for row in csv.DictReader(f)]
 
 

@@ -18,6 +18,9 @@ REFERENCE = "msconvlstm_att"  # What every model and ablation is compared with.
 REGIONS = ("ET", "WT", "TC")  # The paper's column order.
 COLUMNS = REGIONS + ("mean",)  # 'mean': per case, the mean of the three regions.
 METRICS = ("dice", "hd95")
+# BraTS 2023+ lesion-wise scores (msatt_jax.metrics), in the tables when the runs' evaluations
+# hold them (table1 --lesion_rules).
+LESION_METRICS = ("lesion_dice", "lesion_hd95")
 # The paper's Dice (fractions): per region from Table I, the means from the abstract; None where
 # our copy does not report it.
 PAPER = {
@@ -62,10 +65,15 @@ class RunResult:
   slices_per_second: float
 
 
+def has_lesion_scores(row: Mapping[str, Any]) -> bool:
+  return all(f"{m}_{r}" in row for m in LESION_METRICS for r in REGIONS)
+
+
 def case_scores(row: Mapping[str, Any]) -> Dict[str, float]:
-  """A per-case row's dice_/hd95_ scores of the paper's regions, plus their per-case means."""
+  """A per-case row's dice_/hd95_ scores of the paper's regions, plus their per-case means;
+  likewise its lesion-wise scores when it has them."""
   out = {}
-  for metric in METRICS:
+  for metric in METRICS + (LESION_METRICS if has_lesion_scores(row) else ()):
     values = [float(row[f"{metric}_{r}"]) for r in REGIONS]
     out.update({f"{metric}_{r}": v for r, v in zip(REGIONS, values)})
     out[f"{metric}_mean"] = float(np.mean(values))
@@ -88,29 +96,29 @@ def _values(runs: Sequence[RunResult], key: str, cases: Sequence[str]) -> np.nda
 
 
 def _variant_entry(variant: str, runs: Sequence[RunResult], cases: Sequence[str],
-                   figures: Mapping[str, Any]) -> Dict[str, Any]:
+                   figures: Mapping[str, Any], metrics: Sequence[str]) -> Dict[str, Any]:
   entry = {"variant": variant, "name": display_name(variant),
            "seeds": [r.seed for r in runs], "runs": [r.run for r in runs],
            "num_params": figures.get("num_params"),
            "forward_gflop_per_slice": figures.get("forward_gflop_per_slice"),
            "train_seconds": float(np.mean([r.train_seconds for r in runs])),
            "train_slices_per_second": float(np.mean([r.slices_per_second for r in runs]))}
-  for metric in METRICS:
+  for metric in metrics:
     entry[metric] = {c: stats.summarize(_values(runs, f"{metric}_{c}", cases)) for c in COLUMNS}
   return entry
 
 
 def _comparisons(variants: Sequence[str], by_variant: Mapping[str, Sequence[RunResult]],
-                 cases: Sequence[str]) -> List[Dict[str, Any]]:
-  """Dice of each variant against the reference's, per region and for the mean."""
+                 cases: Sequence[str], metric: str = "dice") -> List[Dict[str, Any]]:
+  """A Dice (`metric`) of each variant against the reference's, per region and for the mean."""
   out = []
   for variant in variants:
     for column in COLUMNS:
-      key = f"dice_{column}"
+      key = f"{metric}_{column}"
       values = _values(by_variant[variant], key, cases).mean(axis=0)
       reference = _values(by_variant[REFERENCE], key, cases).mean(axis=0)
       out.append({"variant": variant, "name": display_name(variant), "reference": REFERENCE,
-                  "metric": "dice", "region": column, **stats.paired(values, reference)})
+                  "metric": metric, "region": column, **stats.paired(values, reference)})
   return out
 
 
@@ -125,10 +133,22 @@ def build(results: Sequence[RunResult], models: Sequence[str], ablations: Sequen
     raise ValueError("The runs were evaluated on different test cases; they cannot be "
                      "compared case by case.")
   cases = list(next(iter(case_sets)))
+  scored = {has_lesion_scores(row) for r in results for row in r.rows}
+  if len(scored) != 1:
+    raise ValueError("Only some runs' test cases have lesion-wise scores; Table I needs them "
+                     "for every case or none.")
+  lesion = scored == {True}
   ablation_variants = [variant_name(REFERENCE, a) for a in ablations]
   entry = lambda v: _variant_entry(v, sorted(by_variant[v], key=lambda r: r.seed), cases,
-                                   figures.get(v, {}))
+                                   figures.get(v, {}), METRICS + (LESION_METRICS if lesion else ()))
   has_reference = REFERENCE in by_variant
+  compared = [m for m in models if m != REFERENCE] if has_reference else []
+  # Only with lesion-wise scores, so that older data's table1.json stays as it was.
+  lesion_keys = {
+      "lesion_comparisons": _comparisons(compared, by_variant, cases, "lesion_dice"),
+      "ablation_lesion_comparisons": _comparisons(ablation_variants, by_variant, cases,
+                                                  "lesion_dice"),
+  } if lesion else {}
   return {
       **meta,
       "split": "test", "cases": cases, "num_cases": len(cases),
@@ -138,11 +158,10 @@ def build(results: Sequence[RunResult], models: Sequence[str], ablations: Sequen
                      "alpha": stats.ALPHA, "smallest_possible_p": stats.smallest_p(len(cases))},
       "models": [entry(v) for v in models],
       "paper": {m: PAPER[m] for m in models if m in PAPER},
-      "comparisons": (_comparisons([m for m in models if m != REFERENCE], by_variant, cases)
-                      if has_reference else []),
+      "comparisons": _comparisons(compared, by_variant, cases),
       "ablations": [entry(v) for v in ablation_variants],
-      "ablation_comparisons": (_comparisons(ablation_variants, by_variant, cases)
-                               if ablation_variants else []),
+      "ablation_comparisons": _comparisons(ablation_variants, by_variant, cases),
+      **lesion_keys,
       "runs": [{"run": r.run, "variant": r.variant, "seed": r.seed,
                 "checkpoint_step": r.checkpoint_step, "per_case_csv": r.per_case_csv,
                 "train_seconds": r.train_seconds, "slices_per_second": r.slices_per_second}
@@ -201,9 +220,31 @@ def _hd95_table(entries: Sequence[Mapping[str, Any]], label: str) -> List[str]:
   return lines
 
 
-def _comparison_table(comparisons: Sequence[Mapping[str, Any]], label: str) -> List[str]:
-  lines = [_row([label, "Region", f"Mean difference ({label.lower()} - "
-                                   f"{display_name(REFERENCE)})",
+def _lesion_table(entries: Sequence[Mapping[str, Any]], label: str) -> List[str]:
+  """Lesion-wise Dice and HD95 side by side, one row per model."""
+  lines = [_row([label] + [f"{name} {c if c != 'mean' else 'Mean'}"
+                           for name in ("Lesion Dice", "Lesion HD95") for c in COLUMNS]),
+           _row(["---"] * (1 + 2 * len(COLUMNS)))]
+  lines += [_row([e["name"]] + [_stat_cell(e["lesion_dice"][c], 3) for c in COLUMNS] +
+                 [_stat_cell(e["lesion_hd95"][c], 2) for c in COLUMNS]) for e in entries]
+  return lines
+
+
+def _lesion_section(heading: str, entries: Sequence[Mapping[str, Any]],
+                    comparisons: Sequence[Mapping[str, Any]], label: str,
+                    num_cases: int) -> List[str]:
+  lines = ["", heading, "", *_lesion_table(entries, label)]
+  if comparisons:
+    lines += ["", *_comparison_table(comparisons, label, "lesion-wise Dice"), "",
+              _comparison_note("lesion-wise Dice"), "",
+              significance_sentence(comparisons, num_cases, "lesion-wise Dice")]
+  return lines
+
+
+def _comparison_table(comparisons: Sequence[Mapping[str, Any]], label: str,
+                      what: str = "") -> List[str]:
+  lines = [_row([label, "Region", f"Mean {what + ' ' if what else ''}difference "
+                                   f"({label.lower()} - {display_name(REFERENCE)})",
                  f"{int(stats.CONFIDENCE * 100)}% bootstrap CI", "Wilcoxon p", "Cases"]),
            _row(["---"] * 6)]
   for c in comparisons:
@@ -214,18 +255,19 @@ def _comparison_table(comparisons: Sequence[Mapping[str, Any]], label: str) -> L
   return lines
 
 
-def significance_sentence(comparisons: Sequence[Mapping[str, Any]], num_cases: int) -> str:
-  """Which differences are distinguishable from zero at ALPHA, in one sentence."""
+def significance_sentence(comparisons: Sequence[Mapping[str, Any]], num_cases: int,
+                          what: str = "Dice") -> str:
+  """Which differences (of `what`) are distinguishable from zero at ALPHA, in one sentence."""
   alpha = stats.ALPHA
   found = [c for c in comparisons if c["significant"]]
   if found:
     parts = [f"{c['name']} {'mean' if c['region'] == 'mean' else c['region']} "
              f"({c['mean_difference']:+.4f}, p = {c['p_value']:.3g})" for c in found]
-    text = (f"At {alpha}, the Dice differences distinguishable from zero (two-sided Wilcoxon "
+    text = (f"At {alpha}, the {what} differences distinguishable from zero (two-sided Wilcoxon "
             f"signed-rank test, uncorrected for the {len(comparisons)} comparisons) are: "
             + "; ".join(parts) + "; the others are not.")
   else:
-    text = (f"At {alpha}, none of the {len(comparisons)} Dice differences is distinguishable "
+    text = (f"At {alpha}, none of the {len(comparisons)} {what} differences is distinguishable "
             "from zero (two-sided Wilcoxon signed-rank test, uncorrected).")
   if stats.smallest_p(num_cases) >= alpha:
     text += (f" With {num_cases} test cases no difference can reach p < {alpha}: the smallest "
@@ -268,6 +310,11 @@ def markdown(table: Mapping[str, Any]) -> str:
               *_comparison_table(table["comparisons"], "Model"), "",
               _comparison_note(), "",
               significance_sentence(table["comparisons"], n)]
+  lesion = "lesion_comparisons" in table  # build's sign of lesion-wise scores.
+  if lesion:
+    lines += _lesion_section("## Lesion-wise Dice and HD95 (BraTS 2023+)", table["models"],
+                             table["lesion_comparisons"], "Model", n)
+    lines += ["", _lesion_note(table.get("lesion_rules"))]
   if table["ablations"]:
     variants = [e for e in table["models"] if e["variant"] == REFERENCE] + table["ablations"]
     lines += ["", f"## Ablations of {display_name(REFERENCE)}", "",
@@ -278,11 +325,27 @@ def markdown(table: Mapping[str, Any]) -> str:
               *_comparison_table(table["ablation_comparisons"], "Variant"), "",
               _comparison_note(), "",
               significance_sentence(table["ablation_comparisons"], n)]
+    if lesion:
+      lines += _lesion_section(f"## Ablations of {display_name(REFERENCE)}: lesion-wise Dice "
+                               "and HD95", variants, table["ablation_lesion_comparisons"],
+                               "Variant", n)
   return "\n".join(lines) + "\n"
 
 
-def _comparison_note() -> str:
-  return (f"Per test case, the model's Dice minus {display_name(REFERENCE)}'s (each the mean "
+def _lesion_note(lesion_rules: Optional[Mapping[str, Any]]) -> str:
+  """lesion_rules: {'requested': the flag, 'rules': {name: description}}, if known."""
+  text = ("Per case and region, the BraTS 2023+ lesion-wise score (msatt_jax/metrics.py): the "
+          "mean over the reference's lesions and the predicted false-positive components, a "
+          "missed lesion or a false positive scoring Dice 0 and the rule set's HD95 penalty; "
+          "Mean: per case, the mean of ET, WT and TC. Mean ± SD over test cases as above.")
+  if lesion_rules:
+    text += (f" Lesion rules (--lesion_rules={lesion_rules['requested']}): "
+             + "; ".join(lesion_rules["rules"].values()) + ".")
+  return text
+
+
+def _comparison_note(what: str = "Dice") -> str:
+  return (f"Per test case, the model's {what} minus {display_name(REFERENCE)}'s (each the mean "
           f"over seeds); the CI is a bootstrap interval of the mean difference "
           f"(scipy.stats.bootstrap, method '{stats.BOOTSTRAP_METHOD}', "
           f"{stats.BOOTSTRAP_RESAMPLES:,} resamples of the cases, seed "

@@ -16,7 +16,9 @@ from data_pipelines import prepare as prepare_lib
 from data_pipelines.brats import builder as builder_lib
 from msatt_jax import checkpointing
 from msatt_jax import evaluate
+from msatt_jax import evaluate_folder
 from msatt_jax import inference
+from msatt_jax import metrics
 from msatt_jax import reporting
 from msatt_jax import train
 from msatt_jax import workdir_lock
@@ -77,8 +79,36 @@ def train_runs(runs: Sequence[planning.Run], identity: Mapping[str, Any]) -> Non
                  report.duration(spent[-1]))
 
 
-def evaluate_runs(runs: Sequence[planning.Run], workdir: str) -> List[report.RunResult]:
-  """Each run's best checkpoint on the test split, evaluated once (then read back)."""
+def lesion_rules_of_test_cases(data: ml_collections.ConfigDict, requested: str) -> Dict[str, str]:
+  """Test case -> the name of its lesion rule set under --lesion_rules (evaluate's resolution);
+  {} when none has one. ValueError when only some have one: Table I scores every case alike."""
+  cases = input_pipeline.split_cases(data, "test")
+  scored = {}
+  for case in cases:
+    rules = evaluate_folder.case_lesion_rules(case, requested)
+    if rules is not None:
+      scored[case] = rules.name
+  if scored and len(scored) != len(cases):
+    without = sorted(set(cases) - set(scored))
+    raise ValueError(f"--lesion_rules={requested} gives a lesion rule set to {len(scored)} of "
+                     f"the {len(cases)} test cases (not to {', '.join(without[:3])}"
+                     f"{' ...' if len(without) > 3 else ''}); Table I scores every case alike: "
+                     "pass a rule set's name or off.")
+  return scored
+
+
+def _evaluation_exists(out_dir: str, lesion_rules: Mapping[str, str]) -> bool:
+  """An earlier evaluation in out_dir scored the cases under the same lesion rules (an older
+  one, written without lesion rules, records none)."""
+  summary = records.read_json(os.path.join(out_dir, "summary.json"))
+  return (os.path.exists(os.path.join(out_dir, "per_case.csv")) and summary is not None and
+          summary.get("lesion_rules", {}).get("cases", {}) == dict(lesion_rules))
+
+
+def evaluate_runs(runs: Sequence[planning.Run], workdir: str, lesion_rules: str,
+                  scored: Mapping[str, str]) -> List[report.RunResult]:
+  """Each run's best checkpoint on the test split, evaluated once (then read back) with
+  --lesion_rules=lesion_rules; scored: lesion_rules_of_test_cases' answer for it."""
   results = []
   for i, run in enumerate(runs):
     checkpointer = checkpointing.Checkpointer(run.workdir, read_only=True)
@@ -86,14 +116,14 @@ def evaluate_runs(runs: Sequence[planning.Run], workdir: str) -> List[report.Run
     checkpointer.close()
     out_dir = os.path.join(run.workdir, f"eval_test_step{step}")
     csv_path = os.path.join(out_dir, "per_case.csv")
-    if os.path.exists(csv_path) and os.path.exists(os.path.join(out_dir, "summary.json")):
+    if _evaluation_exists(out_dir, scored):
       logging.info("[table1] %s: the test evaluation of step %d exists (%d/%d).", run.name,
                    step, i + 1, len(runs))
     else:
       logging.info("[table1] evaluating %s, checkpoint %d, on the test split (%d/%d).",
                    run.name, step, i + 1, len(runs))
       evaluate.evaluate(run.workdir, "test", inference.Options(checkpoint=str(step)),
-                        out_dir=out_dir, num_figures=0)
+                        out_dir=out_dir, num_figures=0, lesion_rules=lesion_rules)
     seconds, rate = records.training_speed(records.read_metrics(run.workdir),
                                            run.config.batch_size)
     results.append(report.RunResult(
@@ -105,15 +135,20 @@ def evaluate_runs(runs: Sequence[planning.Run], workdir: str) -> List[report.Run
 
 def run_experiment(workdir: str, runs: Sequence[planning.Run], models: Sequence[str],
                    ablations: Sequence[str], seeds: Sequence[int],
-                   num_figure_cases: int) -> Dict[str, Any]:
-  """The whole experiment in the workdir (held by one process); returns table1.json's content."""
+                   num_figure_cases: int, lesion_rules: str = "auto") -> Dict[str, Any]:
+  """The whole experiment in the workdir (held by one process); returns table1.json's content.
+  lesion_rules: evaluate's --lesion_rules for the test split (auto: a 2023+ case name's rules)."""
+  evaluate_folder.check_lesion_rules_flag(lesion_rules)
   # Before the runs' configs point at the prepared data (the folders are no data setting).
   identity = planning.data_identity(runs[0].config.data)
   record = records.check_workdir(workdir, runs, identity)
   with workdir_lock.hold(workdir):
     data = prepare_data(workdir, runs, identity, record)
+    scored = lesion_rules_of_test_cases(data, lesion_rules)  # Before any training.
     train_runs(runs, identity)
-    results = evaluate_runs(runs, workdir)
+    results = evaluate_runs(runs, workdir, lesion_rules, scored)
+    used = {"requested": lesion_rules,
+            "rules": {n: metrics.LESION_RULES[n].describe() for n in sorted(set(scored.values()))}}
     table = outputs.write_outputs(workdir, runs, results, models, ablations, seeds, data,
-                                  num_figure_cases)
+                                  num_figure_cases, used if scored else None)
   return table

@@ -3,7 +3,7 @@ r"""Reproduce the paper's Table I, and test its claims, with one command.
   python -m msatt_jax.experiments.table1 --config=configs/brats18.py --workdir=runs/table1 \
       --config.data.source_dir=/data/Task01_BrainTumour \
       [--models=msconvlstm_att,unet,attunet,fcn] [--ablations=no_convlstm,no_se,no_sam,...] \
-      [--seeds=0,1,2] [--config.<key>=<value> ...]
+      [--seeds=0,1,2] [--lesion_rules=auto|off|NAME] [--config.<key>=<value> ...]
   python -m msatt_jax.experiments.table1 --config=configs/table1_demo.py \
       --workdir=runs/table1_demo          # the CPU-sized preset on synthetic data
 
@@ -21,6 +21,11 @@ evaluator (msatt_jax/evaluate.py), and <workdir> receives:
   table1.json   every number of those tables; per_case.csv: every run's per-case scores
   curves.png    validation mean Dice against epoch for every run
   fig7.png      the paper's Fig. 7 with every model side by side (the first seed's runs)
+With lesion rules (--lesion_rules, as evaluate's: auto = the 2023 rule set of a 2023+ case
+name's challenge, e.g. BraTS-MET-... -> met2023, none for older data; off; or a rule set's name
+for every case) the tables also hold the BraTS 2023+ lesion-wise Dice and HD95 of every model,
+with the same statistics and the paired comparisons of the lesion-wise Dice; table1.json and
+per_case.csv hold their numbers. Older data's outputs are unchanged.
 The statistics are described in msatt_jax/experiments/stats.py. This module is the command;
 the experiment's parts sit beside it: planning.py (the runs and their configs), records.py (what
 is recorded and checked on a rerun), runner.py (prepare, train, evaluate), outputs.py (the
@@ -47,6 +52,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from msatt_jax import cli
+from msatt_jax import evaluate_folder
 from msatt_jax import preemption
 from msatt_jax.experiments import planning
 from msatt_jax.experiments import report
@@ -69,6 +75,7 @@ def define_flags() -> None:
                       f"{', '.join(planning.ABLATIONS)} (docs/architecture.md).")
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds; each model trains once per seed.")
   flags.DEFINE_integer("fig7_cases", 3, "Test cases drawn in fig7.png (one slice each).")
+  evaluate_folder.define_lesion_rules_flag()
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -80,13 +87,14 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
   seeds = planning.parse_seeds(FLAGS.seeds)
   if FLAGS.fig7_cases < 1:
     raise ValueError(f"--fig7_cases: must be at least 1, not {FLAGS.fig7_cases}.")
+  evaluate_folder.check_lesion_rules_flag(FLAGS.lesion_rules)
   flag = FLAGS["config"]
   runs = planning.plan(config_flags.get_config_filename(flag),
                        config_flags.get_override_values(flag), models, ablations, seeds,
                        FLAGS.workdir)
   try:
     table = runner.run_experiment(FLAGS.workdir, runs, models, ablations, seeds,
-                                  FLAGS.fig7_cases)
+                                  FLAGS.fig7_cases, FLAGS.lesion_rules)
   except preemption.Preempted as e:
     raise cli.CommandExit(f"{e} Rerun the same command to complete the experiment.",
                           e.exit_status) from e
