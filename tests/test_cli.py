@@ -56,6 +56,7 @@ def test_unknown_config_key_is_one_line(tmp_path):
   line = error_line(run_python("-c", command, f"--config={config}",
                                "--config.batch_sizee=3"))
   assert line.startswith("error: --config.batch_sizee: the config has no key 'batch_sizee'")
+  assert 'Did you mean "batch_size"' in line
 
 
 _OPTIONS_FROM_FLAGS = textwrap.dedent("""
