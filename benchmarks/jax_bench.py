@@ -134,7 +134,7 @@ def case_latency(model_name: str, overrides: Mapping[str, Any], dtype: str,
   config.data.slice_start, config.data.slice_stop = z * 30 // 155, z * 120 // 155
   model = steps.create_model(config)
   dummy = np.zeros((1, *steps.input_shape(config)), np.float32)
-  variables = jax.jit(lambda k: model.init(k, dummy, train=False))(jax.random.key(0))
+  variables = steps.run_once(lambda k: model.init(k, dummy, train=False), jax.random.key(0))
   case = synthetic.make_case(case_shape, seed=0, index=0)
   image = np.stack([case.images[m] for m in config.data.modalities], -1).astype(np.float32)
   num_slices = config.data.slice_stop - config.data.slice_start + 1

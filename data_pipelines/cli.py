@@ -19,6 +19,7 @@ import signal
 import sys
 from typing import Any, Callable, Sequence
 
+from absl import flags
 from absl import logging
 
 # Errors that describe bad input or a bad request: printed as one line, no traceback.
@@ -110,6 +111,22 @@ def config_key_error(argv: Sequence[str], error: Exception) -> str:
   culprit = next((o for o in overrides if o.split(".")[-1] == key), None)
   where = culprit or (", ".join(overrides) if overrides else "--config")
   return f"{where}: the config has no key {text}"
+
+
+# Flags defined through define_typed_flag belong to the module that calls it (listed by the
+# command's --help), not to this one.
+flags.disclaim_key_flags()
+# absl's definer for a flag of values of a type (any other type's values are strings).
+_DEFINERS = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, tuple: flags.DEFINE_list}
+
+
+def define_typed_flag(name: str, kind: type, default: Any, help_text: str,
+                      choices: Sequence[str] = ()) -> None:
+  """--name: one of `choices` where given, else a value of `kind` (a tuple as a comma list)."""
+  if choices:
+    flags.DEFINE_enum(name, default, choices, help_text)
+  else:
+    _DEFINERS.get(kind, flags.DEFINE_string)(name, default, help_text)
 
 
 def parse_flags(argv: Sequence[str]) -> Sequence[str]:

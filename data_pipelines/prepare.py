@@ -49,6 +49,21 @@ from data_pipelines.errors import DataError
 
 _FLAGS = flags.FLAGS
 
+# Flags that set the config.data key of their name (unset: the config's value stays):
+# name -> (value type, choices, help).
+_DATA_KEY_FLAGS = {
+    "layout": (str, ("auto",) + layouts.LAYOUTS,
+               "How the folder is laid out; 'auto' (the default) detects it."),
+    "download": (str, tuple(download_lib.SOURCES),
+                 "Download this archive (checked, resumable) instead of reading --src; the data "
+                 "then go into --data_dir (default: TFDS's data folder)."),
+    "download_url": (str, (), "A mirror of the --download archive; needs --download_md5 "
+                     "unless it serves the same archive."),
+    "download_md5": (str, (), "The MD5 the downloaded archive must have."),
+    "download_cases": (int, (), "Fetch only the archive's first N cases, with HTTP range "
+                       "requests (0: all). Default: 0."),
+}
+
 
 def define_flags() -> None:
   """The command-line flags (defined only by the CLI, so importing this module is safe).
@@ -60,27 +75,12 @@ def define_flags() -> None:
   flags.DEFINE_string("data_dir", None,
                       "Where the prepared data goes (default <src>/../prepared; with "
                       "--download, TFDS's data folder).")
-  flags.DEFINE_enum("layout", None, ("auto",) + layouts.LAYOUTS,
-                    "How the folder is laid out; 'auto' (the default) detects it.")
-  flags.DEFINE_enum("download", None, tuple(download_lib.SOURCES),
-                    "Download this archive (checked, resumable) instead of reading --src; the "
-                    "data then go into --data_dir (default: TFDS's data folder).")
-  flags.DEFINE_string("download_url", None, "A mirror of the --download archive; needs "
-                      "--download_md5 unless it serves the same archive.")
-  flags.DEFINE_string("download_md5", None, "The MD5 the downloaded archive must have.")
-  flags.DEFINE_integer("download_cases", None, "Fetch only the archive's first N cases, with "
-                       "HTTP range requests (0: all). Default: 0.")
+  for name, (kind, choices, help_text) in _DATA_KEY_FLAGS.items():
+    cli.define_typed_flag(name, kind, None, help_text, choices)
   for field in preprocess.parameters():
-    name, kind, choices = field.name, preprocess.value_type(field), field.metadata["choices"]
-    help_text = f"{field.metadata['help']} Default: {_flag_text(field.default)}."
-    if choices:
-      flags.DEFINE_enum(name, None, choices, help_text)
-    elif kind is int:
-      flags.DEFINE_integer(name, None, help_text)
-    elif kind is tuple:
-      flags.DEFINE_list(name, None, help_text)
-    else:
-      flags.DEFINE_string(name, None, help_text)
+    cli.define_typed_flag(field.name, preprocess.value_type(field), None,
+                          f"{field.metadata['help']} Default: {_flag_text(field.default)}.",
+                          field.metadata["choices"])
 
 
 def _flag_text(value) -> str:
@@ -270,9 +270,7 @@ def data_config_from_flags() -> ml_collections.ConfigDict:
   data.source_dir = _FLAGS.src
   if _FLAGS.data_dir:
     data.data_dir = _FLAGS.data_dir
-  if _FLAGS.layout is not None:
-    data.layout = _FLAGS.layout
-  for name in ("download", "download_url", "download_md5", "download_cases"):
+  for name in _DATA_KEY_FLAGS:
     if _FLAGS[name].value is not None:
       data[name] = _FLAGS[name].value
   overrides = {}

@@ -236,14 +236,11 @@ def define_flags() -> None:
   """The command's flags; defined by `run` only, so importing this module defines none."""
   flags.DEFINE_list("workdir", None, "Run directory holding the checkpoints; several "
                     "(comma-separated) are evaluated as an ensemble.")
-  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
   flags.DEFINE_enum("split", "test", list(builder_lib.SPLITS), "Which patient split to evaluate.")
   flags.DEFINE_string("out", None, "Output folder (default <workdir>/eval_<split>_step<N>).")
   flags.DEFINE_integer("num_figures", 3, "Cases drawn as PNG figures.")
   flags.DEFINE_string("source_dir", None, "Raw NIfTI folder, if it moved since training.")
-  flags.DEFINE_integer("batch_size", 16, "Slices per forward pass (x4 images with --tta).")
-  flags.DEFINE_bool("tta", True, "Mirroring test-time augmentation: average over the four "
-                    "in-plane flips (--notta: the plain forward pass).")
+  inference.define_option_flags()
   evaluate_folder.define_hd95_flag()
   evaluate_folder.define_lesion_rules_flag()
   postprocess_lib.define_postprocess_flag()
@@ -252,11 +249,10 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   del argv
-  options = inference.Options(tta=FLAGS.tta, batch_size=FLAGS.batch_size,
-                              postprocess=FLAGS.postprocess, checkpoint=FLAGS.checkpoint)
-  result = evaluate(FLAGS.workdir, FLAGS.split, options, out_dir=FLAGS.out,
-                    num_figures=FLAGS.num_figures, source_dir=FLAGS.source_dir,
-                    hd95_mode=FLAGS.hd95, lesion_rules=FLAGS.lesion_rules)
+  result = evaluate(FLAGS.workdir, FLAGS.split, inference.options_from_flags(),
+                    out_dir=FLAGS.out, num_figures=FLAGS.num_figures,
+                    source_dir=FLAGS.source_dir, hd95_mode=FLAGS.hd95,
+                    lesion_rules=FLAGS.lesion_rules)
   mean = lambda summary, name: {"case": name, **{k: v["mean"] for k, v in summary.items()}}
   rows = result["per_case"] + [mean(result["summary"], "mean")]
   if result["summary_unprocessed"] is not None:

@@ -149,7 +149,7 @@ def define_flags() -> None:
   flags.DEFINE_list("workdir", None, "Run directory; several (comma-separated) are exported as "
                     "one ensemble.")
   flags.DEFINE_string("output", None, "The package folder to create (must not exist).")
-  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number (of every run).")
+  inference.define_option_flags(["checkpoint"])
   flags.DEFINE_list("platforms", ["cpu"], "Platforms to lower the forward pass for: "
                     f"{', '.join(package_lib.PLATFORMS)}.")
   flags.DEFINE_enum("format", "jax", list(FORMATS), "'jax': jax.export only; 'savedmodel': also "
@@ -163,10 +163,8 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   del argv
-  options = inference.Options(tta=FLAGS.tta, postprocess=FLAGS.postprocess,
-                              checkpoint=FLAGS.checkpoint)
-  manifest = export(FLAGS.workdir, FLAGS.output, options, FLAGS.platforms, FLAGS.format,
-                    FLAGS.savedmodel_batch)
+  manifest = export(FLAGS.workdir, FLAGS.output, inference.options_from_flags(), FLAGS.platforms,
+                    FLAGS.format, FLAGS.savedmodel_batch)
   size = sum(os.path.getsize(os.path.join(FLAGS.output, n)) for n in manifest["files"])
   print(f"Wrote {FLAGS.output}: {len(manifest['members'])} member(s), platforms "
         f"{', '.join(manifest['platforms'])}{', SavedModel' if manifest['savedmodel'] else ''}; "

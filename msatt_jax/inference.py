@@ -27,11 +27,13 @@ import dataclasses
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from data_pipelines import cli
 from data_pipelines.brats import labels as labels_lib
 from data_pipelines.brats import layouts
 from data_pipelines.brats import preprocess
@@ -50,17 +52,50 @@ UNCERTAINTY_MAPS = ("entropy", "disagreement")
 LabelRules = Callable[[np.ndarray], np.ndarray]
 
 
+def _option(default: Any, help_text: str) -> Any:
+  """A field of Options with the help of its command-line flag."""
+  return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
   """How volumes are segmented: every inference option, in one place."""
-  tta: bool = True  # Mirroring TTA: average over the four in-plane flips.
-  batch_size: int = 16  # Slices per forward pass (x4 images with TTA); one compilation.
-  postprocess: str = "auto"  # 'auto' (the run's postprocessing.json), 'none' or a file's path.
-  checkpoint: str = "best"  # 'best', 'latest' or a step number, of every run.
+  tta: bool = _option(True, "Mirroring test-time augmentation: average over the four in-plane "
+                      "flips (--notta: the plain forward pass).")
+  batch_size: int = _option(16, "Slices per forward pass (x4 images with --tta); one "
+                            "compilation.")
+  # 'auto' (the run's postprocessing.json), 'none' or a file's path; its flag is
+  # postprocess.define_postprocess_flag's, which names that command.
+  postprocess: str = "auto"
+  checkpoint: str = _option("best", "'best', 'latest' or a step number (of every run).")
 
   def __post_init__(self):
     if int(self.batch_size) < 1:
       raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}.")
+
+
+# The options every command that segments takes as flags of the same name.
+OPTION_FLAGS = ("checkpoint", "batch_size", "tta")
+
+
+# As in data_pipelines.cli: the option flags belong to the command that defines them (its --help).
+flags.disclaim_key_flags()
+
+
+def define_option_flags(names: Sequence[str] = OPTION_FLAGS) -> None:
+  """A flag for each of Options' fields `names`, with the field's type, default and help."""
+  fields = {field.name: field for field in dataclasses.fields(Options)}
+  for name in names:
+    field = fields[name]
+    cli.define_typed_flag(name, field.type, field.default, field.metadata["help"])
+
+
+def options_from_flags(**fixed: Any) -> Options:
+  """The Options of the command's flags (a field without a flag keeps its default), with
+  `fixed` values for the options the command does not let one choose."""
+  given = {field.name: flags.FLAGS[field.name].value for field in dataclasses.fields(Options)
+           if field.name in flags.FLAGS}
+  return Options(**{**given, **fixed})
 
 
 @dataclasses.dataclass

@@ -485,10 +485,7 @@ def define_flags() -> None:
   """The command's flags; defined by `run` only, so importing this module defines none."""
   flags.DEFINE_list("workdir", None, "Run directory; several (comma-separated) are an ensemble "
                     "whose rules are chosen on their pooled validation cases.")
-  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number (of every run).")
-  flags.DEFINE_bool("tta", True, "Mirroring test-time augmentation, as evaluate and predict "
-                    "apply it by default (--notta: the plain forward pass).")
-  flags.DEFINE_integer("batch_size", 16, "Slices per forward pass (x4 images with --tta).")
+  inference.define_option_flags()  # As evaluate and predict take them.
   flags.DEFINE_string("source_dir", None, "Raw NIfTI folder, if it moved since training.")
   flags.DEFINE_string("out", None, f"Output file (default <first workdir>/{FILE_NAME}).")
   flags.DEFINE_enum("objective", "voxel", list(OBJECTIVES), "What the rules maximise: 'voxel' "
@@ -499,8 +496,8 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   del argv
-  options = inference.Options(tta=FLAGS.tta, batch_size=FLAGS.batch_size, postprocess="none",
-                              checkpoint=FLAGS.checkpoint)
+  # The rules are chosen on the network's own labels.
+  options = inference.options_from_flags(postprocess="none")
   record = postprocess(FLAGS.workdir, options, source_dir=FLAGS.source_dir, out=FLAGS.out,
                        objective=FLAGS.objective, lesion_rules=FLAGS.lesion_rules)
   before, after = record["validation"]["dice_before"], record["validation"]["dice_after"]

@@ -65,7 +65,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 from absl import flags
 from absl import logging
@@ -495,16 +495,13 @@ def define_flags() -> None:
   flags.DEFINE_string("input", None, "BraTS case folder or MSD 4D image; or a folder of them.")
   flags.DEFINE_string("output", None, "Output segmentation (.nii.gz); for a folder of cases, "
                       "the output folder (<case>.nii.gz each).")
-  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number (of every run).")
   flags.DEFINE_enum("labels", "auto", ["auto", *labels_lib.CONVENTIONS], "Label convention of "
                     "the output: auto = the input's own (2018-2021 names: ET 4; 2023+: ET 3; "
                     "MSD: msd), in the model's label set (an RC model on GLI names: gli2024); "
                     "or a convention of that label set.")
   flags.DEFINE_enum("slices", "brain", list(SLICE_MODES),
                     "'brain': every axial slice containing brain; 'train': the training range.")
-  flags.DEFINE_integer("batch_size", 16, "Slices per forward pass (x4 images with --tta).")
-  flags.DEFINE_bool("tta", True, "Mirroring test-time augmentation: average over the four "
-                    "in-plane flips (--notta: the plain forward pass).")
+  inference.define_option_flags()
   flags.DEFINE_bool("save_probabilities", False, "Also write <case>.npz: float16 probabilities "
                     "(C, X, Y, Z) in the input's geometry.")
   flags.DEFINE_bool("save_uncertainty", False, "Also write uncertainty/<case>_entropy.nii.gz "
@@ -527,15 +524,14 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["input", "output"])
 
 
-def _options() -> inference.Options:
-  return inference.Options(tta=FLAGS.tta, batch_size=FLAGS.batch_size,
-                           postprocess=FLAGS.postprocess, checkpoint=FLAGS.checkpoint)
+# Where the predictor comes from (_restore or _load_package): (predictor, what it is in words).
+_Source = Callable[[], Tuple[inference.Predictor, str]]
 
 
 def _restore() -> Tuple[inference.Predictor, str]:
   """The predictor of --workdir with the rules of --postprocess (named on the console), and
   what it is in words."""
-  options = _options()
+  options = inference.options_from_flags()
   rules, record = postprocess_lib.resolve(options.postprocess, FLAGS.workdir[0])
   runs = inference.restore_runs(FLAGS.workdir, options.checkpoint)
   postprocess_lib.warn_if_mismatched(rules, record, runs, options.tta)
@@ -580,25 +576,24 @@ def _join_processes() -> Tuple[int, int]:
   return jax.process_count(), jax.process_index()
 
 
-def main(argv: Sequence[str]) -> Union[np.ndarray, FolderResult]:
-  del argv
-  _check_source()
-  if FLAGS["num_parts"].present or FLAGS["part_id"].present:
-    check_part(FLAGS.num_parts, FLAGS.part_id)  # Before joining or restoring anything.
-  source = _load_package if FLAGS.model is not None else _restore
-  if not is_case_input(FLAGS.input):
-    plan_folder(FLAGS.input, FLAGS.output, FLAGS.save_probabilities,
-                FLAGS.save_uncertainty)  # Before the restore.
-    num_parts, part_id = _join_processes()
-    predictor, what = source()
-    result = predict_folder(predictor, FLAGS.input, FLAGS.output, label_convention=FLAGS.labels,
-                            slices=FLAGS.slices, overwrite=FLAGS.overwrite,
-                            save_probabilities=FLAGS.save_probabilities,
-                            save_uncertainty=FLAGS.save_uncertainty, num_parts=num_parts,
-                            part_id=part_id)
-    print(f"Wrote {len(result.written)} case(s) to {FLAGS.output} ({what}); "
-          f"{len(result.skipped)} already there.")
-    return result
+def _folder_input(source: _Source) -> FolderResult:
+  """--input is a folder of cases: this process's share of them into the --output folder."""
+  plan_folder(FLAGS.input, FLAGS.output, FLAGS.save_probabilities,
+              FLAGS.save_uncertainty)  # Before the restore.
+  num_parts, part_id = _join_processes()
+  predictor, what = source()
+  result = predict_folder(predictor, FLAGS.input, FLAGS.output, label_convention=FLAGS.labels,
+                          slices=FLAGS.slices, overwrite=FLAGS.overwrite,
+                          save_probabilities=FLAGS.save_probabilities,
+                          save_uncertainty=FLAGS.save_uncertainty, num_parts=num_parts,
+                          part_id=part_id)
+  print(f"Wrote {len(result.written)} case(s) to {FLAGS.output} ({what}); "
+        f"{len(result.skipped)} already there.")
+  return result
+
+
+def _case_input(source: _Source) -> np.ndarray:
+  """--input is one case: its segmentation into the --output file."""
   check_output_path(FLAGS.output)
   check_not_an_input(_outputs(FLAGS.output, FLAGS.save_probabilities,
                               inference.UNCERTAINTY_MAPS if FLAGS.save_uncertainty else ()),
@@ -611,6 +606,16 @@ def main(argv: Sequence[str]) -> Union[np.ndarray, FolderResult]:
   counts = {name: int((seg == i).sum()) for i, name in enumerate(classes)}
   print(f"Wrote {FLAGS.output} ({what}); voxels per label: {counts}")
   return seg
+
+
+def main(argv: Sequence[str]) -> Union[np.ndarray, FolderResult]:
+  del argv
+  _check_source()
+  if FLAGS["num_parts"].present or FLAGS["part_id"].present:
+    check_part(FLAGS.num_parts, FLAGS.part_id)  # Before joining or restoring anything.
+  source = _load_package if FLAGS.model is not None else _restore
+  segment = _case_input if is_case_input(FLAGS.input) else _folder_input
+  return segment(source)
 
 
 def run() -> None:

@@ -326,7 +326,8 @@ def test_benchmark_command_baseline_interpreter(tmp_path):
   # Here the "baseline" is this very interpreter: the side exists, is labelled with its jax
   # version and gets a ratio line; with another environment it measures that stack.
   import jax  # pylint: disable=g-import-not-at-top
-  stdout, rows = _run_benchmark(tmp_path, "--modes", "train", "--baseline_python", sys.executable)
+  stdout, rows = _run_benchmark(tmp_path, "--set", "depth=2", "--modes", "train",
+                                "--baseline_python", sys.executable)
   label = f"jax[{jax.__version__}]"
   assert {r["framework"] for r in rows} == {"jax", label}
   assert f"jax / {label} = " in stdout
@@ -427,6 +428,7 @@ def test_memory_benchmark_runs_the_trainer_under_each_setting(capsys):
   from benchmarks import memory as memory_bench  # pylint: disable=g-import-not-at-top
   records = memory_bench.main(["--config=configs/tiny.py", "--steps=6", "--eval_every_steps=3",
                                "--log_every_steps=1", "--batch_size=8",
+                               "--override=model.base_width=4", "--override=model.depth=2",
                                "--settings=default,none", "--rss_limit_gb=8"])
   assert [r["setting"] for r in records] == ["default", "none"]
   for r in records:

@@ -2,6 +2,7 @@
 defaults) as every command follows it: flags defined by `define_flags` alone, the work in `main`,
 and a bad request reported as one `error: ...` line with exit status 1, never a traceback."""
 
+import json
 import os
 import shutil
 import textwrap
@@ -55,6 +56,32 @@ def test_unknown_config_key_is_one_line(tmp_path):
   line = error_line(run_python("-c", command, f"--config={config}",
                                "--config.batch_sizee=3"))
   assert line.startswith("error: --config.batch_sizee: the config has no key 'batch_sizee'")
+  assert 'Did you mean "batch_size"' in line
+
+
+_OPTIONS_FROM_FLAGS = textwrap.dedent("""
+    import dataclasses, json, sys
+    from absl import flags
+    from msatt_jax import inference, predict
+    predict.define_flags()
+    flags.FLAGS(["predict"] + sys.argv[1:])
+    print(json.dumps([dataclasses.asdict(inference.options_from_flags()),
+                      dataclasses.asdict(inference.options_from_flags(postprocess="none")),
+                      [f.name for f in flags.FLAGS.get_key_flags_for_module(predict)]]))
+    """)
+
+
+def test_inference_options_come_from_one_set_of_flags():
+  """A command's --tta, --batch_size, --checkpoint and --postprocess make its Options; an
+  option the command fixes (postprocess's 'none') overrides its flag. The shared flags are the
+  command's own (its --help lists them)."""
+  proc = run_python("-c", _OPTIONS_FROM_FLAGS, "--input=a", "--output=b", "--notta",
+                    "--batch_size=4", "--checkpoint=latest")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  given, fixed, listed = json.loads(proc.stdout.splitlines()[-1])
+  assert given == {"tta": False, "batch_size": 4, "postprocess": "auto", "checkpoint": "latest"}
+  assert fixed == {**given, "postprocess": "none"}
+  assert {"tta", "batch_size", "checkpoint", "input"} <= set(listed)
 
 
 @pytest.mark.slow

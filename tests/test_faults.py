@@ -9,10 +9,11 @@ their checkpoints and the checks of a second launch, evaluation during training 
 checkpoints are benchmarks/faults.py's, shared with the fault soak.
 
 Cost: the processes share a persistent JAX compilation cache, so only the reference run
-compiles. The scenarios are independent (each has its own folders); after the reference run
-they execute CONCURRENCY at a time, since most of a process's life is spent importing
-TensorFlow and JAX (the few that run several processes one after another start first), and each
-parametrized test reports its own scenario's outcome.
+compiles. The scenarios are independent (each has its own folders) and execute CONCURRENCY at a
+time, since most of a process's life is spent importing TensorFlow and JAX: first those that
+need no reference (bad training data and flags) beside the reference run, then those that read
+it (the few that run several processes one after another first). Each parametrized test
+reports its own scenario's outcome.
 """
 
 import concurrent.futures
@@ -32,9 +33,12 @@ import numpy as np
 import pytest
 
 from benchmarks import faults as fault_lib
+from data_pipelines import cli
+from data_pipelines import prepare as prepare_lib
 from msatt_jax import workdir_lock
 from benchmarks.faults import (checkpoint_dir, complete_steps, finish, partial_saves, restored,
                                run, start, train_command)
+from conftest import small_data_config
 
 REPO = fault_lib.REPO
 
@@ -96,39 +100,61 @@ def file_contents(folder: Path) -> Dict[str, bytes]:
 class Context:
   env: Dict[str, str]
   data_args: List[str]  # The shared synthetic source and prepared data.
-  reference: Path  # Workdir of the uninterrupted run.
-  reference_variables: Any  # Its final parameters and batch statistics.
   synthetic_msd: Path
   synthetic_brats: Path
+  reference_dir: Path  # Workdir of the uninterrupted run.
+  # Its final parameters and batch statistics, once it has trained (_train_reference).
+  reference_run: Optional[concurrent.futures.Future] = None
+
+  @property
+  def reference(self) -> Path:
+    """Workdir of the uninterrupted run; waits until it has trained."""
+    self.reference_run.result()
+    return self.reference_dir
+
+  @property
+  def reference_variables(self) -> Any:
+    return self.reference_run.result()
+
+  @property
+  def base_args(self) -> List[str]:
+    """The reference's train flags but --workdir."""
+    return [*TINY, *self.data_args, f"--config.num_train_steps={NUM_STEPS}"]
 
   def train_args(self, workdir: Path, *extra: str) -> List[str]:
-    return [*self.trainer.args, f"--workdir={workdir}", *extra]
+    return [*self.base_args, f"--workdir={workdir}", *extra]
 
   @property
   def trainer(self) -> fault_lib.Trainer:
     """The reference's command, for the checks shared with the fault soak."""
-    return fault_lib.Trainer([*TINY, *self.data_args, f"--config.num_train_steps={NUM_STEPS}"],
-                             self.env, NUM_STEPS, SAVE_STEPS, self.reference_variables)
+    return fault_lib.Trainer(self.base_args, self.env, NUM_STEPS, SAVE_STEPS,
+                             self.reference_variables)
+
+
+def _train_reference(ctx: Context) -> Any:
+  """The uninterrupted reference run (it prepares the data and fills the compilation cache);
+  its final variables."""
+  workdir = ctx.reference_dir
+  status, text = run(train_command(*ctx.train_args(workdir)), ctx.env, workdir / "console.txt")
+  assert status == 0, text[-3000:]
+  assert complete_steps(workdir) == [10, 20, 30]
+  step, variables = restored(workdir)
+  assert step == NUM_STEPS
+  return variables
 
 
 @pytest.fixture(scope="module")
 def context(synthetic_msd, synthetic_brats, tmp_path_factory) -> Context:
-  """Runs the uninterrupted reference (it prepares the data and fills the compilation cache)."""
   env = fault_lib.process_env(tmp_path_factory.mktemp("jax_cache"))
   data_args = [f"--config.data.source_dir={synthetic_msd}",
                f"--config.data.data_dir={tmp_path_factory.mktemp('prepared')}"]
-  workdir = tmp_path_factory.mktemp("reference")
-  ctx = Context(env, data_args, workdir, None, synthetic_msd, synthetic_brats)
-  status, text = run(train_command(*ctx.train_args(workdir)), env, workdir / "console.txt")
-  assert status == 0, text[-3000:]
-  assert complete_steps(workdir) == [10, 20, 30]
-  step, ctx.reference_variables = restored(workdir)
-  assert step == NUM_STEPS
-  return ctx
+  return Context(env, data_args, synthetic_msd, synthetic_brats,
+                 tmp_path_factory.mktemp("reference"))
 
 
 SCENARIOS: Dict[str, Callable[[Context, Path], None]] = {}
 LONG: List[str] = []  # Scenarios of several processes one after another: started first.
+NO_REFERENCE: List[str] = []  # Scenarios that read nothing of the reference: run beside it.
 
 
 def scenario(fn: Callable[[Context, Path], None]) -> Callable[[Context, Path], None]:
@@ -143,14 +169,16 @@ def long_scenario(fn: Callable[[Context, Path], None]) -> Callable[[Context, Pat
 
 @pytest.fixture(scope="module")
 def outcomes(request, context, tmp_path_factory) -> Dict[str, concurrent.futures.Future]:
-  """The selected scenarios, run concurrently; a scenario's failure surfaces in its test."""
+  """The reference and the selected scenarios, run concurrently; a scenario's failure (or the
+  reference's, in those that read it) surfaces in its test."""
   selected = sorted((item.callspec.params["name"] for item in request.session.items
                      if getattr(item, "originalname", None) == "test_fault"),
-                    key=lambda name: name not in LONG)
+                    key=lambda name: (name not in NO_REFERENCE, name not in LONG))
   with concurrent.futures.ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
+    context.reference_run = pool.submit(_train_reference, context)
     futures = {name: pool.submit(SCENARIOS[name], context, tmp_path_factory.mktemp(name))
                for name in selected}
-    concurrent.futures.wait(list(futures.values()))
+    concurrent.futures.wait([context.reference_run, *futures.values()])
   return futures
 
 
@@ -427,14 +455,14 @@ def _bad_training_data(damage: Callable[[Path], Tuple[str, str]], ctx: Context,
   assert not checkpoint_dir(workdir).exists() and not (workdir / "metrics.jsonl").exists()
 
 
-for _name, _damage in BAD_SOURCES.items():
-  SCENARIOS[f"train_refuses_{_name}"] = functools.partial(_bad_training_data, _damage)
+# One damaged source through the train command: the others end it the same way, with the kind
+# of error that test_preparation_refuses_bad_training_data checks each of them raises.
+SCENARIOS["train_refuses_corrupt_nifti"] = functools.partial(_bad_training_data, _corrupt_nifti)
+NO_REFERENCE.append("train_refuses_corrupt_nifti")
 
 
+# An unknown key is tests/test_cli.py's (the command convention reports it, whatever the config).
 BAD_OVERRIDES = {
-    "unknown_key": ("--config.batch_sizee=3",
-                    "--config.batch_sizee: the config has no key 'batch_sizee' Did you mean "
-                    '"batch_size"'),
     "wrong_type": ("--config.batch_size=abc",
                    "flag --config.batch_size=abc: invalid literal for int()"),
     "bad_nan_policy": ("--config.nan_policy=sometimes",
@@ -455,6 +483,7 @@ def _bad_override(name: str, ctx: Context, tmp: Path) -> None:
 
 for _name in BAD_OVERRIDES:
   SCENARIOS[f"train_refuses_override_{_name}"] = functools.partial(_bad_override, _name)
+  NO_REFERENCE.append(f"train_refuses_override_{_name}")
 
 
 def _predict_input(kind: str, ctx: Context, tmp: Path) -> Tuple[Path, str, str]:
@@ -576,6 +605,20 @@ def _a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_pre
 
 
 # ------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("name", list(BAD_SOURCES))
+def test_preparation_refuses_bad_training_data(name, synthetic_msd, tmp_path):
+  """What train meets in each damaged source (train_refuses_corrupt_nifti runs the command on
+  one): an error the commands report as one line, naming the file and the problem, and nothing
+  that a later run would read as prepared data."""
+  src = Path(shutil.copytree(synthetic_msd, tmp_path / "source"))
+  names, phrase = BAD_SOURCES[name](src)
+  data_dir = tmp_path / "prepared"
+  with pytest.raises(cli.USER_ERRORS) as error:
+    prepare_lib.prepare_for_training(small_data_config(src, data_dir), str(tmp_path / "run"))
+  assert names in str(error.value) and phrase in str(error.value), error.value
+  assert not _prepared_sets(data_dir)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -98,22 +98,50 @@ def data(synthetic_msd, tmp_path_factory):
   return str(synthetic_msd), str(tmp_path_factory.mktemp("prepared"))
 
 
+def _start_two_processes(source: str, data_dir: str, tmp) -> List[subprocess.Popen]:
+  """2 processes x 2 devices on localhost, training the runs of the 4-device worker."""
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    dist = {"distributed.enabled": True, "distributed.coordinator_address": f"localhost:{port}",
+            "distributed.num_processes": 2, "distributed.process_id": pid,
+            "distributed.initialization_timeout": 120}
+    runs = [_train_config(source, data_dir, parallel="pmap", num_train_steps=STEPS // 2, **dist),
+            _train_config(source, data_dir, parallel="sharding", num_train_steps=STEPS, **dist)]
+    out = str(tmp / "two_processes_{process}.npz")
+    procs.append(_start([["train", {"runs": runs, "workdir": str(tmp / "two_processes"),
+                                    "out": out}]], 2))
+  return procs
+
+
 @pytest.fixture(scope="module")
-def four_devices(data, tmp_path_factory) -> Dict[str, Any]:
-  """One 4-device worker: refusals, step equivalence and checkpoints, and the trainer."""
+def four_devices(request, data, tmp_path_factory) -> Dict[str, Any]:
+  """One 4-device worker: refusals, step equivalence and checkpoints, and the trainer. When
+  test_two_processes_train_like_one is selected, its two processes train meanwhile: the worker
+  alone leaves much of a second core idle (it compiles one program at a time)."""
   tmp = tmp_path_factory.mktemp("parallel")
   source, data_dir = data
+  selected = {getattr(item, "originalname", None) for item in request.session.items}
+  two = (_start_two_processes(source, data_dir, tmp)
+         if "test_two_processes_train_like_one" in selected else [])
   switched = [_train_config(source, data_dir, parallel="pmap", num_train_steps=STEPS // 2),
               _train_config(source, data_dir, parallel="sharding", num_train_steps=STEPS)]
   no_data = {"parallel": "sharding", "batch_size": 6, "data.synthetic_cases": 0}
-  bad, refused, modes, switch = _run([
-      ["bad_input", {}],
-      ["refused_run", {"config": no_data, "workdir": str(tmp / "never")}],
-      ["modes", {"dir": str(tmp / "checkpoints")}],
-      ["train", {"runs": switched, "workdir": str(tmp / "switched"),
-                 "out": str(tmp / "switched.npz")}],
-  ], num_devices=4)
-  return {"bad": bad, "refused": refused, "modes": modes, "switch": switch, "tmp": tmp}
+  try:
+    bad, refused, modes, switch = _run([
+        ["bad_input", {}],
+        ["refused_run", {"config": no_data, "workdir": str(tmp / "never")}],
+        ["modes", {"dir": str(tmp / "checkpoints")}],
+        ["train", {"runs": switched, "workdir": str(tmp / "switched"),
+                   "out": str(tmp / "switched.npz")}],
+    ], num_devices=4)
+  except BaseException:
+    for proc in two:
+      proc.kill()
+      proc.communicate()
+    raise
+  return {"bad": bad, "refused": refused, "modes": modes, "switch": switch, "tmp": tmp,
+          "two_processes": two}
 
 
 @pytest.mark.slow
@@ -235,21 +263,11 @@ def test_coordinator_port_in_use_and_bad_addresses_are_refused():
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(four_devices, data):
-  """2 processes x 2 devices on localhost, the same runs as the one 4-device process."""
-  source, data_dir = data
+def test_two_processes_train_like_one(four_devices):
+  """2 processes x 2 devices on localhost (started beside the 4-device worker), the same runs
+  as the one 4-device process."""
   workdir = four_devices["tmp"] / "two_processes"
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    dist = {"distributed.enabled": True, "distributed.coordinator_address": f"localhost:{port}",
-            "distributed.num_processes": 2, "distributed.process_id": pid,
-            "distributed.initialization_timeout": 120}
-    runs = [_train_config(source, data_dir, parallel="pmap", num_train_steps=STEPS // 2, **dist),
-            _train_config(source, data_dir, parallel="sharding", num_train_steps=STEPS, **dist)]
-    out = str(four_devices["tmp"] / "two_processes_{process}.npz")
-    procs.append(_start([["train", {"runs": runs, "workdir": str(workdir), "out": out}]], 2))
-  reports = [_finish(p, timeout=600)[0] for p in procs]
+  reports = [_finish(p, timeout=600)[0] for p in four_devices["two_processes"]]
   one_process = _load(four_devices["switch"]["out"])
   for pid, report in enumerate(reports):
     assert report["process_index"] == pid and report["process_count"] == 2

@@ -159,13 +159,14 @@ _FLAGS_TO_CONFIG = textwrap.dedent("""
 def test_flags_are_the_preprocessing_parameters():
   from configs import brats18  # pylint: disable=g-import-not-at-top
   args = ["--src=/data/src", "--layout=brats", "--modalities=t1ce,,flair", "--crop_center=20,24",
-          "--slice_start=3", "--normalize=none", "--compression=zlib"]
+          "--slice_start=3", "--normalize=none", "--compression=zlib", "--download_cases=3"]
   proc = helpers.run_python("-c", _FLAGS_TO_CONFIG, *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   data = ml_collections.ConfigDict(json.loads(proc.stdout.splitlines()[-1]))
   expected = brats18.get_data_config()
   expected.update(source_dir="/data/src", layout="brats", modalities=("t1ce", "flair"),
-                  crop_center=(20, 24), slice_start=3, normalize="none", compression="zlib")
+                  crop_center=(20, 24), slice_start=3, normalize="none", compression="zlib",
+                  download_cases=3)
   assert data.to_dict() == ml_collections.ConfigDict(
       json.loads(json.dumps(expected.to_dict()))).to_dict()
   assert builder_lib.config_from_data_config(data).name == (
