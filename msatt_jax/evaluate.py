@@ -244,6 +244,9 @@ def define_flags() -> None:
   evaluate_folder.define_hd95_flag()
   evaluate_folder.define_lesion_rules_flag()
   postprocess_lib.define_postprocess_flag()
+  # Flags defined by other commands' modules, listed in this command's --help.
+  flags.adopt_module_key_flags(evaluate_folder)
+  flags.adopt_module_key_flags(postprocess_lib)
   flags.mark_flags_as_required(["workdir"])
 
 

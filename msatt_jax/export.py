@@ -158,6 +158,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("tta", True, "Record mirroring test-time augmentation as the package's "
                     "default (--notta: the plain forward pass).")
   postprocess_lib.define_postprocess_flag()
+  flags.adopt_module_key_flags(postprocess_lib)  # Listed in this command's --help.
   flags.mark_flags_as_required(["workdir", "output"])
 
 

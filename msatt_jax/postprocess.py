@@ -491,6 +491,7 @@ def define_flags() -> None:
   flags.DEFINE_enum("objective", "voxel", list(OBJECTIVES), "What the rules maximise: 'voxel' "
                     "(mean ET/TC/WT Dice) or 'lesion' (BraTS 2023+ lesion-wise Dice).")
   evaluate_folder.define_lesion_rules_flag()
+  flags.adopt_module_key_flags(evaluate_folder)  # Listed in this command's --help.
   flags.mark_flags_as_required(["workdir"])
 
 

@@ -521,6 +521,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_processes", None, "Processes of the group.")
   flags.DEFINE_integer("process_id", None, "This process's index in the group.")
   postprocess_lib.define_postprocess_flag()
+  flags.adopt_module_key_flags(postprocess_lib)  # Listed in this command's --help.
   flags.mark_flags_as_required(["input", "output"])
 
 

@@ -4,6 +4,7 @@ and a bad request reported as one `error: ...` line with exit status 1, never a 
 
 import json
 import os
+import re
 import shutil
 import textwrap
 
@@ -81,7 +82,15 @@ def test_inference_options_come_from_one_set_of_flags():
   given, fixed, listed = json.loads(proc.stdout.splitlines()[-1])
   assert given == {"tta": False, "batch_size": 4, "postprocess": "auto", "checkpoint": "latest"}
   assert fixed == {**given, "postprocess": "none"}
-  assert {"tta", "batch_size", "checkpoint", "input"} <= set(listed)
+  assert {"tta", "batch_size", "checkpoint", "input", "postprocess"} <= set(listed)
+
+
+def test_flags_shared_between_commands_are_in_each_commands_help():
+  """evaluate's --hd95 and --lesion_rules (defined by evaluate_folder) and --postprocess
+  (defined by postprocess) are listed by `evaluate --help`, not only by --helpfull."""
+  proc = run_python("-m", "msatt_jax.evaluate", "--help")  # absl's --help exits with 1.
+  listed = re.findall(r"^\s+--(?:\[no\])?(\w+):", proc.stdout, re.M)
+  assert {"hd95", "lesion_rules", "postprocess", "tta", "workdir"} <= set(listed), listed
 
 
 @pytest.mark.slow

@@ -76,6 +76,7 @@ def define_flags() -> None:
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds; each model trains once per seed.")
   flags.DEFINE_integer("fig7_cases", 3, "Test cases drawn in fig7.png (one slice each).")
   evaluate_folder.define_lesion_rules_flag()
+  flags.adopt_module_key_flags(evaluate_folder)  # Listed in this command's --help.
   flags.mark_flags_as_required(["config", "workdir"])
 
 
