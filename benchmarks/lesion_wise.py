@@ -97,9 +97,8 @@ def score_case(case_id: str, labels: np.ndarray, ref: np.ndarray, spacing: Seque
                label_set: str, lesion_rules: str) -> Dict[str, Any]:
   """One case's voxel-wise and lesion-wise scores, as evaluate's per_case.csv holds them."""
   row = {"case": case_id, **metrics.region_scores(labels, ref, spacing, "official", label_set)}
-  row, _ = evaluate_folder.add_lesion_scores(
-      row, labels, ref, spacing, evaluate_folder.case_lesion_rules(case_id, lesion_rules),
-      label_set)
+  rules = evaluate_folder.case_lesion_rules(case_id, lesion_rules, label_set)
+  row, _ = evaluate_folder.add_lesion_scores(row, labels, ref, spacing, rules, label_set)
   return row
 
 
@@ -158,8 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   chosen = {"voxel-chosen": postprocess.choose_rules(preds, refs, label_set=run.label_set),
             "lesion-chosen": postprocess.choose_rules(
                 preds, refs, objective="lesion", spacings=[s for _, s in order],
-                lesion_rules=postprocess.validation_lesion_rules([c for c, _ in order],
-                                                                 args.lesion_rules),
+                lesion_rules=postprocess.validation_lesion_rules(
+                    [c for c, _ in order], args.lesion_rules, run.label_set),
                 label_set=run.label_set)}
   rules = {"none": None, **{name: r for name, (r, _) in chosen.items()}}
   seconds["validation_and_choice"] = time.perf_counter() - t0

@@ -377,6 +377,10 @@ def test_lesion_rules_resolve_per_test_case_as_evaluate_does(monkeypatch):
   assert runner.lesion_rules_of_test_cases(None, "gli2023") == {
       "BraTS-MET-00001-000": "gli2023", "BraTS-MET-00002-000": "gli2023"}
   assert runner.lesion_rules_of_test_cases(None, "off") == {}
+  test_cases["test"] = ["BraTS-GLI-00001-000"]  # Runs of a 2024 label set: the 2024 rules.
+  assert runner.lesion_rules_of_test_cases(None, "auto") == {"BraTS-GLI-00001-000": "gli2023"}
+  assert runner.lesion_rules_of_test_cases(None, "auto", "glioma_rc") == {
+      "BraTS-GLI-00001-000": "gli2024"}
   test_cases["test"] = ["BRATS_001", "BRATS_002"]  # Older names: auto scores none.
   assert runner.lesion_rules_of_test_cases(None, "auto") == {}
   assert runner.lesion_rules_of_test_cases(None, "met2023") == {

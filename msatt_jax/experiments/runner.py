@@ -14,10 +14,12 @@ import numpy as np
 from data_pipelines import input_pipeline
 from data_pipelines import prepare as prepare_lib
 from data_pipelines.brats import builder as builder_lib
+from data_pipelines.brats import labels as labels_lib
 from msatt_jax import checkpointing
 from msatt_jax import evaluate
 from msatt_jax import evaluate_folder
 from msatt_jax import inference
+from msatt_jax import losses
 from msatt_jax import metrics
 from msatt_jax import reporting
 from msatt_jax import train
@@ -79,13 +81,15 @@ def train_runs(runs: Sequence[planning.Run], identity: Mapping[str, Any]) -> Non
                  report.duration(spent[-1]))
 
 
-def lesion_rules_of_test_cases(data: ml_collections.ConfigDict, requested: str) -> Dict[str, str]:
-  """Test case -> the name of its lesion rule set under --lesion_rules (evaluate's resolution);
-  {} when none has one. ValueError when only some have one: Table I scores every case alike."""
+def lesion_rules_of_test_cases(data: ml_collections.ConfigDict, requested: str,
+                               label_set: str = labels_lib.DEFAULT_LABEL_SET) -> Dict[str, str]:
+  """Test case -> the name of its lesion rule set under --lesion_rules for runs of `label_set`
+  (evaluate's resolution); {} when none has one. ValueError when only some have one: Table I
+  scores every case alike."""
   cases = input_pipeline.split_cases(data, "test")
   scored = {}
   for case in cases:
-    rules = evaluate_folder.case_lesion_rules(case, requested)
+    rules = evaluate_folder.case_lesion_rules(case, requested, label_set)
     if rules is not None:
       scored[case] = rules.name
   if scored and len(scored) != len(cases):
@@ -144,7 +148,8 @@ def run_experiment(workdir: str, runs: Sequence[planning.Run], models: Sequence[
   record = records.check_workdir(workdir, runs, identity)
   with workdir_lock.hold(workdir):
     data = prepare_data(workdir, runs, identity, record)
-    scored = lesion_rules_of_test_cases(data, lesion_rules)  # Before any training.
+    # Before any training; the label set is the runs' (they share their data settings).
+    scored = lesion_rules_of_test_cases(data, lesion_rules, losses.label_set_name(runs[0].config))
     train_runs(runs, identity)
     results = evaluate_runs(runs, workdir, lesion_rules, scored)
     used = {"requested": lesion_rules,
